@@ -1,0 +1,5 @@
+"""Model families. Importing this package registers every built-in family."""
+from .base import ModelAdapter, OutputPositions, adapter_for, load_adapter, register_adapter, registered_families
+from . import hf_clip  # noqa: F401  (registers "hf_clip")
+
+__all__ = ["ModelAdapter", "OutputPositions", "adapter_for", "load_adapter", "register_adapter", "registered_families"]

@@ -1,0 +1,213 @@
+"""The model-adapter interface every model family implements.
+
+An adapter wraps one loaded model and answers the questions the rest of the toolkit asks:
+which towers and blocks exist, what a site name means, which token positions of a block's output
+reach the tower's output, how to preprocess inputs and how to compute a tower's embeddings.
+Nothing outside ``adapters/`` looks at model internals directly.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DebiasError
+from ..sites import Site
+
+
+@dataclass(frozen=True)
+class OutputPositions:
+    """Which token positions of a site's output can influence the tower's output.
+
+    ``static_index``: one fixed position (CLS at 0 for ViT towers). Otherwise ``rule`` names a
+    position rule of :mod:`debias_export.runtime` (JSON-serialisable, e.g.
+    ``{"rule": "eos_first", "input": "input_ids", "eos_token_id": 49407}``) evaluated on the inputs
+    of the module at ``hook_path`` (the tower). ``None`` instead of an instance: every position is read.
+    """
+
+    static_index: int | None = None
+    rule: dict | None = None
+    hook_path: str | None = None
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_index is not None
+
+
+class ModelAdapter(ABC):
+    """Uniform view of one model family. Subclasses register with :func:`register_adapter`."""
+
+    family: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
+        self.model = model
+        self.source = source  # hub id / local dir / "config" — recorded in manifests
+        self.processor = processor
+
+    # ----- discovery -------------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter understands ``model``."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: str, **kwargs: Any) -> "ModelAdapter":
+        """Load from a hub id or a local directory."""
+
+    @abstractmethod
+    def towers(self) -> tuple[str, ...]:
+        """Tower names present in this model, e.g. ``("image", "text")``."""
+
+    @abstractmethod
+    def blocks_path(self, tower: str) -> str:
+        """Qualified module name of the ``nn.ModuleList`` holding the tower's blocks."""
+
+    @abstractmethod
+    def width(self, tower: str) -> int:
+        """Residual-stream width of the tower."""
+
+    @abstractmethod
+    def output_positions(self, tower: str) -> OutputPositions | None:
+        """Positions of the *last consumed* block's output that reach the tower output."""
+
+    @abstractmethod
+    def output_token_index(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Index of the token the tower pools into its output, per row (``LongTensor[B]``)."""
+
+    @abstractmethod
+    def prepare_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """PIL images -> model inputs for the image tower."""
+
+    @abstractmethod
+    def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Strings -> model inputs for the text tower (padded)."""
+
+    @abstractmethod
+    def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The tower's output embedding (projected, not normalised)."""
+
+    def run_tower(self, tower: str, inputs: dict[str, torch.Tensor]) -> None:
+        """Run the tower far enough for every block hook to fire (default: full embedding)."""
+        self.embed(tower, inputs)
+
+    def sub_module_path(self, site: Site) -> str | None:
+        """Module (relative to the block) whose output is the site, for write sites."""
+        return None
+
+    # ----- shared logic ------------------------------------------------------------------------
+    def blocks(self, tower: str) -> nn.ModuleList:
+        self.check_tower(tower)
+        return self.model.get_submodule(self.blocks_path(tower))
+
+    def num_layers(self, tower: str) -> int:
+        return len(self.blocks(tower))
+
+    def consumed_layer(self, tower: str) -> int:
+        """The last block whose output reaches the tower output (LLaVA reads layer -2)."""
+        return self.num_layers(tower) - 1
+
+    def default_site(self, tower: str) -> Site:
+        return Site(tower, self.consumed_layer(tower))
+
+    def check_tower(self, tower: str) -> None:
+        if tower not in self.towers():
+            raise DebiasError(f"model family {self.family!r} has no tower {tower!r}; towers: {', '.join(self.towers())}")
+
+    def resolve_site(self, site: "str | Site") -> Site:
+        """Absolute-layer site, validated against this model (clear error when it does not exist)."""
+        site = Site.parse(site)
+        self.check_tower(site.tower)
+        n = self.num_layers(site.tower)
+        layer = site.layer + n if site.layer < 0 else site.layer
+        if not 0 <= layer < n:
+            raise DebiasError(f"site {site.name!r}: layer {site.layer} out of range; tower {site.tower!r} has {n} blocks (0..{n - 1})")
+        if site.kind != "resid_post" and self.sub_module_path(Site(site.tower, layer, site.kind)) is None:
+            raise DebiasError(f"site kind {site.kind!r} is not supported by model family {self.family!r}")
+        return Site(site.tower, layer, site.kind)
+
+    def block_path(self, site: Site) -> str:
+        return f"{self.blocks_path(site.tower)}.{site.layer}"
+
+    def site_module_path(self, site: "str | Site") -> str:
+        """Qualified name of the module whose forward output is the site's activation."""
+        site = self.resolve_site(site)
+        sub = self.sub_module_path(site)
+        return self.block_path(site) + (f".{sub}" if sub else "")
+
+    def site_positions(self, site: "str | Site") -> OutputPositions | None:
+        """Positions of this site that matter downstream (pruning applies only at the consumed block)."""
+        site = self.resolve_site(site)
+        if site.kind == "resid_post" and site.layer == self.consumed_layer(site.tower):
+            return self.output_positions(site.tower)
+        return None
+
+    def site_is_consumed(self, site: "str | Site") -> bool:
+        """False when the site's block lies after the consumed layer (an edit there is a no-op)."""
+        site = self.resolve_site(site)
+        return site.layer <= self.consumed_layer(site.tower)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def describe(self) -> dict:
+        return {
+            "family": self.family,
+            "source": self.source,
+            "towers": {t: {"layers": self.num_layers(t), "width": self.width(t)} for t in self.towers()},
+        }
+
+
+_REGISTRY: dict[str, type[ModelAdapter]] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make a family available to :func:`adapter_for` / :func:`load_adapter`."""
+    _REGISTRY[cls.family] = cls
+    return cls
+
+
+def registered_families() -> dict[str, type[ModelAdapter]]:
+    return dict(_REGISTRY)
+
+
+def adapter_for(model: nn.Module, source: str | None = None) -> ModelAdapter:
+    """Wrap an already-loaded model in the adapter of its family."""
+    if isinstance(model, ModelAdapter):
+        return model
+    for cls in _REGISTRY.values():
+        if cls.matches(model):
+            return cls(model, source=source)
+    raise DebiasError(f"no model family handles {type(model).__name__}; supported: {', '.join(sorted(_REGISTRY))}")
+
+
+def load_adapter(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
+    """Load a model by hub id or local directory, picking the family from its config when not given."""
+    if family is None:
+        family = detect_family(spec)
+    if family not in _REGISTRY:
+        raise DebiasError(f"unknown model family {family!r}; supported: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[family].load(spec, **kwargs)
+
+
+def detect_family(spec: str) -> str:
+    """Family of a hub id / local dir, read from its config (``model_type``)."""
+    import os
+
+    if spec.startswith(("hf-hub:", "open_clip:")) or os.path.isfile(spec):
+        return "open_clip"
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(spec)
+    except Exception as exc:  # noqa: BLE001 - turned into a one-line error
+        raise DebiasError(f"cannot read a model config from {spec!r}: {str(exc).splitlines()[0]}") from None
+    for cls in _REGISTRY.values():
+        if spec_family := getattr(cls, "handles_config", None):
+            if spec_family(cfg):
+                return cls.family
+    raise DebiasError(f"model type {getattr(cfg, 'model_type', '?')!r} at {spec!r} is not supported; families: {', '.join(sorted(_REGISTRY))}")

@@ -1,0 +1,167 @@
+"""Hugging Face CLIP: ``CLIPModel``, ``CLIPVisionModelWithProjection``, ``CLIPTextModelWithProjection``.
+
+Sites: ``image.L.*`` are blocks of ``vision_model.encoder.layers``, ``text.L.*`` of
+``text_model.encoder.layers``. The image tower pools CLS (position 0) through ``post_layernorm``;
+the text tower pools the EOS token (first ``eos_token_id``, or argmax of ids for legacy configs
+with ``eos_token_id == 2``) after ``final_layer_norm``. Both layernorms act per token, so an edit
+at the last block only matters at that one position.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DebiasError
+from ..sites import Site
+from ..runtime import eos_first as eos_positions
+from .base import ModelAdapter, OutputPositions, register_adapter
+
+_SUB_MODULES = {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"}
+
+
+def _clip_classes():
+    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+
+    return CLIPModel, CLIPVisionModelWithProjection, CLIPTextModelWithProjection
+
+
+@register_adapter
+class HFCLIPAdapter(ModelAdapter):
+    """Adapter for transformers' CLIP classes (full model or single tower with projection)."""
+
+    family = "hf_clip"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, _clip_classes())
+
+    @classmethod
+    def handles_config(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in ("clip", "clip_vision_model", "clip_text_model")
+
+    @classmethod
+    def load(cls, spec: str, tower: str | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFCLIPAdapter":
+        """Load ``CLIPModel`` (or one tower with projection when ``tower`` is given) from a hub id or dir."""
+        CLIPModel, Vision, Text = _clip_classes()
+        klass = {None: CLIPModel, "image": Vision, "text": Text}[tower]
+        try:
+            model = klass.from_pretrained(spec, torch_dtype=dtype, attn_implementation="eager", **kwargs)
+        except OSError as exc:
+            raise DebiasError(f"cannot load CLIP model from {spec!r}: {str(exc).splitlines()[0]}") from None
+        processor = None
+        try:
+            from transformers import CLIPProcessor
+
+            processor = CLIPProcessor.from_pretrained(spec)
+        except Exception:  # noqa: BLE001 - checkpoints without processor files fall back below
+            processor = None
+        return cls(model.eval(), source=spec, processor=processor)
+
+    @classmethod
+    def from_config(cls, config: Any, seed: int = 0) -> "HFCLIPAdapter":
+        """Random-weight model from a ``CLIPConfig`` (tests, latency/FLOPs work)."""
+        CLIPModel, Vision, Text = _clip_classes()
+        klass = {"clip": CLIPModel, "clip_vision_model": Vision, "clip_text_model": Text}[config.model_type]
+        torch.manual_seed(seed)
+        config._attn_implementation = "eager"
+        return cls(klass(config).eval(), source="config")
+
+    # ----- structure ---------------------------------------------------------------------------
+    def _has(self, tower: str) -> bool:
+        return hasattr(self.model, "vision_model" if tower == "image" else "text_model")
+
+    def towers(self) -> tuple[str, ...]:
+        return tuple(t for t in ("image", "text") if self._has(t))
+
+    def blocks_path(self, tower: str) -> str:
+        return "vision_model.encoder.layers" if tower == "image" else "text_model.encoder.layers"
+
+    def _tower_config(self, tower: str):
+        cfg = self.model.config
+        if hasattr(cfg, "vision_config"):
+            return cfg.vision_config if tower == "image" else cfg.text_config
+        return cfg
+
+    def width(self, tower: str) -> int:
+        self.check_tower(tower)
+        return int(self._tower_config(tower).hidden_size)
+
+    def sub_module_path(self, site: Site) -> str | None:
+        return _SUB_MODULES.get(site.kind)
+
+    def eos_token_id(self) -> int:
+        return int(self._tower_config("text").eos_token_id)
+
+    def output_positions(self, tower: str) -> OutputPositions:
+        self.check_tower(tower)
+        if tower == "image":
+            return OutputPositions(static_index=0)
+        return OutputPositions(rule={"rule": "eos_first", "input": "input_ids", "eos_token_id": self.eos_token_id()},
+                               hook_path="text_model")
+
+    def output_token_index(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if tower == "image":
+            return torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long)
+        return eos_positions(inputs["input_ids"], self.eos_token_id()).long()
+
+    # ----- inputs ------------------------------------------------------------------------------
+    def image_size(self) -> int:
+        return int(self._tower_config("image").image_size)
+
+    def prepare_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        if self.processor is not None and getattr(self.processor, "image_processor", None) is not None:
+            return {"pixel_values": self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]}
+        return {"pixel_values": clip_pixel_values(images, self.image_size())}
+
+    def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.processor is not None and getattr(self.processor, "tokenizer", None) is not None:
+            tok = self.processor.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+            return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+        cfg = self._tower_config("text")
+        return clip_bpe_tokenize(texts, cfg.max_position_embeddings, cfg.vocab_size)
+
+    # ----- forward -----------------------------------------------------------------------------
+    def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check_tower(tower)
+        m = self.model
+        if tower == "image":
+            if hasattr(m, "get_image_features"):
+                return m.get_image_features(pixel_values=inputs["pixel_values"])
+            return m(pixel_values=inputs["pixel_values"]).image_embeds
+        kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
+        if hasattr(m, "get_text_features"):
+            return m.get_text_features(**kw)
+        return m(**kw).text_embeds
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixel_values(images: Sequence[Any], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """CLIP preprocessing (bicubic resize of the short side, centre crop, normalise) without a processor."""
+    from torchvision.transforms import v2 as T
+
+    tf = T.Compose([T.ToImage(), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                    T.CenterCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    return torch.stack([tf(img.convert("RGB")) for img in images])
+
+
+def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Real CLIP BPE (the vocabulary ships inside open_clip) for checkpoints without tokenizer files.
+
+    Pads with 0 after EOS like OpenAI CLIP, so HF's first-EOS pooling and argmax pooling agree.
+    """
+    from open_clip.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer()
+    if vocab_size < len(tok.encoder):
+        raise DebiasError(f"text tower vocab_size {vocab_size} is smaller than the CLIP BPE vocabulary ({len(tok.encoder)}); save a tokenizer with the model")
+    ids = tok(list(texts), context_length=context_length)
+    lengths = (ids != 0).sum(dim=1)
+    width = int(lengths.max())
+    ids = ids[:, :width]
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids.long(), "attention_mask": mask}

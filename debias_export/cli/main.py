@@ -1,0 +1,85 @@
+"""``debias-export`` command line. Each command lives in its own module under ``cli/``.
+
+Errors: a :class:`~debias_export.errors.DebiasError` (or click usage error) prints one line and exits
+2; anything else is a bug and also prints one line unless ``--debug`` asks for the traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from ..errors import DebiasError
+
+# (module, command attribute) pairs; a module per command keeps files small and imports lazy-ish.
+COMMANDS = [
+    ("capture", "capture"),
+    ("train_sae", "train_sae"),
+    ("probe", "probe"),
+    ("patch", "patch"),
+    ("export", "export"),
+    ("validate", "validate"),
+    ("verify", "verify"),
+    ("run", "run"),
+    ("bench", "bench"),
+    ("eval", "eval_cmd"),
+    ("locate", "locate"),
+    ("bias_lab", "bias_lab"),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Compile debiasing edits into VLM encoders; export, validate and benchmark them."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    if debug:
+        os.environ["DEBIAS_EXPORT_DEBUG"] = "1"
+
+
+for _module, _attr in COMMANDS:
+    try:
+        _mod = importlib.import_module(f"debias_export.cli.{_module}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"debias_export.cli.{_module}":
+            raise
+        continue  # command not built yet
+    cli.add_command(getattr(_mod, _attr))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and map errors to one line + exit code 2."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="debias-export", standalone_mode=False)
+        return 0
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return 2
+    except DebiasError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
+        if debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Edit kinds. Importing this package registers every built-in kind."""
+from .base import (EditConfig, PatchHandle, apply_edits, compile_edit, load_edit, patch_tensors, register_edit,
+                   registered_edit_kinds)
+from .sae_edit import SAEEdit, reference_formula, reference_hook
+
+__all__ = ["EditConfig", "PatchHandle", "apply_edits", "compile_edit", "load_edit", "patch_tensors", "register_edit",
+           "registered_edit_kinds", "SAEEdit", "reference_formula", "reference_hook"]

@@ -1,0 +1,189 @@
+"""Edit configs, the edit registry and the one verb that applies edits: :func:`apply_edits`.
+
+An edit is a config dataclass (saved as ``edit_config.json`` + ``edit.safetensors``) and a
+handler that compiles it, for one adapter and site, into a fused runtime module. Applying an edit
+replaces the site's module with an :class:`~debias_export.runtime.EditedModule` that keeps the
+original as ``base_layer`` (peft-style), so :meth:`PatchHandle.remove` restores the model exactly.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapters import ModelAdapter, adapter_for
+from ..errors import DebiasError
+from ..runtime import EditedModule, attach_position_hook
+from ..sites import Site
+
+EDIT_CONFIG = "edit_config.json"
+EDIT_WEIGHTS = "edit.safetensors"
+
+
+@dataclass
+class EditConfig:
+    """Base of all edit configs. Subclasses set ``kind`` and implement tensor (de)serialisation."""
+
+    kind: ClassVar[str] = ""
+
+    site: str = ""
+
+    def validate(self, adapter: ModelAdapter) -> Site:
+        """Check the edit fits ``adapter`` and return the resolved site (clear error otherwise)."""
+        return adapter.resolve_site(self.site)
+
+    def prune_positions(self) -> bool:
+        return True
+
+    # Serialisation hooks for subclasses.
+    def to_json(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "EditConfig":
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edit like a PEFT adapter: ``edit_config.json`` + ``edit.safetensors``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()},
+                  str(path / EDIT_WEIGHTS), metadata={"format": "debias-export-edit", "kind": self.kind})
+        (path / EDIT_CONFIG).write_text(json.dumps({"kind": self.kind, **self.to_json()}, indent=2, sort_keys=True) + "\n")
+        return path
+
+
+_HANDLERS: dict[type, Callable[[EditConfig, ModelAdapter, Site], nn.Module]] = {}
+_KINDS: dict[str, type[EditConfig]] = {}
+
+
+def register_edit(config_cls: type[EditConfig]):
+    """Decorator registering ``compile(config, adapter, site) -> fused module`` for a config class."""
+
+    def deco(fn):
+        _HANDLERS[config_cls] = fn
+        _KINDS[config_cls.kind] = config_cls
+        return fn
+
+    return deco
+
+
+def registered_edit_kinds() -> dict[str, type[EditConfig]]:
+    return dict(_KINDS)
+
+
+def load_edit(path: str | Path) -> EditConfig:
+    """Load an edit folder written by :meth:`EditConfig.save`."""
+    from ..sae.model import read_safetensors
+
+    path = Path(path)
+    cfg_file = path / EDIT_CONFIG
+    if not cfg_file.is_file():
+        raise DebiasError(f"{path} is not an edit folder (missing {EDIT_CONFIG})")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except ValueError as exc:
+        raise DebiasError(f"bad edit config {cfg_file}: {exc}") from None
+    kind = cfg.pop("kind", None)
+    if kind not in _KINDS:
+        raise DebiasError(f"unknown edit kind {kind!r} in {cfg_file}; known: {', '.join(sorted(_KINDS))}")
+    return _KINDS[kind].from_saved(cfg, read_safetensors(path / EDIT_WEIGHTS))
+
+
+def compile_edit(edit: EditConfig, adapter: ModelAdapter) -> tuple[Site, nn.Module]:
+    """Resolve the edit's site on ``adapter`` and compile it to its fused runtime module."""
+    handler = _HANDLERS.get(type(edit))
+    if handler is None:
+        raise DebiasError(f"no handler registered for edit type {type(edit).__name__}")
+    site = edit.validate(adapter)
+    module = handler(edit, adapter, site)
+    ref = next(adapter.model.parameters())
+    return site, module.to(device=ref.device, dtype=ref.dtype)
+
+
+class PatchHandle:
+    """What :func:`apply_edits` returns: the wrappers it installed, their records, and ``remove()``."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self.records: list[dict[str, Any]] = []  # one per wrapped module, for export
+        self.edits: list[EditConfig] = []
+        self._wrappers: list[tuple[nn.Module, str, EditedModule, Any]] = []
+
+    def remove(self) -> nn.Module:
+        """Put every original module back (exact restore) and drop position hooks."""
+        for parent, child, wrapper, hook in reversed(self._wrappers):
+            if hook is not None:
+                hook.remove()
+            setattr(parent, child, wrapper.base_layer)
+        self._wrappers.clear()
+        self.records.clear()
+        self.adapter.model._debias_patch = None
+        return self.adapter.model
+
+    @property
+    def wrappers(self) -> list[EditedModule]:
+        return [w for _, _, w, _ in self._wrappers]
+
+
+def apply_edits(model: "nn.Module | ModelAdapter", edits: "EditConfig | list[EditConfig]") -> PatchHandle:
+    """Compile ``edits`` into ``model`` in place (the one verb). Several edits on one site chain in order."""
+    adapter = adapter_for(model)
+    if getattr(adapter.model, "_debias_patch", None):
+        raise DebiasError("model is already patched; call remove() on the existing patch first")
+    edits = [edits] if isinstance(edits, EditConfig) else list(edits)
+    if not edits:
+        raise DebiasError("no edits to apply")
+    handle = PatchHandle(adapter)
+    by_module: dict[str, dict[str, Any]] = {}
+    for edit in edits:
+        site, fused = compile_edit(edit, adapter)
+        if not adapter.site_is_consumed(site):
+            import warnings
+
+            warnings.warn(f"site {site.name} lies after the layer the model consumes "
+                          f"({adapter.consumed_layer(site.tower)}); this edit does not change the model's output")
+        path = adapter.site_module_path(site)
+        positions = adapter.site_positions(site) if edit.prune_positions() else None
+        entry = by_module.setdefault(path, {"site": site, "positions": positions, "fused": [], "edits": []})
+        if entry["positions"] is not None and positions is None:
+            entry["positions"] = None  # any all-token edit on the module disables pruning for it
+        entry["fused"].append(fused)
+        entry["edits"].append(edit)
+    for path, entry in by_module.items():
+        pos = entry["positions"]
+        pos_json, hook_module = None, None
+        if pos is not None and pos.is_static:
+            pos_json = {"static": pos.static_index}
+        elif pos is not None:
+            pos_json = dict(pos.rule)
+            hook_module = pos.hook_path
+        parent_name, _, child = path.rpartition(".")
+        parent = adapter.model.get_submodule(parent_name)
+        wrapper = EditedModule(getattr(parent, child), entry["fused"], pos_json)
+        setattr(parent, child, wrapper)
+        hook = attach_position_hook(adapter.model.get_submodule(hook_module), wrapper) if hook_module else None
+        handle._wrappers.append((parent, child, wrapper, hook))
+        handle.records.append({"module": path, "site": entry["site"].name, "positions": pos_json,
+                               "hook_module": hook_module, "edits": [m.spec() for m in entry["fused"]]})
+        handle.edits.extend(entry["edits"])
+    adapter.model._debias_patch = handle
+    return handle
+
+
+def patch_tensors(handle: PatchHandle) -> dict[str, torch.Tensor]:
+    """Fused buffers of every installed edit, named as :func:`runtime.install_patches` expects."""
+    out = {}
+    for i, wrapper in enumerate(handle.wrappers):
+        for j, edit in enumerate(wrapper.edits):
+            for name, buf in edit.state_dict().items():
+                out[f"debias_patches.{i}.{j}.{name}"] = buf.detach().contiguous()
+    return out

@@ -7,24 +7,12 @@ from typing import Any
 
 import click
 
-from ..adapters import ModelAdapter, load_adapter
+from ..adapters.specs import load_model_spec  # noqa: F401  (re-exported for commands)
 from ..errors import DebiasError
 
 model_option = click.option("--model", "model_spec", required=True,
-                            help="Hub id or local directory of the model (or 'tiny-clip' for a tiny random CLIP).")
+                            help="Hub id or local directory; 'tiny-clip' (tiny random CLIP) or 'arch:clip-vit-base-patch16' (real config, random weights).")
 family_option = click.option("--family", default=None, help="Model family (default: detected from the config).")
-
-
-def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Load a model named on the command line. ``tiny-clip[:seed]`` builds a tiny random CLIP offline."""
-    if spec.startswith("tiny-clip"):
-        from ..testing import tiny_clip
-
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        adapter = tiny_clip(seed=seed)
-        adapter.source = spec
-        return adapter
-    return load_adapter(spec, family=family, **kwargs)
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:

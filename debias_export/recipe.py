@@ -1,0 +1,210 @@
+"""YAML recipes: a typed schema, parsed strictly (unknown/missing keys and bad values name their key path).
+
+A recipe chains capture -> train-sae -> probe -> patch -> export -> validate (-> bench -> eval). Paths in
+``data`` are relative to ``data.dir`` (default: ``$DEBIAS_EXPORT_DATA`` or ``../shared/data``); ``output.dir``
+is relative to the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    spec: str  # hub id, local dir, "tiny-clip[:seed]", or "arch:<real config name>" (random weights)
+    family: Optional[str] = None
+
+
+@dataclass
+class DataSection:
+    dir: Optional[str] = None
+    images: Optional[str] = None  # labelled image CSV (relative to dir)
+    image_dir: Optional[str] = None
+    texts: Optional[str] = None  # prompts file for text-tower capture
+    limit: Optional[int] = None
+
+
+@dataclass
+class CaptureSection:
+    tokens: str = "random-k"
+    k: int = 2
+    batch_size: int = 32
+
+
+@dataclass
+class SAESection:
+    path: Optional[str] = None  # reuse/import an SAE instead of training
+    k: int = 20
+    expansion: int = 8
+    batch_size: int = 4096
+    steps: int = 1000
+    lr: Optional[float] = None
+
+
+@dataclass
+class ProbeSection:
+    column: str = "gender"
+    tau: float = 0.1
+    top_n: int = 1
+
+
+@dataclass
+class EditSection:
+    alpha: float = 0.6
+    value: float = 0.0
+    mode: str = "reconstruct"
+    neurons: Optional[list[int]] = None  # explicit neurons instead of the probe's
+
+
+@dataclass
+class ExportSection:
+    onnx: bool = True
+    opset: int = 17
+    atol: float = 1e-4
+
+
+@dataclass
+class BenchSection:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    reps: int = 10
+    runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
+
+
+@dataclass
+class EvalSection:
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9])
+    k: int = 50
+
+
+@dataclass
+class OutputSection:
+    dir: str
+    overwrite: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSection
+    site: str
+    output: OutputSection
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    capture: CaptureSection = field(default_factory=CaptureSection)
+    sae: SAESection = field(default_factory=SAESection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    edit: EditSection = field(default_factory=EditSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    bench: Optional[BenchSection] = None
+    eval: Optional[EvalSection] = None
+    source: Optional[str] = None  # path of the YAML file (set by the loader)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; errors name the key path."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key {where!r} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {where!r}")
+    return cls(**kwargs)
+
+
+def _check_values(r: Recipe, where: str) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {msg}")
+
+    if not 0.0 <= r.edit.alpha <= 1.0:
+        raise bad("edit.alpha", f"must be in [0, 1], got {r.edit.alpha}")
+    if r.edit.mode not in ("reconstruct", "residual"):
+        raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
+    if r.capture.tokens not in ("random-k", "output", "all"):
+        raise bad("capture.tokens", f"must be random-k, output or all, got {r.capture.tokens!r}")
+    for key, val in (("capture.k", r.capture.k), ("capture.batch_size", r.capture.batch_size), ("sae.k", r.sae.k),
+                     ("sae.expansion", r.sae.expansion), ("sae.batch_size", r.sae.batch_size), ("sae.steps", r.sae.steps),
+                     ("probe.top_n", r.probe.top_n)):
+        if val <= 0:
+            raise bad(key, f"must be positive, got {val}")
+    if not 0.0 < r.probe.tau <= 1.0:
+        raise bad("probe.tau", f"must be in (0, 1], got {r.probe.tau}")
+    if r.data.images is None and r.data.texts is None:
+        raise bad("data", "needs 'images' (labelled image CSV) or 'texts'")
+
+
+def parse_recipe(raw: Any, where: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        recipe = _build(Recipe, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_values(recipe, where)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    recipe = parse_recipe(raw, where=str(path))
+    recipe.source = str(path)
+    return recipe

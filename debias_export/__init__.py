@@ -2,10 +2,11 @@
 from .adapters import adapter_for, load_adapter, registered_families
 from .edits import SAEEdit, apply_edits, load_edit
 from .errors import DebiasError
+from .export import load_patched
 from .sae import SAEConfig, SparseAutoencoder
 from .sites import Site
 
 __version__ = "0.1.0"
 
-__all__ = ["adapter_for", "load_adapter", "registered_families", "SAEEdit", "apply_edits", "load_edit", "DebiasError",
+__all__ = ["adapter_for", "load_adapter", "load_patched", "registered_families", "SAEEdit", "apply_edits", "load_edit", "DebiasError",
            "SAEConfig", "SparseAutoencoder", "Site", "__version__"]

@@ -115,6 +115,16 @@ class EditedModule(nn.Module):
         self.positions = positions
         self._dynamic_pos: torch.Tensor | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # peft-style: attributes the wrapped module's callers expect (e.g. open_clip's
+        # ``resblocks[0].get_weight_dtype()``) fall through to ``base_layer``.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
     def apply_edits(self, h: torch.Tensor) -> torch.Tensor:
         for edit in self.edits:
             h = edit(h)

@@ -198,8 +198,14 @@ def detect_family(spec: str) -> str:
     """Family of a hub id / local dir, read from its config (``model_type``)."""
     import os
 
-    if spec.startswith(("hf-hub:", "open_clip:")) or os.path.isfile(spec):
+    if (spec.startswith(("hf-hub:", "open_clip:", "local-dir:")) or os.path.isfile(spec)
+            or os.path.isfile(os.path.join(spec, "open_clip_config.json"))):
         return "open_clip"
+    if not os.path.isdir(spec) and "/" not in spec:
+        import open_clip
+
+        if spec in open_clip.list_models():
+            return "open_clip"
     try:
         from transformers import AutoConfig
 

@@ -1,23 +1,54 @@
 """Turn a model spec string (CLI / recipe) into an adapter."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
+from ..errors import DebiasError
 from .base import ModelAdapter, load_adapter
 
 
-def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Hub id or local dir; ``tiny-clip[:seed]`` (tiny random CLIP, offline); ``arch:<name>`` (real
-    architecture config from :mod:`debias_export.real_configs` with random weights, for latency/export work)."""
-    if spec.startswith("tiny-clip"):
-        from ..testing import tiny_clip
+def _tiny_clip(seed: int) -> ModelAdapter:
+    from ..testing import tiny_clip
 
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        adapter = tiny_clip(seed=seed)
+    return tiny_clip(seed=seed)
+
+
+def _tiny_open_clip(seed: int) -> ModelAdapter:
+    from .open_clip_family import tiny_open_clip
+
+    return tiny_open_clip(seed=seed)
+
+
+def _tiny_llava(seed: int) -> ModelAdapter:
+    from .llava import tiny_llava
+
+    return tiny_llava(seed=seed)
+
+
+# Tiny random models by name (offline smoke runs and tests); ``name[:seed]`` on the command line.
+TINY_BUILDERS = {"tiny-clip": _tiny_clip, "tiny-open-clip": _tiny_open_clip, "tiny-llava": _tiny_llava}
+
+
+def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
+    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava[:seed]`` (tiny random models, offline); ``arch:<name>`` (real
+    architecture config from :mod:`debias_export.real_configs` with random weights, for latency/export work)."""
+    name, _, seed_text = spec.partition(":")
+    if name in TINY_BUILDERS:
+        try:
+            seed = int(seed_text) if seed_text else 0
+        except ValueError:
+            raise DebiasError(f"bad model spec {spec!r}: seed {seed_text!r} is not an integer") from None
+        adapter = TINY_BUILDERS[name](seed)
     elif spec.startswith("arch:"):
         from ..real_configs import random_clip
 
         adapter = random_clip(spec[5:])
+    elif os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json")):
+        # A patched export: load it patched (a stock loader would silently drop the edit).
+        from ..export import load_patched
+
+        return load_patched(spec)
     else:
         return load_adapter(spec, family=family, **kwargs)
     adapter.source = spec

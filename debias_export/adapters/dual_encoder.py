@@ -1,0 +1,156 @@
+"""transformers ``VisionTextDualEncoderModel`` with a CLIP vision tower and a BERT text tower.
+
+This is the family of the offline bias-lab model (MiniLM text + small ViT), and of public
+checkpoints built the same way. Sites: ``image.L.*`` are blocks of
+``vision_model.vision_model.encoder.layers`` (CLIP layers: ``self_attn.out_proj`` / ``mlp.fc2`` write the
+attention / MLP outputs); ``text.L.*`` are blocks of ``text_model.encoder.layer`` (BERT layers:
+``attention.output.dense`` / ``output.dense``; they return tuples, which the runtime handles).
+
+Output positions (transformers 4.57 ``VisionTextDualEncoderModel.get_*_features``): the image
+embedding is ``visual_projection(vision_model(...).pooler_output)``, i.e. CLS (position 0) through
+``post_layernorm``; the text embedding is ``text_projection(text_model(...).pooler_output)`` and
+``BertPooler`` is ``tanh(dense(hidden[:, 0]))``. Both pool the static position 0 of the last
+block's output, so a last-block edit only matters there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import DebiasError
+from ..sites import Site
+from .base import ModelAdapter, OutputPositions, register_adapter
+from .hf_clip import clip_pixel_values
+
+_SUB_MODULES = {
+    "image": {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"},
+    "text": {"attn_out": "attention.output.dense", "mlp_out": "output.dense"},
+}
+
+
+def _dual_class():
+    from transformers import VisionTextDualEncoderModel
+
+    return VisionTextDualEncoderModel
+
+
+def _check_towers(model: nn.Module) -> None:
+    """Only CLIP vision + BERT text towers have the layouts described above."""
+    from transformers import BertModel, CLIPVisionModel
+
+    if not isinstance(model.vision_model, CLIPVisionModel):
+        raise DebiasError(f"dual-encoder vision tower is {type(model.vision_model).__name__}; family 'hf_dual_encoder' supports CLIPVisionModel")
+    if not isinstance(model.text_model, BertModel):
+        raise DebiasError(f"dual-encoder text tower is {type(model.text_model).__name__}; family 'hf_dual_encoder' supports BertModel")
+    if getattr(model.text_model, "pooler", None) is None:
+        raise DebiasError("dual-encoder BERT text tower has no pooler; VisionTextDualEncoderModel needs pooler_output")
+
+
+def _load_tokenizer(path: str | None):
+    from transformers import AutoTokenizer
+
+    if path is not None:
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception:  # noqa: BLE001 - checkpoints without tokenizer files fall back to MiniLM's
+            pass
+    from ..biaslab import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@register_adapter
+class DualEncoderAdapter(ModelAdapter):
+    """Adapter for ``VisionTextDualEncoderModel`` (CLIP vision tower + BERT text tower)."""
+
+    family = "hf_dual_encoder"
+
+    def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
+        _check_towers(model)
+        super().__init__(model, source=source, processor=processor)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, _dual_class())
+
+    @classmethod
+    def handles_config(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) == "vision-text-dual-encoder"
+
+    @classmethod
+    def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DualEncoderAdapter":
+        """Load a saved ``VisionTextDualEncoderModel`` directory (plus its tokenizer when present)."""
+        try:
+            model = _dual_class().from_pretrained(spec, torch_dtype=dtype, attn_implementation="eager", **kwargs)
+        except (OSError, ValueError) as exc:
+            raise DebiasError(f"cannot load VisionTextDualEncoderModel from {spec!r}: {str(exc).splitlines()[0]}") from None
+        local = spec if Path(spec).is_dir() else None
+        return cls(model.eval(), source=spec, processor=_load_tokenizer(local or spec))
+
+    @classmethod
+    def from_config(cls, config: Any, seed: int = 0) -> "DualEncoderAdapter":
+        """Random-weight model from a ``VisionTextDualEncoderConfig`` (tests)."""
+        torch.manual_seed(seed)
+        config.vision_config._attn_implementation = "eager"
+        config.text_config._attn_implementation = "eager"
+        return cls(_dual_class()(config).eval(), source="config")
+
+    # ----- structure ---------------------------------------------------------------------------
+    def towers(self) -> tuple[str, ...]:
+        return ("image", "text")
+
+    def blocks_path(self, tower: str) -> str:
+        self.check_tower(tower)
+        return "vision_model.vision_model.encoder.layers" if tower == "image" else "text_model.encoder.layer"
+
+    def _tower_config(self, tower: str):
+        return self.model.config.vision_config if tower == "image" else self.model.config.text_config
+
+    def width(self, tower: str) -> int:
+        self.check_tower(tower)
+        return int(self._tower_config(tower).hidden_size)
+
+    def sub_module_path(self, site: Site) -> str | None:
+        return _SUB_MODULES.get(site.tower, {}).get(site.kind)
+
+    def output_positions(self, tower: str) -> OutputPositions:
+        self.check_tower(tower)
+        return OutputPositions(static_index=0)  # CLS for both: post_layernorm / BertPooler read position 0
+
+    def output_token_index(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check_tower(tower)
+        key = "pixel_values" if tower == "image" else "input_ids"
+        return torch.zeros(inputs[key].shape[0], dtype=torch.long)
+
+    # ----- inputs ------------------------------------------------------------------------------
+    def image_size(self) -> int:
+        return int(self._tower_config("image").image_size)
+
+    def prepare_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return {"pixel_values": clip_pixel_values(images, self.image_size())}
+
+    def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.processor is None:
+            self.processor = _load_tokenizer(None)
+        max_len = int(self._tower_config("text").max_position_embeddings)
+        tok = self.processor(list(texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        vocab = int(self._tower_config("text").vocab_size)
+        if int(tok["input_ids"].max()) >= vocab:
+            raise DebiasError(f"tokenizer ids reach {int(tok['input_ids'].max())} but the text tower vocab_size is {vocab}; save the matching tokenizer with the model")
+        return {"input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}
+
+    # ----- forward -----------------------------------------------------------------------------
+    def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check_tower(tower)
+        if tower == "image":
+            return self.model.get_image_features(pixel_values=inputs["pixel_values"])
+        return self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                            token_type_ids=inputs.get("token_type_ids"))
+
+    def describe(self) -> dict:
+        info = super().describe()
+        info["projection_dim"] = int(self.model.config.projection_dim)
+        return info

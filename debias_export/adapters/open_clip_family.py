@@ -1,0 +1,403 @@
+"""open_clip models (``open_clip.CLIP`` / ``CustomTextCLIP``) behind the adapter interface.
+
+Sites: ``image.L.*`` are blocks of ``visual.transformer.resblocks``; ``text.L.*`` of
+``transformer.resblocks`` (``CLIP``) or ``text.transformer.resblocks`` (``CustomTextCLIP``).
+``attn_out`` wraps the block's ``attn`` module itself (``nn.MultiheadAttention`` calls its
+``out_proj`` functionally, so the MHA output tuple's first element is the site; ``ls_1`` layer
+scale, when present, comes after it); ``mlp_out`` is ``mlp.c_proj``.
+
+Output positions (pruning at the last block): image ``pool_type='tok'`` without attentional
+pooling reads only CLS (static 0); ``avg`` / ``none`` / attentional pooling read every token (no
+pruning). Text ``argmax`` pooling -> ``ids_argmax`` rule, ``eos`` -> ``eos_first`` rule, ``first`` ->
+static 0; ``last`` and CoCa-style appended CLS -> every token. Rules run on ``token_embedding``'s
+input (the token ids), the first module the text tower calls. open_clip 3.x blocks run
+batch-first ``[B, L, D]``; a seq-first stack disables pruning (the runtime indexes dim 1).
+
+Export plugs into :mod:`debias_export.export` (:func:`register_export`): the HF-style directory holds
+open_clip's own ``local-dir`` layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
+base weights only, so ``open_clip.create_model("local-dir:DIR")`` loads the unpatched model) next to
+the machinery's ``debias_config.json`` / ``debias_patches.safetensors``; ONNX graphs are
+``image_encoder`` (pixel_values -> image_embeds) and ``text_encoder`` (input_ids -> text_embeds).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import types
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, DebiasError, IntegrityError
+from ..runtime import EditedModule, ids_argmax
+from ..sites import Site
+from .base import ModelAdapter, OutputPositions, register_adapter
+
+_SUB_MODULES = {"attn_out": "attn", "mlp_out": "mlp.c_proj"}
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def _open_clip():
+    import open_clip
+
+    return open_clip
+
+
+def _cast_dtype_through_wrappers(self) -> torch.dtype:
+    first = self.resblocks[0]
+    return getattr(first, "base_layer", first).get_weight_dtype()
+
+
+def _make_cast_dtype_patch_safe(model: nn.Module) -> None:
+    """open_clip asks ``resblocks[0].get_weight_dtype()``; an ``EditedModule`` there has no such method.
+
+    Give each transformer an instance-level ``get_cast_dtype`` that looks through the wrapper, so
+    patching block 0 keeps ``encode_text`` working (in memory, after load, and when tracing to ONNX).
+    A bound method (not a closure) so ``copy.deepcopy(model)`` rebinds it to the copy.
+    """
+    from open_clip.transformer import Transformer
+
+    for mod in model.modules():
+        if isinstance(mod, Transformer) and "get_cast_dtype" not in mod.__dict__:
+            mod.get_cast_dtype = types.MethodType(_cast_dtype_through_wrappers, mod)
+
+
+def _apply_force_kwargs(cfg: dict, kwargs: dict) -> dict:
+    """Record ``create_model``'s architecture overrides in the saved config so a reload rebuilds the same model."""
+    if kwargs.get("force_quick_gelu"):
+        cfg["quick_gelu"] = True
+    if kwargs.get("force_image_size") is not None:
+        cfg["vision_cfg"]["image_size"] = kwargs["force_image_size"]
+    if kwargs.get("force_context_length") is not None:
+        cfg["text_cfg"]["context_length"] = kwargs["force_context_length"]
+    if kwargs.get("force_custom_text"):
+        cfg["custom_text"] = True
+    return cfg
+
+
+@register_adapter
+class OpenCLIPAdapter(ModelAdapter):
+    """Adapter for open_clip ``CLIP`` / ``CustomTextCLIP`` with ViT image and transformer text towers."""
+
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None,
+                 model_cfg: dict | None = None, tokenizer: Any = None):
+        super().__init__(model, source=source, processor=processor)
+        # The architecture dict is needed to re-create the model on load; keep it on the model
+        # too so adapter_for(model) after apply_edits/remove still finds it.
+        if model_cfg is not None:
+            model._debias_open_clip_cfg = copy.deepcopy(model_cfg)
+        self.tokenizer = tokenizer
+        _make_cast_dtype_patch_safe(model)
+
+    @property
+    def model_cfg(self) -> dict | None:
+        return getattr(self.model, "_debias_open_clip_cfg", None)
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        if not type(model).__module__.startswith("open_clip"):
+            return False  # cheap check first: adapter_for asks every family, open_clip imports slowly
+        from open_clip.model import CLIP, CustomTextCLIP
+
+        return isinstance(model, (CLIP, CustomTextCLIP))
+
+    @classmethod
+    def load(cls, spec: str, pretrained: str | None = None, random_init: bool = False, **kwargs: Any) -> "OpenCLIPAdapter":
+        """Load ``open_clip:NAME[@PRETRAINED]``, ``NAME``, ``hf-hub:ORG/REPO``, ``local-dir:DIR`` or a dir
+        holding ``open_clip_config.json``. ``pretrained`` is a tag or checkpoint file; a bare name without
+        weights is refused unless ``random_init=True`` (random CLIPs must never be evaluated by accident)."""
+        oc = _open_clip()
+        name = spec[len("open_clip:"):] if spec.startswith("open_clip:") else spec
+        if "@" in name and not name.startswith(("hf-hub:", "local-dir:")):
+            name, pretrained = name.split("@", 1)
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG)):
+            name = "local-dir:" + name
+        if name.startswith("local-dir:") and (Path(name[len("local-dir:"):]) / "debias_config.json").is_file():
+            from ..export.loading import load_patched  # an exported patched model comes back patched
+
+            return load_patched(name[len("local-dir:"):])
+        cfg = oc.get_model_config(name) if not name.startswith("hf-hub:") else None
+        if cfg is None and not name.startswith("hf-hub:"):
+            raise DebiasError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+        if not name.startswith(("hf-hub:", "local-dir:")) and pretrained is None and not random_init:
+            raise DebiasError(f"open_clip model {name!r} needs weights: use 'open_clip:{name}@<tag-or-checkpoint>' "
+                              f"(or random_init=True for a random-weight model)")
+        try:
+            model, _, preprocess = oc.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+            tokenizer = oc.get_tokenizer(name)
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise DebiasError(f"cannot load open_clip model {spec!r}: {str(exc).splitlines()[0]}") from None
+        if cfg is None:  # hf-hub: the config came with the download
+            cfg = oc.get_model_config(name)
+        cfg = _apply_force_kwargs(copy.deepcopy(cfg), kwargs)
+        return cls(model.eval(), source=spec, processor=preprocess, model_cfg=cfg, tokenizer=tokenizer)
+
+    @classmethod
+    def from_config(cls, model_cfg: dict, seed: int = 0) -> "OpenCLIPAdapter":
+        """Random-weight model from an open_clip ``model_cfg`` dict (tests, latency work)."""
+        from open_clip.model import CLIP, CustomTextCLIP
+
+        torch.manual_seed(seed)
+        cfg = copy.deepcopy(model_cfg)
+        klass = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+        model = klass(**cfg).eval()
+        return cls(model, source="config", model_cfg=model_cfg)
+
+    # ----- structure ---------------------------------------------------------------------------
+    def _text_root(self) -> str | None:
+        """Prefix of the text tower's modules ('' for CLIP, 'text.' for CustomTextCLIP), None if unsupported."""
+        from open_clip.transformer import TextTransformer
+
+        if hasattr(self.model, "transformer") and hasattr(self.model, "token_embedding"):
+            return ""
+        if isinstance(getattr(self.model, "text", None), TextTransformer):
+            return "text."
+        return None
+
+    def _text_module(self) -> nn.Module:
+        root = self._text_root()
+        return self.model.text if root == "text." else self.model
+
+    def towers(self) -> tuple[str, ...]:
+        from open_clip.transformer import VisionTransformer
+
+        out = []
+        if isinstance(getattr(self.model, "visual", None), VisionTransformer):
+            out.append("image")
+        if self._text_root() is not None:
+            out.append("text")
+        return tuple(out)
+
+    def blocks_path(self, tower: str) -> str:
+        if tower == "image":
+            return "visual.transformer.resblocks"
+        return f"{self._text_root()}transformer.resblocks"
+
+    def _transformer(self, tower: str) -> nn.Module:
+        self.check_tower(tower)
+        return self.model.get_submodule(self.blocks_path(tower).rsplit(".", 1)[0])
+
+    def width(self, tower: str) -> int:
+        return int(self._transformer(tower).width)
+
+    def sub_module_path(self, site: Site) -> str | None:
+        return _SUB_MODULES.get(site.kind)
+
+    def output_positions(self, tower: str) -> OutputPositions | None:
+        if not getattr(self._transformer(tower), "batch_first", True):
+            return None  # runtime pruning indexes dim 1; a [L, B, D] stack would be pruned on batch
+        if tower == "image":
+            v = self.model.visual
+            if v.attn_pool is None and v.pool_type == "tok":
+                return OutputPositions(static_index=0)
+            return None
+        text = self._text_module()
+        if getattr(text, "cls_emb", None) is not None:
+            return None
+        pool = text.text_pool_type if text is self.model else text.pool_type
+        if pool == "argmax":
+            return OutputPositions(rule={"rule": "ids_argmax", "input": "input_ids"}, hook_path=f"{self._text_root()}token_embedding")
+        if pool == "eos":
+            eos = self._eos_id()
+            if eos == 2:  # runtime.eos_first treats id 2 as the legacy argmax case: not the same rule
+                return None
+            return OutputPositions(rule={"rule": "eos_first", "input": "input_ids", "eos_token_id": eos},
+                                   hook_path=f"{self._text_root()}token_embedding")
+        if pool == "first":
+            return OutputPositions(static_index=0)
+        return None  # 'last' (static -1 is not supported by the runtime) and 'none'
+
+    def _eos_id(self) -> int:
+        text = self._text_module()
+        return int(text.text_eos_id if text is self.model else text.eos_id)
+
+    def output_token_index(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        pos = self.output_positions(tower)
+        if tower == "image":
+            if pos is None:
+                raise DebiasError("this open_clip image tower pools over all tokens; it has no single output token")
+            return torch.zeros(inputs["pixel_values"].shape[0], dtype=torch.long)
+        text = self._text_module()
+        pool = text.text_pool_type if text is self.model else text.pool_type
+        ids = inputs["input_ids"]
+        if getattr(text, "cls_emb", None) is None and pool == "argmax":
+            return ids_argmax(ids).long()
+        if getattr(text, "cls_emb", None) is None and pool == "eos":
+            return (ids == self._eos_id()).int().argmax(dim=-1).long()
+        if pool == "first":
+            return torch.zeros(ids.shape[0], dtype=torch.long)
+        raise DebiasError(f"open_clip text pooling {pool!r} has no single output token among the input positions")
+
+    # ----- inputs ------------------------------------------------------------------------------
+    def _preprocess(self):
+        if self.processor is None:
+            from open_clip.model import get_model_preprocess_cfg
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            cfg = {k: v for k, v in get_model_preprocess_cfg(self.model).items()
+                   if k in PreprocessCfg.__dataclass_fields__}
+            self.processor = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        return self.processor
+
+    def prepare_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
+        tf = self._preprocess()
+        return {"pixel_values": torch.stack([tf(img.convert("RGB")) for img in images])}
+
+    def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids padded to the model's context length (open_clip adds a fixed-size positional table).
+
+        ``attention_mask`` marks tokens up to the pooled one; the model itself takes no mask
+        (causal attention keeps padding from reaching the EOT token)."""
+        if self.tokenizer is None:
+            from open_clip.tokenizer import SimpleTokenizer
+
+            self.tokenizer = SimpleTokenizer(context_length=self.model.context_length)
+        ids = self.tokenizer(list(texts)).long()
+        last = (ids != 0).long().cumsum(1).argmax(1)  # last non-pad token (EOT for open_clip tokenizers)
+        mask = (torch.arange(ids.shape[1])[None, :] <= last[:, None]).long()
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ----- forward -----------------------------------------------------------------------------
+    def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``encode_image`` / ``encode_text`` without normalisation, as open_clip defines them."""
+        self.check_tower(tower)
+        if tower == "image":
+            return self.model.encode_image(inputs["pixel_values"])
+        return self.model.encode_text(inputs["input_ids"])
+
+
+# ----- tiny builders (tests) -------------------------------------------------------------------
+def tiny_open_clip_config(width: int = 32, layers: int = 3, image_size: int = 32, patch: int = 8, embed_dim: int = 16,
+                          context_length: int = 16, **overrides: Any) -> dict:
+    """open_clip ``model_cfg`` small enough for unit tests (real CLIP BPE vocabulary for the text tower).
+
+    ``overrides``: ``vision_cfg`` / ``text_cfg`` dicts merged into the defaults, other keys set as-is
+    (e.g. ``custom_text=True``, ``quick_gelu=True``)."""
+    vision = dict(image_size=image_size, patch_size=patch, width=width, layers=layers, head_width=8, mlp_ratio=2.0)
+    text = dict(context_length=context_length, vocab_size=49408, width=width, heads=4, layers=layers, mlp_ratio=2.0)
+    vision.update(overrides.pop("vision_cfg", {}))
+    text.update(overrides.pop("text_cfg", {}))
+    return dict(embed_dim=embed_dim, vision_cfg=vision, text_cfg=text, **overrides)
+
+
+def tiny_open_clip(seed: int = 0, **overrides: Any) -> OpenCLIPAdapter:
+    """Adapter around a tiny random open_clip model (``overrides`` as in :func:`tiny_open_clip_config`)."""
+    adapter = OpenCLIPAdapter.from_config(tiny_open_clip_config(**overrides), seed=seed)
+    adapter.source = f"tiny-open-clip:{seed}"
+    return adapter
+
+
+# ----- export: plug-ins for debias_export.export ---------------------------------------------------
+def save_base(adapter: OpenCLIPAdapter, out: Path) -> None:
+    """Write the (unpatched) model in open_clip's ``local-dir`` layout: ``open_clip_config.json`` +
+    ``open_clip_model.safetensors``, so ``open_clip.create_model("local-dir:OUT")`` loads the base model.
+    (open_clip prefers ``open_clip_model.safetensors`` over other ``*.safetensors`` in the dir.)"""
+    from open_clip.model import get_model_preprocess_cfg
+    from safetensors.torch import save_file
+
+    cfg = adapter.model_cfg
+    if cfg is None:
+        raise ConfigError("open_clip model has no recorded model_cfg; load it with OpenCLIPAdapter.load/from_config")
+    if any(isinstance(m, EditedModule) for m in adapter.model.modules()):
+        raise DebiasError("save_base needs the unpatched model (call it inside export.unpatched(handle))")
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.model.state_dict().items()}
+    save_file(state, str(Path(out) / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
+    pp = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_preprocess_cfg(adapter.model).items()
+          if k in ("size", "mean", "std", "interpolation", "resize_mode")}
+    (Path(out) / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pp}, indent=2) + "\n")
+
+
+def base_info(adapter: OpenCLIPAdapter) -> dict[str, Any]:
+    """Recorded in ``debias_config.json``: how to rebuild the base model without debias-export."""
+    return {"module": "open_clip", "class": type(adapter.model).__name__, "config_file": OPEN_CLIP_CONFIG,
+            "weights_file": OPEN_CLIP_WEIGHTS, "load": "open_clip.create_model('local-dir:<dir>')",
+            "dtype": str(next(adapter.model.parameters()).dtype)}
+
+
+def load_base(path: Path, info: dict[str, Any] | None = None) -> OpenCLIPAdapter:
+    """Stock open_clip load of a :func:`save_base` directory (no patches)."""
+    path = Path(path)
+    try:
+        cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise IntegrityError(f"bad open_clip config in {path}: {exc}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _, preprocess = _open_clip().create_model_and_transforms(f"local-dir:{path}")
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise IntegrityError(f"cannot load open_clip weights from {path}: {str(exc).splitlines()[0]}") from None
+    return OpenCLIPAdapter(model.eval(), source=str(path), processor=preprocess, model_cfg=cfg)
+
+
+class OpenCLIPTowerGraph(nn.Module):
+    """ONNX graph of one tower: ``pixel_values -> image_embeds`` or ``input_ids -> text_embeds``.
+
+    ``encode_image`` / ``encode_text`` of the live (patched) model, not normalised. Runs
+    ``nn.MultiheadAttention``'s standard path: its inference fast path is one fused op
+    (``_native_multi_head_attention``) that has no ONNX export, and validation then compares like with like.
+    """
+
+    def __init__(self, model: nn.Module, tower: str):
+        super().__init__()
+        self.model, self.tower = model, tower
+
+    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                **_: Any) -> dict[str, torch.Tensor]:
+        fast = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            if self.tower == "image":
+                return {"image_embeds": self.model.encode_image(pixel_values)}
+            return {"text_embeds": self.model.encode_text(input_ids)}
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def example_inputs(adapter: OpenCLIPAdapter, tower: str, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random valid tower inputs. Text rows are always ``context_length`` wide (open_clip's fixed
+    positional table; ``seq`` is ignored) with the pooled EOT token at a random per-row position."""
+    if tower == "image":
+        return {"pixel_values": torch.randn(batch, 3, *adapter.model.visual.image_size, generator=g)}
+    width = int(adapter.model.context_length)
+    text = adapter._text_module()
+    pool = text.text_pool_type if text is adapter.model else text.pool_type
+    vocab = int(adapter.model.vocab_size)
+    eot = adapter._eos_id() if pool == "eos" else vocab - 1  # argmax pooling: EOT must be the highest id
+    ids = torch.randint(1, max(2, min(eot, vocab - 1)), (batch, width), generator=g)
+    lengths = torch.randint(2, width + 1, (batch,), generator=g)
+    lengths[0] = width
+    ids = torch.where(torch.arange(width)[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
+    ids[torch.arange(batch), lengths - 1] = eot
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids.long(), "attention_mask": mask}
+
+
+def onnx_graphs(adapter: OpenCLIPAdapter) -> list:
+    """``GraphSpec``s for :mod:`debias_export.export.onnx_export`: dynamic batch; the text length is fixed."""
+    from ..export.onnx_specs import GraphSpec
+
+    specs = []
+    for tower, name, inp, out in (("image", "image_encoder", "pixel_values", "image_embeds"),
+                                  ("text", "text_encoder", "input_ids", "text_embeds")):
+        if tower in adapter.towers():
+            specs.append(GraphSpec(name, tower, {inp: {0: "batch_size"}}, {out: {0: "batch_size"}},
+                                   lambda a, t=tower: OpenCLIPTowerGraph(a.model, t),
+                                   lambda a, b, s, g, t=tower: example_inputs(a, t, b, s, g)))
+    return specs
+
+
+def register_export() -> None:
+    """Plug open_clip into the export machinery (HF-style dir without remote code + ONNX graphs)."""
+    from ..export.onnx_specs import register_onnx_spec
+    from ..export.safetensors_export import HFDirSpec, register_hf_spec
+
+    register_hf_spec(HFDirSpec(OpenCLIPAdapter.family, save_base, load_base, base_info, auto_class=None))
+    register_onnx_spec(OpenCLIPAdapter.family)(onnx_graphs)

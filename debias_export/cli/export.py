@@ -1,0 +1,50 @@
+"""``debias-export export``: patch a model with saved edits and export it (HF safetensors dir + ONNX), validated."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import DebiasError
+from .common import load_model_spec, model_option
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@click.command("export")
+@model_option
+@click.option("--edit", "edit_dirs", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="Edit folder (repeatable; edits are applied together).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output dir (gets hf/ and onnx/).")
+@click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and validate ONNX graphs.")
+@click.option("--tower", "towers", multiple=True, help="Only these towers in ONNX (default: all).")
+@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--atol", default=1e-4, show_default=True, type=float, help="ONNX vs PyTorch tolerance.")
+@click.option("--provenance", "provenance_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="JSON file merged into the recorded provenance (recipe, seed, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new export is complete).")
+def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance_file, overwrite):
+    """Write OUT/hf (original weights + fused edits + remote code) and OUT/onnx, both validated."""
+    from ..edits import apply_edits, load_edit
+    from ..export import export_bundle
+    from .common import refuse_existing
+
+    refuse_existing(Path(out_dir), overwrite)  # before the (slow) model load
+    provenance = {"model": model_spec, "edit_dirs": [str(Path(d).resolve()) for d in edit_dirs]}
+    if provenance_file:
+        try:
+            provenance.update(json.loads(Path(provenance_file).read_text()))
+        except (ValueError, AttributeError) as exc:
+            raise DebiasError(f"--provenance {provenance_file} is not a JSON object: {exc}") from None
+    adapter = load_model_spec(model_spec)
+    apply_edits(adapter, [load_edit(d) for d in edit_dirs])
+    report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,
+                           provenance=provenance, towers=list(towers) or None)
+    parts = [f"hf {_mb(report['hf']['size_bytes'])} (reload bit-identical)"]
+    for name, g in report.get("onnx", {}).get("graphs", {}).items():
+        diff = max(g["validation"]["max_abs_diff"].values())
+        parts.append(f"{name}.onnx {_mb(sum(g['size_bytes'].values()))} max|diff| {diff:.2g}")
+    click.echo(f"exported {out_dir}: " + ", ".join(parts) + (f" (opset {opset}, atol {atol:g})" if onnx else ""))

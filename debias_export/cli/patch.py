@@ -1,0 +1,84 @@
+"""``debias-export patch``: build an SAE neuron-zeroing edit for a model and save it as an edit folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import ConfigError, DebiasError
+from .common import load_model_spec, model_option
+
+
+def load_sae(path: str):
+    """An SAE folder in any layout the importers know (falls back to debias-export's own layout)."""
+    try:
+        from ..sae.importers import load_any
+    except ImportError:
+        from ..sae.model import SparseAutoencoder
+
+        return SparseAutoencoder.load(path)
+    return load_any(path)
+
+
+def neurons_from_probe_report(path: str) -> list[int]:
+    """Every group's neurons of a probe report (``{"groups": {name: {"neurons": [{"index": i}|i, ...]}}}``), in order."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DebiasError(f"cannot read probe report {path}: {exc}") from None
+    groups = report.get("groups") if isinstance(report, dict) else None
+    if isinstance(groups, dict):
+        groups = list(groups.values())
+    if not isinstance(groups, list):
+        raise ConfigError(f"probe report {path} has no 'groups' table")
+    neurons: list[int] = []
+    for group in groups:
+        for n in group.get("neurons", []) if isinstance(group, dict) else []:
+            idx = int(n["index"] if isinstance(n, dict) else n)
+            if idx not in neurons:
+                neurons.append(idx)
+    if not neurons:
+        raise ConfigError(f"probe report {path} lists no neurons in any group")
+    return neurons
+
+
+def parse_neurons(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ConfigError(f"--neurons must be comma-separated integers, got {text!r}") from None
+
+
+@click.command("patch")
+@model_option
+@click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False), help="SAE folder.")
+@click.option("--site", default=None, help="Edit site, e.g. image.11 (default: the site recorded in the SAE metadata).")
+@click.option("--neurons", default=None, help="Comma-separated SAE latents to zero, e.g. 3,7.")
+@click.option("--probe-report", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Take the neurons of every group of a probe report instead of --neurons.")
+@click.option("--alpha", default=0.6, show_default=True, type=float, help="Mixing weight a.")
+@click.option("--value", default=0.0, show_default=True, type=float, help="Value v the neurons are set to.")
+@click.option("--mode", default="reconstruct", show_default=True, type=click.Choice(["reconstruct", "residual"]))
+@click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def patch(model_spec, sae_dir, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite):
+    """Build an SAE edit, check it compiles into the model, save it (edit_config.json + edit.safetensors)."""
+    from ..edits import SAEEdit, apply_edits
+    from ..export.manifest import atomic_output_dir
+
+    if (neurons is None) == (probe_report is None):
+        raise ConfigError("give exactly one of --neurons and --probe-report")
+    chosen = parse_neurons(neurons) if neurons is not None else neurons_from_probe_report(probe_report)
+    sae = load_sae(sae_dir)
+    site = site or sae.cfg.metadata.get("site")
+    if not site:
+        raise ConfigError(f"--site is required: the SAE at {sae_dir} records no site in its metadata")
+    adapter = load_model_spec(model_spec)
+    edit = SAEEdit(site=site, sae=sae, neurons=chosen, value=value, alpha=alpha, mode=mode, prune=not no_prune,
+                   model=model_spec, provenance={"sae_dir": str(sae_dir), "probe_report": probe_report})
+    apply_edits(adapter, edit).remove()  # fail now (width, site, layer) rather than at export time
+    with atomic_output_dir(Path(out_dir), overwrite) as tmp:
+        edit.save(tmp)
+    click.echo(f"saved {mode} edit of {len(chosen)} neuron(s) at {adapter.resolve_site(site).name} (alpha {alpha}, value {value}) to {out_dir}")

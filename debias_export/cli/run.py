@@ -1,0 +1,22 @@
+"""``debias-export run RECIPE.yaml``."""
+from __future__ import annotations
+
+import click
+
+from ..recipe import load_recipe
+
+
+@click.command("run")
+@click.argument("recipe_path", metavar="RECIPE.yaml")
+@click.option("--out", default=None, help="Override output.dir of the recipe.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def run(recipe_path: str, out: str | None, overwrite: bool | None, no_progress: bool) -> None:
+    """Run a recipe end to end: capture, train-sae, probe, patch, export, validate (bench, eval)."""
+    from ..pipeline import run_recipe
+
+    recipe = load_recipe(recipe_path)
+    if out:
+        recipe.output.dir = out
+    path = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
+    click.echo(f"wrote {path}")

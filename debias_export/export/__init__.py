@@ -1,0 +1,79 @@
+"""Export patched models: HF safetensors directory (+ remote code), ONNX graphs, manifests, loading.
+
+``export_bundle`` writes ``DIR/hf`` and ``DIR/onnx`` (both validated) plus ``DIR/export_report.json``
+and a top-level ``DIR/manifest.json`` covering everything; ``validate_bundle`` re-checks one.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..adapters import ModelAdapter
+from ..errors import DebiasError
+from .loading import load_patched, read_debias_config
+from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
+from .onnx_export import VALIDATION_SHAPES, check_graph, export_onnx, validate_onnx_dir
+from .onnx_specs import GraphSpec, graph_specs, register_onnx_spec
+from .safetensors_export import (HFDirSpec, check_reload, export_patched, hf_spec, patch_handle, register_hf_spec,
+                                 unpatched)
+
+BUNDLE_REPORT = "export_report.json"
+
+__all__ = ["export_patched", "export_onnx", "load_patched", "export_bundle", "validate_bundle", "verify_manifest",
+           "write_manifest", "find_artifacts", "atomic_output_dir", "register_onnx_spec", "register_hf_spec", "GraphSpec",
+           "HFDirSpec", "graph_specs", "hf_spec", "patch_handle", "unpatched", "check_graph", "check_reload",
+           "validate_onnx_dir", "read_debias_config", "VALIDATION_SHAPES"]
+
+
+def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True, opset: int = 17, atol: float = 1e-4,
+                  overwrite: bool = False, provenance: dict[str, Any] | None = None,
+                  towers: Sequence[str] | None = None) -> dict[str, Any]:
+    """``out_dir/hf`` (reload checked bit-identical) and ``out_dir/onnx`` (checked within ``atol``), atomically."""
+    out_dir = Path(out_dir)
+    report: dict[str, Any] = {"out": str(out_dir)}
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        t0 = time.perf_counter()
+        export_patched(adapter, tmp / "hf", provenance=provenance, validate=True)
+        report["hf"] = {"seconds": round(time.perf_counter() - t0, 2), "reload_identical": True,
+                        "size_bytes": sum(p.stat().st_size for p in (tmp / "hf").iterdir() if p.is_file())}
+        if onnx:
+            t0 = time.perf_counter()
+            report["onnx"] = export_onnx(adapter, tmp / "onnx", towers=towers, opset=opset, atol=atol,
+                                         provenance=provenance)
+            report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / BUNDLE_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        write_manifest(tmp, kind="bundle", provenance=provenance)
+    return report
+
+
+def validate_bundle(path: str | Path, atol: float = 1e-4, seed: int = 0,
+                    shapes: Sequence[tuple[int, int]] = ((1, 9), (4, 13))) -> dict[str, Any]:
+    """Verify manifests, load ``hf`` with :func:`load_patched`, compare ``onnx`` graphs on fresh shapes/inputs.
+
+    Default shapes differ from both the export trace (2, 7) and export-time validation (1, 5), (3, 11).
+    """
+    path = Path(path)
+    for artifact in find_artifacts(path):
+        verify_manifest(artifact)
+    hf_dir = path if (path / "debias_config.json").is_file() else path / "hf"
+    onnx_dir = path / "onnx"
+    if not (hf_dir / "debias_config.json").is_file():
+        raise DebiasError(f"{path} has no exported HF model (hf/debias_config.json) to validate against")
+    adapter = load_patched(hf_dir, verify=False)  # manifests were verified above
+    report: dict[str, Any] = {"hf": str(hf_dir), "seed": seed}
+    if onnx_dir.is_dir():
+        report["onnx"] = validate_onnx_dir(onnx_dir, adapter, atol=atol, shapes=shapes, seed=seed)
+    return report
+
+
+def _register_family_exports() -> None:
+    """Families outside HF CLIP plug their save/load/ONNX pieces into the tables above."""
+    from ..adapters import llava, open_clip_family
+
+    open_clip_family.register_export()
+    llava.register_export()
+
+
+_register_family_exports()

@@ -1,0 +1,60 @@
+"""Production loading of an exported patched model, without remote code."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..adapters import ModelAdapter
+from ..errors import DebiasError, IntegrityError
+from ..runtime import install_patches
+from ..sae.model import read_safetensors
+from .manifest import verify_manifest
+from .safetensors_export import DEBIAS_CONFIG, DEBIAS_PATCHES, FORMAT, hf_spec
+
+
+def read_debias_config(path: str | Path) -> dict[str, Any]:
+    """``debias_config.json`` of an exported directory, checked for the fields loading needs."""
+    file = Path(path) / DEBIAS_CONFIG
+    if not file.is_file():
+        raise DebiasError(f"{path} is not a debias-export model directory (missing {DEBIAS_CONFIG})")
+    try:
+        cfg = json.loads(file.read_text())
+    except ValueError as exc:
+        raise IntegrityError(f"corrupt {file}: {exc}") from None
+    if cfg.get("format") != FORMAT:
+        raise DebiasError(f"{file} has format {cfg.get('format')!r}; this version reads {FORMAT!r}")
+    for key in ("family", "base", "patches"):
+        if key not in cfg:
+            raise IntegrityError(f"{file} lacks {key!r}")
+    return cfg
+
+
+def load_patched(path: str | Path, verify: bool = True) -> ModelAdapter:
+    """Load an exported directory (or a bundle's ``hf/``): verify its manifest, build the stock model, install the edits.
+
+    Uses the family's stock class (e.g. ``transformers.CLIPModel``) and
+    :func:`debias_export.runtime.install_patches` -- the same runtime the remote code carries -- so
+    outputs equal those of the in-memory patched model bit for bit. Returns the adapter (eval mode);
+    the saved configs are on ``adapter.debias_config``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DebiasError(f"{path} is not a directory")
+    if not (path / DEBIAS_CONFIG).is_file() and (path / "hf" / DEBIAS_CONFIG).is_file():
+        path = path / "hf"  # an export bundle (DIR/hf + DIR/onnx): load its HF model
+    if verify:
+        verify_manifest(path)
+    cfg = read_debias_config(path)
+    adapter = hf_spec(cfg["family"]).load_base(path, cfg["base"])
+    tensors = read_safetensors(path / DEBIAS_PATCHES)
+    try:
+        wrappers = install_patches(adapter.model, cfg["patches"], tensors)
+    except (KeyError, RuntimeError, AttributeError, TypeError) as exc:
+        raise IntegrityError(f"{path / DEBIAS_PATCHES} does not fit {path / DEBIAS_CONFIG}: {str(exc).splitlines()[0]}") from None
+    ref = next(adapter.model.parameters())
+    for wrapper in wrappers:
+        wrapper.edits.to(device=ref.device, dtype=ref.dtype)
+    adapter.model.eval()
+    adapter.debias_config = cfg
+    return adapter

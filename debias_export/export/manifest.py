@@ -1,0 +1,161 @@
+"""Artifact manifests (SHA-256 + size of every file) and atomic output directories.
+
+Every exported directory carries ``manifest.json``. :func:`verify_manifest` re-hashes the files so a
+tampered, truncated, missing or smuggled-in file (remote code runs on load!) is caught before a
+model is built from it. The manifest does not protect itself: anyone who can rewrite it can
+rewrite the files; it guards against corruption and accidental edits, not against an attacker.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import sys
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import DebiasError, IntegrityError
+
+MANIFEST = "manifest.json"
+FORMAT = "debias-export-manifest/1"
+# Packages whose versions decide whether an artifact reproduces; recorded in every manifest.
+VERSIONED_PACKAGES = ("debias-export", "torch", "transformers", "safetensors", "onnx", "onnxruntime", "optimum",
+                      "optimum-onnx", "open_clip_torch", "numpy")
+_IGNORED = {"__pycache__", ".DS_Store"}
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that matter for reproducing an artifact."""
+    out = {"python": sys.version.split()[0]}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    if "debias-export" not in out:  # running from a source tree that is not pip-installed
+        from .. import __version__
+
+        out["debias-export"] = __version__
+    return out
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listed_files(root: Path) -> list[Path]:
+    files = []
+    for p in sorted(root.rglob("*")):
+        if any(part in _IGNORED for part in p.relative_to(root).parts):
+            continue
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST:
+            files.append(p)
+    return files
+
+
+def write_manifest(root: str | Path, kind: str, provenance: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Hash every file under ``root`` (recursively, nested manifests included) into ``root/manifest.json``."""
+    root = Path(root)
+    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+             for p in _listed_files(root)}
+    manifest = {"format": FORMAT, "kind": kind, "files": files, "versions": package_versions(),
+                "provenance": provenance or {}, **(extra or {})}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise IntegrityError(f"{root} has no {MANIFEST}; it is not a debias-export artifact")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise IntegrityError(f"corrupt {path}: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise IntegrityError(f"corrupt {path}: no 'files' table")
+    return manifest
+
+
+def verify_manifest(root: str | Path, allow_extra: bool = False) -> dict[str, Any]:
+    """Check every file against ``root/manifest.json`` (and nested manifests); raise naming the first bad file.
+
+    Returns the manifest. ``allow_extra``: tolerate files the manifest does not list (never ``.py``
+    files, which transformers would execute as remote code).
+    """
+    root = Path(root)
+    manifest = read_manifest(root)
+    for rel, entry in sorted(manifest["files"].items()):
+        path = root / rel
+        if not path.is_file():
+            raise IntegrityError(f"file {rel} listed in {root / MANIFEST} is missing")
+        size = path.stat().st_size
+        if size != entry.get("size"):
+            what = "truncated" if size < int(entry.get("size", 0)) else "changed size"
+            raise IntegrityError(f"file {rel} is {what}: {size} bytes, manifest says {entry.get('size')}")
+        if sha256_file(path) != entry.get("sha256"):
+            raise IntegrityError(f"file {rel} does not match its SHA-256 in {root / MANIFEST} (tampered or corrupt)")
+    for path in _listed_files(root):
+        rel = path.relative_to(root).as_posix()
+        if rel not in manifest["files"] and (not allow_extra or path.suffix == ".py"):
+            raise IntegrityError(f"file {rel} is not listed in {root / MANIFEST}")
+    for nested in sorted(root.rglob(f"*/{MANIFEST}")):
+        verify_manifest(nested.parent, allow_extra=allow_extra)
+    return manifest
+
+
+def find_artifacts(root: str | Path) -> list[Path]:
+    """``root`` itself when it has a manifest, else its immediate sub-directories that have one."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DebiasError(f"{root} is not a directory")
+    if (root / MANIFEST).is_file():
+        return [root]
+    found = [p for p in sorted(root.iterdir()) if (p / MANIFEST).is_file()]
+    if not found:
+        raise IntegrityError(f"{root} has no {MANIFEST} (nor sub-directories with one)")
+    return found
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp dir next to ``out_dir``; on success it replaces ``out_dir`` in one rename.
+
+    On any exception the temp dir is deleted and an existing ``out_dir`` is left untouched. With
+    ``overwrite`` the old directory is moved aside only after the new one is complete, then removed.
+    """
+    from ..cli.common import refuse_existing
+
+    out_dir = Path(out_dir)
+    refuse_existing(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        refuse_existing(out_dir, overwrite)  # something else may have created it meanwhile
+        old = None
+        if out_dir.exists():
+            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
+            out_dir.rename(old)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if old is not None:
+                old.rename(out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

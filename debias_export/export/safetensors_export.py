@@ -1,0 +1,237 @@
+"""Export a patched model as a Hugging Face directory: original weights + fused edits + remote code.
+
+Layout::
+
+    config.json                  stock config + "debias" summary + "auto_map" -> modeling_debias
+    model.safetensors            ORIGINAL weights, byte-identical to save_pretrained of the unpatched model
+    debias_patches.safetensors   fused edit buffers (debias_patches.<i>.<j>.<buffer>)
+    debias_config.json           patch records, the edits' configs, provenance, base class
+    modeling_debias.py           generated: Debias<Stock>(stock class) whose from_pretrained installs the edits
+    debias_runtime.py            verbatim copy of debias_export/runtime.py (torch only)
+    manifest.json                SHA-256 + size of every file, package versions, provenance
+
+Families plug in with :func:`register_hf_spec` (how to save/load the base model, which auto class).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import runtime
+from ..adapters import ModelAdapter, adapter_for
+from ..edits import PatchHandle, patch_tensors
+from ..errors import DebiasError, ValidationError
+from .manifest import atomic_output_dir, write_manifest
+
+DEBIAS_CONFIG = "debias_config.json"
+DEBIAS_PATCHES = "debias_patches.safetensors"
+MODELING_FILE = "modeling_debias.py"
+RUNTIME_FILE = "debias_runtime.py"
+FORMAT = "debias-export-hf/1"
+TEMPLATE = Path(__file__).parent / "templates" / "hf_modeling.py"
+
+
+@dataclass(frozen=True)
+class HFDirSpec:
+    """How one family's base model is saved and reloaded as a Hugging Face directory."""
+
+    family: str
+    save_base: Callable[[ModelAdapter, Path], None]  # write the UNPATCHED model (weights, config, processor)
+    load_base: Callable[[Path, dict[str, Any]], ModelAdapter]  # stock load (no remote code) from base info
+    base_info: Callable[[ModelAdapter], dict[str, Any]]  # {"module", "class", ...} recorded in debias_config
+    auto_class: str | None = "AutoModel"  # key of config.json auto_map; None: no remote code for this family
+
+
+_HF_SPECS: dict[str, HFDirSpec] = {}
+
+
+def register_hf_spec(spec: HFDirSpec) -> HFDirSpec:
+    _HF_SPECS[spec.family] = spec
+    return spec
+
+
+def hf_spec(family: str) -> HFDirSpec:
+    if family not in _HF_SPECS:
+        raise DebiasError(f"safetensors export does not support model family {family!r}; supported: {', '.join(sorted(_HF_SPECS))}")
+    return _HF_SPECS[family]
+
+
+# ----- Hugging Face CLIP -------------------------------------------------------------------------------
+def _hf_save_base(adapter: ModelAdapter, out: Path) -> None:
+    adapter.model.save_pretrained(out, safe_serialization=True)
+    if adapter.processor is not None:
+        adapter.processor.save_pretrained(out)
+
+
+def _hf_base_info(adapter: ModelAdapter) -> dict[str, Any]:
+    model = adapter.model
+    return {"module": "transformers", "class": type(model).__name__,
+            "attn_implementation": getattr(model.config, "_attn_implementation", None), "dtype": str(model.dtype)}
+
+
+def _hf_load_base(path: Path, info: dict[str, Any]) -> ModelAdapter:
+    import transformers
+
+    from ..adapters.hf_clip import HFCLIPAdapter
+
+    klass = getattr(transformers, info["class"], None)
+    if klass is None:
+        raise DebiasError(f"transformers has no class {info['class']!r} named in {path / DEBIAS_CONFIG}")
+    kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
+    model = klass.from_pretrained(path, **kwargs)
+    processor = None
+    if (path / "preprocessor_config.json").is_file():
+        from transformers import CLIPProcessor
+
+        processor = CLIPProcessor.from_pretrained(path)
+    return HFCLIPAdapter(model.eval(), source=str(path), processor=processor)
+
+
+register_hf_spec(HFDirSpec("hf_clip", _hf_save_base, _hf_load_base, _hf_base_info))
+
+
+# ----- machinery ---------------------------------------------------------------------------------------
+def patch_handle(obj: "PatchHandle | ModelAdapter | nn.Module") -> PatchHandle:
+    """The live patch of a patched model; a clear error for a model that was never patched."""
+    if isinstance(obj, PatchHandle):
+        handle = obj
+    else:
+        handle = getattr(adapter_for(obj).model, "_debias_patch", None)
+    if handle is None or not handle.records:
+        raise DebiasError("model has no debias patch to export; apply_edits(...) first "
+                          "(a plain model is exported with save_pretrained, or export_onnx(..., allow_unpatched=True))")
+    return handle
+
+
+def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, child = path.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), child
+
+
+@contextlib.contextmanager
+def unpatched(handle: PatchHandle | None) -> Iterator[None]:
+    """Temporarily put the original modules back (the patch stays valid and is restored after).
+
+    Swaps go in reverse record order so a block wrapped after one of its sub-modules is unwrapped
+    first and the sub-module's path resolves again; restores go forward for the same reason.
+    """
+    if handle is None:
+        yield
+        return
+    model = handle.adapter.model
+    pairs = list(zip(handle.records, handle.wrappers))
+    done = []
+    try:
+        for record, wrapper in reversed(pairs):
+            parent, child = _locate(model, record["module"])
+            setattr(parent, child, wrapper.base_layer)
+            done.append((record, wrapper))
+        yield
+    finally:
+        for record, wrapper in reversed(done):
+            parent, child = _locate(model, record["module"])
+            setattr(parent, child, wrapper)
+
+
+def _edit_summary(edit: Any) -> dict[str, Any]:
+    cfg = edit.to_json()
+    return {"kind": edit.kind, **{k: v for k, v in cfg.items() if k not in ("sae_config", "provenance")}}
+
+
+def edit_provenance(adapter: ModelAdapter, handle: PatchHandle, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the edit came from: source model, each edit's own provenance and SAE metadata, user extras."""
+    edits = []
+    for edit in handle.edits:
+        cfg = edit.to_json()
+        edits.append({"kind": edit.kind, "site": cfg.get("site"), "model": cfg.get("model"),
+                      "provenance": cfg.get("provenance") or {},
+                      "sae_metadata": (cfg.get("sae_config") or {}).get("metadata") or {}})
+    return {"source_model": adapter.source, "family": adapter.family, "edits": edits, **(extra or {})}
+
+
+def modeling_code(class_name: str, stock_module: str) -> str:
+    """``modeling_debias.py``: the template with the stock import and the ``Debias<class>`` subclass."""
+    text = TEMPLATE.read_text()
+    imports = f"from {stock_module} import {class_name}"
+    cls = (f"class Debias{class_name}(DebiasPatchedMixin, {class_name}):\n"
+           f'    """{class_name} with this directory\'s debiasing edits installed by ``from_pretrained``."""\n')
+    for marker in ("# @@STOCK_IMPORTS@@", "# @@CLASSES@@"):
+        if marker not in text:
+            raise RuntimeError(f"modeling template {TEMPLATE} lost its {marker} marker")
+    return text.replace("# @@STOCK_IMPORTS@@", imports).replace("# @@CLASSES@@", cls)
+
+
+def write_hf_dir(adapter: ModelAdapter, handle: PatchHandle, out: Path, provenance: dict[str, Any]) -> None:
+    """Write every file of the export into ``out`` (an existing, empty directory)."""
+    spec = hf_spec(adapter.family)
+    with unpatched(handle):
+        spec.save_base(adapter, out)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in patch_tensors(handle).items()}
+    save_file(tensors, str(out / DEBIAS_PATCHES), metadata={"format": FORMAT})
+    base = spec.base_info(adapter)
+    debias = {"format": FORMAT, "family": adapter.family, "base": base, "patches": handle.records,
+              "edits": [{"kind": e.kind, **e.to_json()} for e in handle.edits], "provenance": provenance}
+    (out / DEBIAS_CONFIG).write_text(json.dumps(debias, indent=2, sort_keys=True, default=str) + "\n")
+    config_file = out / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["debias"] = {"format": FORMAT, "config_file": DEBIAS_CONFIG, "patches_file": DEBIAS_PATCHES,
+                            "edits": [_edit_summary(e) for e in handle.edits]}
+        if spec.auto_class:
+            config["auto_map"] = {spec.auto_class: f"{Path(MODELING_FILE).stem}.Debias{base['class']}"}
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if spec.auto_class:
+        (out / MODELING_FILE).write_text(modeling_code(base["class"], base["module"]))
+        shutil.copyfile(runtime.__file__, out / RUNTIME_FILE)
+    write_manifest(out, kind="hf", provenance=provenance, extra={"family": adapter.family})
+
+
+@torch.no_grad()
+def check_reload(adapter: ModelAdapter, path: Path, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, Any]:
+    """Reload ``path`` with :func:`load_patched` and require bit-identical tower outputs."""
+    from .loading import load_patched
+    from .onnx_specs import example_inputs
+
+    loaded = load_patched(path, verify=True)
+    report = {}
+    for tower in adapter.towers():
+        inputs = example_inputs(adapter, tower, batch, seq, seed)
+        want, got = adapter.embed(tower, inputs), loaded.embed(tower, inputs)
+        if want.shape != got.shape or not torch.equal(want, got):
+            diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
+            raise ValidationError(f"reloaded {tower} tower from {path} differs from the patched model (max |diff| {diff:.3g})")
+        report[tower] = {"identical": True, "shape": list(want.shape)}
+    return report
+
+
+def export_patched(handle_or_adapter: "PatchHandle | ModelAdapter | nn.Module", out_dir: str | Path,
+                   overwrite: bool = False, provenance: dict[str, Any] | None = None, validate: bool = True) -> Path:
+    """Write the patched model as a self-describing HF directory (see module doc); returns ``out_dir``.
+
+    An unpatched model is an error: there is nothing to add to a plain ``save_pretrained``.
+    ``validate`` reloads the directory with :func:`load_patched` before it is published and
+    requires bit-identical outputs on every tower. Atomic: a failure leaves no ``out_dir`` and an
+    existing one (with ``overwrite``) intact.
+    """
+    handle = patch_handle(handle_or_adapter)
+    adapter = handle.adapter
+    out_dir = Path(out_dir)
+    prov = edit_provenance(adapter, handle, provenance)
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            write_hf_dir(adapter, handle, tmp, prov)
+            if validate:
+                check_reload(adapter, tmp)
+    finally:
+        adapter.model.train(was_training)
+    return out_dir

@@ -113,6 +113,10 @@ def _is_capture_file(name: str) -> bool:
 
 def _prepare_out_dir(out_dir: Path, key: str, overwrite: bool) -> tuple[list[dict], dict | None]:
     """Completed shard entries to resume from (validated) and the old manifest; clears the dir when overwriting."""
+    if out_dir.exists() and not out_dir.is_dir():
+        if not overwrite:
+            raise DebiasError(f"output {out_dir} exists and is a file, not a directory (pass --overwrite to replace it)")
+        out_dir.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
     mpath = out_dir / MANIFEST
     old = None

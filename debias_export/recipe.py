@@ -19,6 +19,9 @@ import yaml
 from .errors import ConfigError
 
 
+BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
+
+
 @dataclass
 class ModelSection:
     spec: str  # hub id, local dir, "tiny-clip[:seed]", or "arch:<real config name>" (random weights)
@@ -110,6 +113,15 @@ class Recipe:
     source: Optional[str] = None  # path of the YAML file (set by the loader)
 
 
+def _show(value: Any) -> str:
+    """repr() that cannot fail (ints past Python's digit limit) and stays short."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<integer with too many digits>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check/convert ``value`` to the annotated type ``tp``; errors name the key path."""
     origin = typing.get_origin(tp)
@@ -124,25 +136,32 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return _build(tp, value, path)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         (inner,) = typing.get_args(tp)
         return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+            raise ConfigError(f"{path}: expected true/false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if not isinstance(value, (str, int)) or isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return str(value)
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+        try:
+            return str(value)
+        except ValueError:  # an int past Python's int-string digit limit
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}") from None
     return value
 
 
@@ -178,6 +197,32 @@ def _check_values(r: Recipe, where: str) -> None:
                      ("probe.top_n", r.probe.top_n)):
         if val <= 0:
             raise bad(key, f"must be positive, got {val}")
+    if r.edit.neurons is not None:
+        if any(n < 0 for n in r.edit.neurons):
+            raise bad("edit.neurons", f"must be >= 0, got {_show(r.edit.neurons)}")
+        if len(set(r.edit.neurons)) != len(r.edit.neurons):
+            raise bad("edit.neurons", f"duplicated neuron ids in {_show(r.edit.neurons)}")
+    if r.data.limit is not None and r.data.limit < 0:
+        raise bad("data.limit", f"must be >= 0, got {r.data.limit}")
+    if r.export.atol < 0:
+        raise bad("export.atol", f"must be >= 0, got {r.export.atol}")
+    if r.export.opset < 17:
+        raise bad("export.opset", f"must be >= 17 (standard ops for LayerNorm), got {r.export.opset}")
+    if r.sae.lr is not None and r.sae.lr <= 0:
+        raise bad("sae.lr", f"must be positive, got {r.sae.lr}")
+    if r.bench is not None:
+        if r.bench.reps <= 0:
+            raise bad("bench.reps", f"must be positive, got {r.bench.reps}")
+        if not r.bench.batch_sizes or any(b <= 0 for b in r.bench.batch_sizes):
+            raise bad("bench.batch_sizes", f"must be positive integers, got {_show(r.bench.batch_sizes)}")
+        unknown = [x for x in r.bench.runtimes if x not in BENCH_RUNTIMES]
+        if unknown:
+            raise bad("bench.runtimes", f"unknown {_show(unknown)}; expected some of {', '.join(BENCH_RUNTIMES)}")
+    if r.eval is not None:
+        if any(not 0.0 <= a <= 1.0 for a in r.eval.alphas):
+            raise bad("eval.alphas", f"must lie in [0, 1], got {_show(r.eval.alphas)}")
+        if r.eval.k <= 0:
+            raise bad("eval.k", f"must be positive, got {r.eval.k}")
     if not 0.0 < r.probe.tau <= 1.0:
         raise bad("probe.tau", f"must be in (0, 1], got {r.probe.tau}")
     if r.data.images is None and r.data.texts is None:
@@ -200,11 +245,19 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except ValueError as exc:  # e.g. an integer past Python's int-string digit limit
+        raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0][:80]})") from None
     recipe = parse_recipe(raw, where=str(path))
     recipe.source = str(path)
     return recipe

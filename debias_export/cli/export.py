@@ -36,9 +36,12 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
     provenance = {"model": model_spec, "edit_dirs": [str(Path(d).resolve()) for d in edit_dirs]}
     if provenance_file:
         try:
-            provenance.update(json.loads(Path(provenance_file).read_text()))
-        except (ValueError, AttributeError) as exc:
-            raise DebiasError(f"--provenance {provenance_file} is not a JSON object: {exc}") from None
+            extra = json.loads(Path(provenance_file).read_text())
+        except ValueError as exc:
+            raise DebiasError(f"--provenance {provenance_file} is not valid JSON: {exc}") from None
+        if not isinstance(extra, dict):
+            raise DebiasError(f"--provenance {provenance_file} must hold a JSON object, got {type(extra).__name__}")
+        provenance.update(extra)
     adapter = load_model_spec(model_spec)
     apply_edits(adapter, [load_edit(d) for d in edit_dirs])
     report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,

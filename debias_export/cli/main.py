@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         click.echo(f"error: {exc}", err=True)
         return exc.exit_code
+    except OSError as exc:  # disk full, permissions...: the user's environment, not a bug
+        if debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
         return 130

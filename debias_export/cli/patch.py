@@ -35,7 +35,10 @@ def neurons_from_probe_report(path: str) -> list[int]:
     neurons: list[int] = []
     for group in groups:
         for n in group.get("neurons", []) if isinstance(group, dict) else []:
-            idx = int(n["index"] if isinstance(n, dict) else n)
+            try:
+                idx = int(n["index"] if isinstance(n, dict) else n)
+            except (KeyError, TypeError, ValueError):
+                raise ConfigError(f"probe report {path}: neuron entry {str(n)[:60]!r} has no integer 'index'") from None
             if idx not in neurons:
                 neurons.append(idx)
     if not neurons:

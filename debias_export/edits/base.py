@@ -92,10 +92,15 @@ def load_edit(path: str | Path) -> EditConfig:
         cfg = json.loads(cfg_file.read_text())
     except ValueError as exc:
         raise DebiasError(f"bad edit config {cfg_file}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise DebiasError(f"bad edit config {cfg_file}: top level must be a JSON object, got {type(cfg).__name__}")
     kind = cfg.pop("kind", None)
-    if kind not in _KINDS:
+    if not isinstance(kind, str) or kind not in _KINDS:
         raise DebiasError(f"unknown edit kind {kind!r} in {cfg_file}; known: {', '.join(sorted(_KINDS))}")
-    return _KINDS[kind].from_saved(cfg, read_safetensors(path / EDIT_WEIGHTS))
+    try:
+        return _KINDS[kind].from_saved(cfg, read_safetensors(path / EDIT_WEIGHTS))
+    except (TypeError, ValueError, KeyError) as exc:  # wrong value types in the JSON
+        raise DebiasError(f"bad edit config {cfg_file}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
 
 
 def compile_edit(edit: EditConfig, adapter: ModelAdapter) -> tuple[Site, nn.Module]:

@@ -44,11 +44,17 @@ class SAEEdit(EditConfig):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"SAE edit mode {self.mode!r} unknown; expected one of {', '.join(MODES)}")
+        for name in ("alpha", "value"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ConfigError(f"SAE edit {name} must be a number, got {getattr(self, name)!r}")
         a = float(self.alpha)
         if not 0.0 <= a <= 1.0:  # also rejects NaN
             raise ConfigError(f"SAE edit alpha (a) must be in [0, 1], got {self.alpha}")
         if not torch.isfinite(torch.tensor(float(self.value))):
             raise ConfigError(f"SAE edit value (v) must be finite, got {self.value}")
+        if isinstance(self.neurons, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                              for n in self.neurons):
+            raise ConfigError(f"SAE edit neurons must be a list of integers, got {self.neurons!r}")
         self.neurons = [int(n) for n in self.neurons]
         if not self.neurons:
             raise ConfigError("SAE edit needs at least one neuron")

@@ -1,0 +1,137 @@
+"""``debias-export locate``: layer-wise bias curves (logit lens) and component attribution."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from ..errors import DebiasError
+from .common import model_option
+
+
+def _labels_csv(data: str) -> Path:
+    from ..data import resolve_data_path
+
+    path = resolve_data_path(data)
+    if path.is_dir():
+        path = path / "labels.csv"
+    if not path.is_file():
+        raise DebiasError(f"no labels CSV at {path} (--data takes a folder with labels.csv, or the CSV itself)")
+    return path
+
+
+def _default_prompts(labels_csv: Path) -> Path:
+    """Neutral occupation prompts next to the data set, else in the shared data dir."""
+    from ..data import default_data_dir
+
+    local = labels_csv.parent.parent / "prompts" / "occupations.csv"
+    if local.is_file():
+        return local
+    return default_data_dir() / "prompts" / "occupations.csv"
+
+
+@click.command("locate")
+@model_option
+@click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True)
+@click.option("--data", "data", required=True, help="Folder with labels.csv + images/ (e.g. fairface540), or the CSV.")
+@click.option("--column", "columns", multiple=True, required=True, help="Attribute column (repeatable); the first is ablated.")
+@click.option("--prompts", "prompts_path", default=None, help="Neutral prompts (.txt or template,concept CSV) for MaxSkew@k.")
+@click.option("--k", default=10, show_default=True, type=int, help="Retrieval depth of MaxSkew@k.")
+@click.option("--limit", default=None, type=int, help="Use only the first N images.")
+@click.option("--heads/--no-heads", default=True, show_default=True, help="Also ablate each attention head separately.")
+@click.option("--attribution/--no-attribution", default=True, show_default=True, help="Run component attribution.")
+@click.option("--direction", type=click.Choice(["write", "stream"]), default="write", show_default=True,
+              help="Attribute subspace ablated per component: its own write's group-mean differences, or the stream's.")
+@click.option("--test-fraction", default=0.3, show_default=True, type=float, help="Held-out share for the probes.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (locate.json, locate.png).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], prompts_path: str | None, k: int,
+           limit: int | None, heads: bool, attribution: bool, direction: str, test_fraction: float, seed: int, batch_size: int,
+           out_dir: Path, overwrite: bool) -> None:
+    """Where does the bias of MODEL's TOWER come from? Curves per block and a ranking of components."""
+    import torch
+
+    from ..data import LabelledImages, TextPrompts, resolve_data_path
+    from ..locate import locate_bias
+    from .common import load_model_spec, refuse_existing, write_json
+
+    if not 0.0 < test_fraction < 1.0:
+        raise DebiasError(f"--test-fraction must be in (0, 1), got {test_fraction}")
+    if k < 1:
+        raise DebiasError(f"--k must be >= 1, got {k}")
+    refuse_existing(out_dir, overwrite)
+    start = time.time()
+    images = LabelledImages(_labels_csv(data), columns=list(columns), limit=limit)
+    if len(images) < 4:
+        raise DebiasError(f"locate needs at least 4 labelled images, got {len(images)}")
+    prompts = TextPrompts(resolve_data_path(prompts_path) if prompts_path else _default_prompts(images.csv_path))
+    adapter = load_model_spec(model_spec)
+    parts = []
+    for pil, _ in images.batches(batch_size):
+        parts.append(adapter.prepare_images(pil))
+    inputs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+    labels = {c: [r[c] for r in images.rows] for c in columns}
+    report = locate_bias(adapter, tower, inputs, labels, prompts.texts, column=columns[0], k=k, heads=heads,
+                         attribution=attribution, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
+                         direction=direction, progress=lambda msg: click.echo(msg, err=True))
+    report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path),
+                  seconds=round(time.time() - start, 2))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:  # atomic: everything lands in a temp dir next to the target, renamed at the end
+        write_json(tmp / "locate.json", report)
+        plot_locate(report, str(tmp / "locate.png"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _summary(report, out_dir)
+
+
+def _summary(report: dict, out_dir: Path) -> None:
+    for row in report["layers"]:
+        accs = ", ".join(f"{c} acc {v:.2f}" for c, v in row["probe_accuracy"].items() if v is not None)
+        skews = ", ".join(f"{c} MaxSkew {v:.3f}" for c, v in row["max_skew"].items())
+        click.echo(f"block {row['layer']:>2}: {accs}{'; ' if accs else ''}{skews}")
+    comps = report.get("components") or []
+    for r in comps[:5]:
+        click.echo(f"{r['component']:>12}: {r['role']}, skew drop {r['bias_effect']:+.3f}, "
+                   f"acc drop {r['decodability_effect']:+.3f}")
+    click.echo(f"wrote {out_dir / 'locate.json'} and locate.png in {report['seconds']} s")
+
+
+def plot_locate(report: dict, path: str, top: int = 15) -> None:
+    """Curves (probe accuracy, MaxSkew@k per layer) and the top components, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    comps = report.get("components") or []
+    fig, axes = plt.subplots(1, 3 if comps else 2, figsize=(15 if comps else 10, 4))
+    xs = [r["layer"] for r in report["layers"]]
+    for c in report["layers"][0]["max_skew"]:
+        acc = [r["probe_accuracy"][c] for r in report["layers"]]
+        if acc[0] is not None:
+            axes[0].plot(xs, acc, marker="o", label=f"{c} (chance {report['chance'][c]:.2f})")
+        axes[1].plot(xs, [r["max_skew"][c] for r in report["layers"]], marker="o", label=c)
+    axes[0].set(title=f"{report['tower']} tower: held-out probe accuracy (lens)", xlabel="block", ylabel="accuracy")
+    axes[1].set(title=f"MaxSkew@{report['k']} of lens embeddings", xlabel="block", ylabel="MaxSkew")
+    for ax in axes[:2]:
+        ax.legend(fontsize=8)
+        ax.set_xticks(xs)
+    if comps:
+        shown = comps[:top]
+        axes[2].barh([r["component"] for r in shown][::-1], [r["bias_effect"] for r in shown][::-1],
+                     color=["tab:red" if r["bias_effect"] > 0 else "tab:blue" for r in shown][::-1])
+        axes[2].set(title=f"ablation: MaxSkew drop ({report['column']})", xlabel="skew drop (red: bias-amplifying)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -84,7 +84,7 @@ class DualEncoderAdapter(ModelAdapter):
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DualEncoderAdapter":
         """Load a saved ``VisionTextDualEncoderModel`` directory (plus its tokenizer when present)."""
         try:
-            model = _dual_class().from_pretrained(spec, torch_dtype=dtype, attn_implementation="eager", **kwargs)
+            model = _dual_class().from_pretrained(spec, dtype=dtype, attn_implementation="eager", **kwargs)
         except (OSError, ValueError) as exc:
             raise DebiasError(f"cannot load VisionTextDualEncoderModel from {spec!r}: {str(exc).splitlines()[0]}") from None
         local = spec if Path(spec).is_dir() else None

@@ -1,0 +1,65 @@
+"""Where does a patch's time go? ORT profiler on the patched graph, per batch size.
+
+For each batch size, runs the exported patched graph under onnxruntime's profiler and reports the
+time spent in the patch's own nodes (the edit plus the position-pruning glue: Slice/Concat for CLS,
+Gather/ScatterElements for EOS), by op type, against the rest of the same runs. Measured within
+one session, so load drift on a shared machine cancels. Usage::
+
+    .venv/bin/python benchmarks/profile_patch.py --arch clip-vit-base-patch16 --tower text \
+        --site text.-1 --mode reconstruct --batch-sizes 1,8,32
+
+writes ``benchmarks/results/profile-<arch>-<site>-<mode>.json`` and prints a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="clip-vit-base-patch16")
+    p.add_argument("--tower", default="text")
+    p.add_argument("--site", default="text.-1")
+    p.add_argument("--mode", default="reconstruct")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+
+    import torch
+
+    from debias_export.bench.runners import (PatchSet, VariantSwitch, bench_inputs, export_variants, machine_info,
+                                             ort_profile)
+    from debias_export.cli.bench import random_sae_edits
+    from debias_export.real_configs import random_clip
+
+    torch.set_num_threads(a.threads)
+    adapter = random_clip(a.arch, tower=a.tower)
+    ps = PatchSet.compile(a.mode, adapter, random_sae_edits(adapter, [a.mode], [a.site], 8, 5)[a.mode])
+    switch = VariantSwitch(adapter.model, {"unmodified": None, a.mode: ps})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_variants(adapter, a.tower, VariantSwitch(adapter.model, {a.mode: ps}), Path(tmp))[a.mode]
+        for b in [int(x) for x in a.batch_sizes.split(",")]:
+            prof = ort_profile(path, bench_inputs(adapter, a.tower, b), runs=a.runs, threads=a.threads,
+                               patch_modules=[m for m, _, _ in ps.entries])
+            rows.append({"batch": b, **prof})
+            print(f"batch {b}: total {prof['ms_total']:.1f} ms, patch {prof['ms_patch']:.2f} ms "
+                  f"-> implied ratio {1 + prof['patch_over_rest']:.4f}; patch by op: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in list(prof["ms_patch_by_op"].items())[:5]))
+    del switch
+    out = RESULTS / f"profile-{a.arch}-{a.site}-{a.mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a), "machine": machine_info(a.threads), "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,11 +2,15 @@
 
 Everything is written under ``<output.dir>.partial/`` and renamed to ``output.dir`` only when every step
 succeeded, so a failed run never leaves a half-written artifact where a finished one is expected. The
-partial directory is kept on failure: capture shards and SAE checkpoints in it are keyed by a hash of
-their settings, so rerunning the same recipe resumes instead of starting over.
+partial directory is kept on failure: capture shards and SAE checkpoints in it live under ``cache/``,
+keyed by a hash of their settings, so rerunning the same recipe resumes instead of starting over (and
+variants that share a capture or an SAE compute it once).
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
 import json
 import shutil
 import time
@@ -17,75 +21,145 @@ import torch
 
 from .adapters.specs import load_model_spec
 from .errors import DebiasError
-from .recipe import Recipe
+from .recipe import Recipe, expand_variants
 
 
 def _log(msg: str) -> None:
     print(f"[debias-export] {msg}", flush=True)
 
 
-class _Steps:
-    """Times each step and records its outputs for ``run.json``."""
+def _key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
-    def __init__(self) -> None:
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class _Steps:
+    """Times each step for ``run.json``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
         self.record: dict[str, Any] = {}
 
     def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
-        _log(f"{name} ...")
+        _log(f"{self.prefix}{name} ...")
         t0 = time.perf_counter()
         result = fn()
         self.record[name] = {"seconds": round(time.perf_counter() - t0, 3)}
         return result
 
 
-def _data_source(recipe: Recipe):
+def _caption_csv(src: Path, dst: Path) -> Path:
+    """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
+    from .biaslab import RACE_WORDS, age_group, caption_text
+    from .eval.retrieval import fairface_caption
+
+    with open(src, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "gender" not in rows[0]:
+        raise DebiasError(f"data.captions_from {src}: needs a 'gender' column")
+    out = []
+    for row in rows:
+        if row.get("gender") not in ("Male", "Female"):
+            continue
+        age = row.get("age", "")
+        if age.isdigit():  # UTKFace-style integer ages
+            text = caption_text(0, age_group(int(age)), row["gender"], row["race"] if row.get("race") in RACE_WORDS else None)
+        else:
+            text = fairface_caption(row)
+        out.append({"text": text, **{k: row.get(k, "") for k in ("gender", "race", "age")}})
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "gender", "race", "age"])
+        writer.writeheader()
+        writer.writerows(out)
+    return dst
+
+
+def _data_source(recipe: Recipe, cache: Path):
     from .data import LabelledImages, TextPrompts, default_data_dir
 
     base = Path(recipe.data.dir) if recipe.data.dir else default_data_dir()
     if recipe.data.images:
         image_dir = base / recipe.data.image_dir if recipe.data.image_dir else None
         return LabelledImages(base / recipe.data.images, image_dir=image_dir, limit=recipe.data.limit)
+    if recipe.data.captions_from:
+        path = _caption_csv(base / recipe.data.captions_from, cache / f"captions-{_key(recipe.data.captions_from)}.csv")
+        return TextPrompts(path, limit=recipe.data.limit)
     return TextPrompts(base / recipe.data.texts, limit=recipe.data.limit)
 
 
 def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = True) -> Path:
-    """Run every step of ``recipe``; returns the finished output directory."""
-    from .capture import ActivationStore, capture_activations
-    from .edits import SAEEdit, apply_edits
-    from .export import export_bundle
-    from .probe import neurons_from_report, probe_social_neurons
-    from .sae.train import TrainConfig, train_sae
-
+    """Run every variant of ``recipe``; returns the finished output directory."""
     out = Path(recipe.output.dir)
     overwrite = recipe.output.overwrite if overwrite is None else overwrite
     if out.exists() and not overwrite:
         raise DebiasError(f"output {out} already exists (set output.overwrite or pass --overwrite)")
     work = out.with_name(out.name + ".partial")
     work.mkdir(parents=True, exist_ok=True)
-    steps = _Steps()
+    runs = expand_variants(recipe)
+    adapters: dict[tuple, Any] = {}
+    summaries = []
+    for r in runs:
+        sub = work / r.name if recipe.variants else work
+        spec = (r.model.spec, r.model.family)
+        if spec not in adapters:
+            adapters[spec] = load_model_spec(*spec)
+        summaries.append(_run_one(r, adapters[spec], sub, work / "cache", progress))
+    if recipe.variants:
+        _write_json(work / "summary.json", summaries)
+        from .report import write_run_report
+
+        write_run_report(work, summaries, recipe)
+    _finish(work, out)
+    _log(f"done: {out}")
+    return out
+
+
+def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -> dict[str, Any]:
+    from .capture import ActivationStore, capture_activations
+    from .edits import SAEEdit, apply_edits
+    from .export import export_bundle
+    from .probe import neurons_from_report, probe_social_neurons
+    from .sae import SparseAutoencoder
+    from .sae.train import TrainConfig, train_sae
+
+    work.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(f"{recipe.name}: ")
     torch.manual_seed(recipe.seed)
-
-    adapter = steps("load model", lambda: load_model_spec(recipe.model.spec, recipe.model.family))
     site = adapter.resolve_site(recipe.site)
-    if recipe.data.texts and site.tower != "text" or recipe.data.images and site.tower == "text":
-        raise DebiasError(f"site {site.name} is on the {site.tower} tower but data.{'texts' if recipe.data.texts else 'images'} feeds the other tower")
-    source = _data_source(recipe)
+    if (recipe.data.images is not None) == (site.tower == "text"):
+        raise DebiasError(f"site {site.name} is on the {site.tower} tower but the recipe's data feeds the other tower")
+    source = _data_source(recipe, cache)
+    columns = getattr(source, "columns", None) or (list(source.rows[0]) if source.rows else [])
+    if recipe.probe.column not in columns:
+        raise DebiasError(f"probe.column {recipe.probe.column!r} is not in the data; columns: {', '.join(columns)}")
 
-    capture_dir = work / "capture"
+    cap_key = _key(recipe.model.spec, site.name, dataclasses.asdict(recipe.data), dataclasses.asdict(recipe.capture), recipe.seed)
+    capture_dir = cache / f"capture-{cap_key}"
     steps("capture", lambda: capture_activations(adapter, site, source, capture_dir, tokens=recipe.capture.tokens,
                                                   k=recipe.capture.k, batch_size=recipe.capture.batch_size,
                                                   seed=recipe.seed, overwrite=False, progress=progress))
     store = ActivationStore(capture_dir)
+
+    sae_dir = cache / f"sae-{_key(cap_key, dataclasses.asdict(recipe.sae))}"
 
     def get_sae():
         if recipe.sae.path:
             from .sae.importers import load_any
 
             return load_any(recipe.sae.path, d_in=adapter.width(site.tower))
+        if (sae_dir / "sae.safetensors").is_file():
+            return SparseAutoencoder.load(sae_dir)
         cfg = TrainConfig(d_in=adapter.width(site.tower), expansion=recipe.sae.expansion, k=recipe.sae.k,
                           batch_size=recipe.sae.batch_size, lr=recipe.sae.lr, steps=recipe.sae.steps, seed=recipe.seed,
                           metadata={"model": recipe.model.spec, "tower": site.tower, "site": site.name, "layer": site.layer})
-        return train_sae(store.activations(), cfg, checkpoint_dir=work / "sae_checkpoints", progress=progress)
+        sae = train_sae(store.activations(), cfg, checkpoint_dir=cache / f"{sae_dir.name}-checkpoints", progress=progress)
+        sae.save(sae_dir)
+        return sae
 
     sae = steps("train-sae", get_sae)
     sae.save(work / "sae")
@@ -96,7 +170,7 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
         report = probe_social_neurons(latents, store.labels(recipe.probe.column), tau=recipe.probe.tau,
                                       top_n=recipe.probe.top_n)
         report["sources"] = {"capture": str(capture_dir), "sae": str(work / "sae"), "column": recipe.probe.column}
-        (work / "probe.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=float) + "\n")
+        _write_json(work / "probe.json", report)
         return report
 
     report = steps("probe", probe)
@@ -106,26 +180,69 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
                           "lower probe.tau, train the SAE longer, or give edit.neurons")
     provenance = {"recipe": recipe.source, "recipe_name": recipe.name, "seed": recipe.seed, "model": recipe.model.spec,
                   "site": site.name, "sae": dict(sae.cfg.metadata), "probe_column": recipe.probe.column}
-    edit = SAEEdit(site=site.name, sae=sae, neurons=neurons, value=recipe.edit.value, alpha=recipe.edit.alpha,
-                   mode=recipe.edit.mode, model=recipe.model.spec, provenance=provenance)
+
+    def make_edit(alpha: float) -> SAEEdit:
+        return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=recipe.edit.value, alpha=alpha,
+                       mode=recipe.edit.mode, model=recipe.model.spec, provenance=provenance)
+
+    edit = make_edit(recipe.edit.alpha)
     edit.save(work / "edit")
-    steps("patch", lambda: apply_edits(adapter, edit))
-    export_dir = work / "export"
-    export_report = steps("export+validate", lambda: export_bundle(adapter, export_dir, onnx=recipe.export.onnx,
-                                                                  opset=recipe.export.opset, atol=recipe.export.atol,
-                                                                  overwrite=True, provenance=provenance))
-    (work / "validate.json").write_text(json.dumps(export_report, indent=2, sort_keys=True, default=str) + "\n")
-    summary = {"recipe": recipe.name, "site": site.name, "neurons": neurons, "alpha": recipe.edit.alpha,
-               "mode": recipe.edit.mode, "sae": {k: v for k, v in sae.cfg.metadata.items() if k in ("fvu", "final_fvu")},
-               "steps": steps.record}
-    (work / "run.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    _finish(work, out)
-    _log(f"done: {out} (neurons {neurons})")
-    return out
+    handle = steps("patch", lambda: apply_edits(adapter, edit))
+    try:
+        export_dir = work / "export"
+        export_report = steps("export+validate", lambda: export_bundle(
+            adapter, export_dir, onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
+            overwrite=True, provenance=provenance, towers=[site.tower]))
+        _write_json(work / "validate.json", export_report)
+    finally:
+        handle.remove()  # the adapter is shared with later variants and the eval/bench steps
+    summary: dict[str, Any] = {"variant": recipe.name, "site": site.name, "tower": site.tower, "mode": recipe.edit.mode,
+                               "alpha": recipe.edit.alpha, "neurons": neurons,
+                               "sae_fvu": sae.cfg.metadata.get("final_fvu"), "probe": {
+                                   g: [n["index"] for n in v["neurons"]] for g, v in report["groups"].items()}}
+    if recipe.eval is not None:
+        summary["eval"] = steps("eval", lambda: _evaluate(recipe, adapter, make_edit, work / "eval"))
+    if recipe.bench is not None:
+        summary["bench"] = steps("bench", lambda: _bench(recipe, adapter, edit, site, work / "bench"))
+    summary["steps"] = steps.record
+    _write_json(work / "run.json", summary)
+    return summary
+
+
+def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
+    """Before/after metrics at the recipe's alpha, plus the alpha sweep (trade-off curve)."""
+    from .eval import EvalData, compare, sweep_alpha, write_report
+
+    data = EvalData.load(adapter, recipe.data.dir)
+    cmp = compare(adapter, make_edit(recipe.edit.alpha), k=recipe.eval.k, shuffles=10, data=data)
+    write_report(cmp, out / "compare", overwrite=True)
+    rows = sweep_alpha(adapter, make_edit, recipe.eval.alphas, k=recipe.eval.k, data=data)
+    write_report(rows, out / "sweep", overwrite=True)
+
+    def skew(res: dict, attr: str = "gender") -> dict[str, float]:
+        return {name: per[attr]["max_skew"] for name, per in res["retrieval"].items() if attr in per}
+
+    return {"max_skew_gender_before": skew(cmp["base"]), "max_skew_gender_after": skew(cmp["patched"]),
+            "noise_floor": {n: p["gender"].get("max_skew_shuffled") for n, p in cmp["base"]["retrieval"].items()},
+            "utility_before": cmp["base"]["utility"], "utility_after": cmp["patched"]["utility"],
+            "fidelity": cmp["fidelity"],
+            "sweep": [{"alpha": r["alpha"], "max_skew_gender": skew(r), "utility": r["utility"]} for r in rows]}
+
+
+def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
+    from .bench import PatchSet, headline, run_benchmark
+    from .bench.report import write_report
+
+    variants = {"patched": PatchSet.compile("patched", adapter, [edit])}
+    result = run_benchmark(adapter, variants, [site.tower], batch_sizes=recipe.bench.batch_sizes,
+                           runtimes=recipe.bench.runtimes, reps=recipe.bench.reps)
+    write_report(result, out, overwrite=True)
+    return {"headline": headline(result)}
 
 
 def _finish(work: Path, out: Path) -> None:
     """Swap the finished partial dir into place; the previous artifact survives until the swap."""
+    shutil.rmtree(work / "cache", ignore_errors=True)  # resumption state, not part of the artifact
     old = None
     if out.exists():
         old = out.with_name(out.name + ".old")

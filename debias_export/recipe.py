@@ -34,6 +34,7 @@ class DataSection:
     images: Optional[str] = None  # labelled image CSV (relative to dir)
     image_dir: Optional[str] = None
     texts: Optional[str] = None  # prompts file for text-tower capture
+    captions_from: Optional[str] = None  # labelled image CSV whose labels become captions (text tower)
     limit: Optional[int] = None
 
 
@@ -110,6 +111,8 @@ class Recipe:
     export: ExportSection = field(default_factory=ExportSection)
     bench: Optional[BenchSection] = None
     eval: Optional[EvalSection] = None
+    # Each variant is a mapping with a ``name`` plus any sections to override; it runs as its own recipe.
+    variants: Optional[list[dict]] = None
     source: Optional[str] = None  # path of the YAML file (set by the loader)
 
 
@@ -225,12 +228,20 @@ def _check_values(r: Recipe, where: str) -> None:
             raise bad("eval.k", f"must be positive, got {r.eval.k}")
     if not 0.0 < r.probe.tau <= 1.0:
         raise bad("probe.tau", f"must be in (0, 1], got {r.probe.tau}")
-    if r.data.images is None and r.data.texts is None:
-        raise bad("data", "needs 'images' (labelled image CSV) or 'texts'")
+    given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]
+    if len(given) != 1:
+        raise bad("data", f"needs exactly one of images (labelled image CSV), texts or captions_from; got {given or 'none'}")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def parse_recipe(raw: Any, where: str = "recipe") -> Recipe:
-    """Validate a recipe mapping (as loaded from YAML)."""
+    """Validate a recipe mapping (as loaded from YAML); each variant is validated as a full recipe too."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
     try:
@@ -238,7 +249,33 @@ def parse_recipe(raw: Any, where: str = "recipe") -> Recipe:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_values(recipe, where)
+    names = []
+    for i, variant in enumerate(recipe.variants or []):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"].strip():
+            raise ConfigError(f"{where}: variants[{i}] must be a mapping with a non-empty 'name'")
+        if "variants" in variant or "output" in variant:
+            raise ConfigError(f"{where}: variants[{i}] may not set 'variants' or 'output'")
+        if variant["name"] in names or "/" in variant["name"]:
+            raise ConfigError(f"{where}: variants[{i}].name {variant['name']!r} is duplicated or contains '/'")
+        names.append(variant["name"])
+        base = {k: v for k, v in raw.items() if k != "variants"}
+        parse_recipe(_merge(base, variant), where=f"{where}: variants[{i}] ({variant['name']})")
     return recipe
+
+
+def expand_variants(recipe: Recipe) -> list[Recipe]:
+    """The recipes a (possibly multi-variant) recipe runs, each named after its variant."""
+    if not recipe.variants:
+        return [recipe]
+    base = dataclasses.asdict(recipe)
+    base.pop("variants")
+    base.pop("source")
+    out = []
+    for variant in recipe.variants:
+        r = _build(Recipe, _merge(base, variant), "")
+        r.source = recipe.source
+        out.append(r)
+    return out
 
 
 def load_recipe(path: str | Path) -> Recipe:

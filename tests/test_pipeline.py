@@ -59,3 +59,34 @@ def test_failed_run_leaves_no_output(tmp_path, shared_data, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert not (tmp_path / "out").exists()
+
+
+def test_multi_variant_recipe_with_eval_and_bench(tmp_path, shared_data):
+    """Image + text tower variants, both modes, eval (with a-sweep) and bench in one report directory."""
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-clip-fairface.yaml").read_text())
+    raw["data"]["dir"] = shared_data
+    raw["output"]["dir"] = str(tmp_path / "demo")
+    raw["eval"] = {"alphas": [0.0, 1.0], "k": 20}
+    raw["bench"] = {"batch_sizes": [1], "reps": 2, "runtimes": ["torch"]}
+    raw["variants"] = [{"name": "image-reconstruct"},
+                       {"name": "text-residual", "site": "text.-1", "edit": {"mode": "residual"},
+                        "data": {"images": None, "captions_from": "fairface540/labels.csv"}}]
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    out = tmp_path / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["variant"] for s in summary] == ["image-reconstruct", "text-residual"]
+    assert summary[1]["site"] == "text.2.resid_post" and summary[1]["mode"] == "residual"
+    for s in summary:
+        ev = s["eval"]
+        assert set(ev["max_skew_gender_before"]) == {"activities", "adjectives", "occupations", "stereotypes"}
+        assert [r["alpha"] for r in ev["sweep"]] == [0.0, 1.0]
+        # a = 0 is the unmodified model exactly
+        assert ev["sweep"][0]["max_skew_gender"] == ev["max_skew_gender_before"]
+        assert s["bench"]["headline"] and (out / s["variant"] / "bench" / "bench.json").is_file()
+        assert (out / s["variant"] / "export" / "hf" / "manifest.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "| image-reconstruct | image.2.resid_post | reconstruct |" in report
+    assert (out / "sweep.png").stat().st_size > 1000
+    assert not (out / "cache").exists()

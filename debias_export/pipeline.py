@@ -132,11 +132,12 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
     torch.manual_seed(recipe.seed)
     site = adapter.resolve_site(recipe.site)
     if (recipe.data.images is not None) == (site.tower == "text"):
-        raise DebiasError(f"site {site.name} is on the {site.tower} tower but the recipe's data feeds the other tower")
+        fed = "data.images feeds the image tower" if recipe.data.images else "data.texts/captions_from feed the text tower"
+        raise DebiasError(f"site {site.name} is on the {site.tower} tower but {fed}")
     source = _data_source(recipe, cache)
     columns = getattr(source, "columns", None) or (list(source.rows[0]) if source.rows else [])
     if recipe.probe.column not in columns:
-        raise DebiasError(f"probe.column {recipe.probe.column!r} is not in the data; columns: {', '.join(columns)}")
+        raise DebiasError(f"no label column {recipe.probe.column!r} (probe.column) in the data; columns: {', '.join(columns)}")
 
     cap_key = _key(recipe.model.spec, site.name, dataclasses.asdict(recipe.data), dataclasses.asdict(recipe.capture), recipe.seed)
     capture_dir = cache / f"capture-{cap_key}"

@@ -159,12 +159,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
         return number
     if tp is str:
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
+        if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {_show(value)}")
-        try:
-            return str(value)
-        except ValueError:  # an int past Python's int-string digit limit
-            raise ConfigError(f"{path}: expected a string, got {_show(value)}") from None
+        return value
     return value
 
 

@@ -51,7 +51,8 @@ class FusedSAEEdit(nn.Module):
             kth = torch.topk(z, self.topk, dim=-1).values[..., -1:]
             f = z * ((z >= kth) & (z > 0)).to(z.dtype)
         else:
-            f = z * (z > self.threshold).to(z.dtype)  # threshold already clamped at >= 0 (includes ReLU)
+            # threshold already clamped at >= 0 (includes ReLU); where() saves a pass over [B, T, F] vs z * mask
+            f = torch.where(z > self.threshold, z, torch.zeros((), dtype=z.dtype, device=z.device))
         if self.n_select:
             f = f.index_select(-1, self.select)
         out = f @ self.W_dec + self.bias

@@ -230,7 +230,8 @@ def test_llava_every_token_site_counts_agree_on_the_edit(tmp_path):
                 for m in ("reconstruct", "residual")}
     assert variants["reconstruct"].wrappers()[0].positions is None  # every token reaches the LM: no pruning
     res = run_benchmark(llava, variants, ["image"], batch_sizes=(2,), runtimes=("ort",), reps=1, warmup=0,
-                        timer=TickClock(), work_dir=tmp_path)
+                        timer=TickClock(), work_dir=tmp_path, profile=True)
+    assert all((p["ms_patch"] > 0) == (p["variant"] != BASELINE) for p in res["profiles"])
     f = {r["variant"]: r for r in res["flops"]}
     # eager HF computes the unused last block; the traced graph drops it, so totals differ by one block,
     # but the edit's own cost is identical in both counters

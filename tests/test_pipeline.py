@@ -35,10 +35,11 @@ def test_run_tiny_recipe_end_to_end(tmp_path, shared_data, capsys):
     path = _recipe(tmp_path, shared_data)
     assert main(["run", str(path), "--no-progress"]) == 0
     out = tmp_path / "out"
-    for rel in ("capture/capture.json", "sae/sae.safetensors", "sae/cfg.json", "probe.json", "edit/edit_config.json",
+    for rel in ("sae/sae.safetensors", "sae/cfg.json", "probe.json", "edit/edit_config.json",
                 "export/hf/manifest.json", "export/onnx", "run.json", "validate.json"):
         assert (out / rel).exists(), rel
     assert not (tmp_path / "out.partial").exists()
+    assert not (out / "cache").exists()  # capture shards / checkpoints are resumption state, not artifact
     run = json.loads((out / "run.json").read_text())
     assert run["neurons"] and run["site"] == "image.2.resid_post"
     verify_manifest(out / "export" / "hf")

@@ -19,7 +19,7 @@ from ..adapters import ModelAdapter
 from ..errors import DebiasError
 from .flops import count_params, edit_params, onnx_flops, torch_flops
 from .runners import (DTYPES, OrtRunner, PatchSet, TorchRunner, VariantSwitch, available_runtimes, bench_inputs,
-                      dtype_skip_reason, export_variants, input_names, machine_info, ort_profile)
+                      dtype_skip_reason, export_variants, machine_info, ort_profile)
 from .timing import paired_ratios, summarize, time_interleaved
 
 BASELINE = "unmodified"

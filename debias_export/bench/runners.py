@@ -336,7 +336,9 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
     import json
     import tempfile
 
-    scopes = ["/" + onnx_scope(m) + "/" for m in patch_modules]
+    # the last three scope parts ("vision_model/encoder/layers.22"): the exported root differs between
+    # wrappers (TowerModule.model, LLaVA's feature module), the block's own tail does not
+    scopes = ["/" + "/".join(onnx_scope(m).split("/")[-3:]) + "/" for m in patch_modules]
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(path, threads=threads, opt_level=opt_level, profile_prefix=str(Path(tmp) / "prof"))
         feeds = _np(inputs, torch.float32)

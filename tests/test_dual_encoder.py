@@ -150,3 +150,41 @@ def test_prepare_images_uses_vision_size(dual):
 
     px = dual.prepare_images([Image.new("RGB", (100, 60), (200, 10, 10))])["pixel_values"]
     assert px.shape == (1, 3, 32, 32)
+
+
+def test_export_round_trips_and_onnx_parity(tmp_path, dual_inputs):
+    """The bias-lab family exports like CLIP: load_patched and trust_remote_code identical, ONNX validated."""
+    import transformers
+
+    from debias_export import SAEEdit, apply_edits, load_patched
+    from debias_export.export import export_bundle
+    from debias_export.testing import random_sae
+
+    model = DualEncoderAdapter.from_config(tiny_dual_config(), seed=3)
+    handle = apply_edits(model, [SAEEdit(site="image.-1", sae=random_sae(W, 128), neurons=[1, 5]),
+                                 SAEEdit(site="text.1", sae=random_sae(W, 128, seed=1), neurons=[2], mode="residual")])
+    with torch.no_grad():
+        want = {t: model.embed(t, dual_inputs[t]) for t in ("image", "text")}
+    report = export_bundle(model, tmp_path / "out")
+    assert (tmp_path / "out" / "onnx" / "vision_model.onnx").is_file() and (tmp_path / "out" / "onnx" / "text_model.onnx").is_file()
+    loaded = load_patched(tmp_path / "out")
+    remote = transformers.AutoModel.from_pretrained(tmp_path / "out" / "hf", trust_remote_code=True).eval()
+    assert type(remote).__name__ == "DebiasVisionTextDualEncoderModel"
+    with torch.no_grad():
+        for tower in ("image", "text"):
+            assert torch.equal(loaded.embed(tower, dual_inputs[tower]), want[tower])
+        assert torch.equal(remote.get_image_features(**dual_inputs["image"]), want["image"])
+        assert torch.equal(remote.get_text_features(**dual_inputs["text"]), want["text"])
+    handle.remove()
+
+
+def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
+    """BERT has dropout: an export that flipped the shared model to train mode would make outputs random."""
+    from debias_export import SAEEdit, apply_edits
+    from debias_export.export import export_onnx
+    from debias_export.testing import random_sae
+
+    model = DualEncoderAdapter.from_config(tiny_dual_config(), seed=4)
+    apply_edits(model, SAEEdit(site="text.0", sae=random_sae(W, 64), neurons=[3]))
+    export_onnx(model, tmp_path / "onnx", towers=["text"])
+    assert not any(m.training for m in model.model.modules())

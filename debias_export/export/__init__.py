@@ -70,10 +70,11 @@ def validate_bundle(path: str | Path, atol: float = 1e-4, seed: int = 0,
 
 def _register_family_exports() -> None:
     """Families outside HF CLIP plug their save/load/ONNX pieces into the tables above."""
-    from ..adapters import llava, open_clip_family
+    from ..adapters import dual_encoder, llava, open_clip_family
 
     open_clip_family.register_export()
     llava.register_export()
+    dual_encoder.register_export()
 
 
 _register_family_exports()

@@ -67,8 +67,10 @@ def _trace(adapter: ModelAdapter, spec: GraphSpec, module: nn.Module, path: Path
     # optimum drives, called directly with the spec's names and dynamic axes.
     example = spec.example_inputs(adapter, batch, seq, torch.Generator().manual_seed(0))
     names = list(spec.inputs)
+    # eval(): torch.onnx.export restores the wrapper's train/eval mode afterwards, recursively -- a fresh
+    # wrapper (train mode) would otherwise switch the shared model's dropout on for everyone after export.
     with torch.no_grad():
-        torch.onnx.export(_NamedIO(module, names, list(spec.outputs)), tuple(example[n] for n in names), str(path),
+        torch.onnx.export(_NamedIO(module, names, list(spec.outputs)).eval(), tuple(example[n] for n in names), str(path),
                           input_names=names, output_names=list(spec.outputs), dynamic_axes={**spec.inputs, **spec.outputs},
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     return "torch.onnx"

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -126,20 +124,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_report(result: dict[str, Any], out_dir: Path, overwrite: bool = False) -> Path:
     """Write the three files into ``out_dir`` via a temp dir + rename (never a half-written output)."""
-    from ..cli.common import refuse_existing
+    from ..export.manifest import atomic_output_dir
 
     out_dir = Path(out_dir)
-    refuse_existing(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
         (tmp / "bench.md").write_text(markdown(result))
         plot(result, tmp / "bench_latency.png")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -1,8 +1,6 @@
 """``debias-export locate``: layer-wise bias curves (logit lens) and component attribution."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,17 +79,11 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
                          direction=direction, progress=lambda msg: click.echo(msg, err=True))
     report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path),
                   seconds=round(time.time() - start, 2))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:  # atomic: everything lands in a temp dir next to the target, renamed at the end
+    from ..export.manifest import atomic_output_dir
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         write_json(tmp / "locate.json", report)
         plot_locate(report, str(tmp / "locate.png"))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _summary(report, out_dir)
 
 

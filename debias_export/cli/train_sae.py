@@ -1,8 +1,6 @@
 """``debias-export train-sae``: train a Matryoshka BatchTopK SAE on captured activations."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -97,16 +95,10 @@ def train_sae(act_dir: Path, out_dir: Path, k: int, expansion: int, batch_size: 
                       dead_tokens=dead_tokens, seed=seed, device=device, checkpoint_every=checkpoint_every, metadata=meta)
     sae = run_training(source, cfg, checkpoint_dir, max_steps_this_call=max_steps_this_run, progress=not no_progress)
     # Atomic output: write next to the target, then rename over it.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from ..export.manifest import atomic_output_dir
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         sae.save(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     t = sae.cfg.metadata["training"]
     state = "finished" if t["finished"] else f"stopped at step {t['steps_done']} (rerun to resume)"
     click.echo(f"SAE {sae.d_in} -> {sae.num_latents} latents (k={cfg.k}) {state}; FVU {t['final_fvu']:.4f}; "

@@ -199,7 +199,7 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         handle.remove()  # the adapter is shared with later variants and the eval/bench steps
     summary: dict[str, Any] = {"variant": recipe.name, "site": site.name, "tower": site.tower, "mode": recipe.edit.mode,
                                "alpha": recipe.edit.alpha, "neurons": neurons,
-                               "sae_fvu": sae.cfg.metadata.get("final_fvu"), "probe": {
+                               "sae_fvu": (sae.cfg.metadata.get("training") or {}).get("final_fvu"), "probe": {
                                    g: [n["index"] for n in v["neurons"]] for g, v in report["groups"].items()}}
     if recipe.eval is not None:
         summary["eval"] = steps("eval", lambda: _evaluate(recipe, adapter, make_edit, work / "eval"))

@@ -44,6 +44,7 @@ def test_run_tiny_recipe_end_to_end(tmp_path, shared_data, capsys):
     assert not (out / "cache").exists()  # capture shards / checkpoints are resumption state, not artifact
     run = json.loads((out / "run.json").read_text())
     assert run["neurons"] and run["site"] == "image.2.resid_post"
+    assert 0.0 <= run["sae_fvu"] < 1.0
     verify_manifest(out / "export" / "hf")
     adapter = load_patched(out / "export")
     x = {"pixel_values": torch.randn(2, 3, 32, 32)}

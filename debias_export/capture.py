@@ -291,7 +291,8 @@ def _capture_shard(adapter, module, tower, source, out: Path, s: int, lo: int, h
 
     name = f"shard-{s:05d}"
     rows_bytes = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-    data = save(tensors, metadata={"first_row": str(lo), "inputs": str(hi - lo)})
+    # One metadata key: safetensors orders several keys differently from run to run (hash map).
+    data = save(tensors, metadata={"rows": f"{lo}:{hi}"})
     # Rows first, tensors second: the manifest (updated after both) is what marks the shard complete.
     _atomic_write_bytes(out / f"{name}.rows.jsonl", rows_bytes)
     _atomic_write_bytes(out / f"{name}.safetensors", data)

@@ -103,3 +103,10 @@ def test_edit_save_load_round_trip(tmp_path, clip, clip_inputs):
     assert again.to_json() == edit.to_json()
     for k, v in edit.tensors().items():
         assert torch.equal(again.tensors()[k], v)
+
+
+def test_edit_file_bytes_are_deterministic(tmp_path):
+    """Byte-identical edit files across saves (safetensors metadata order is not stable with >1 key)."""
+    edit = SAEEdit(site="image.1", sae=random_sae(32, 64), neurons=[3])
+    blobs = {(edit.save(tmp_path / str(i)) / "edit.safetensors").read_bytes() for i in range(8)}
+    assert len(blobs) == 1

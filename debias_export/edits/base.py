@@ -56,7 +56,10 @@ class EditConfig:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in self.tensors().items()},
-                  str(path / EDIT_WEIGHTS), metadata={"format": "debias-export-edit", "kind": self.kind})
+                  str(path / EDIT_WEIGHTS),
+                  # one key only: safetensors writes metadata in hash-map order, so several keys would
+                  # make the file bytes differ from run to run
+                  metadata={"format": f"debias-export-edit/{self.kind}"})
         (path / EDIT_CONFIG).write_text(json.dumps({"kind": self.kind, **self.to_json()}, indent=2, sort_keys=True) + "\n")
         return path
 

@@ -272,21 +272,30 @@ def _capture_shard(adapter, module, tower, source, out: Path, s: int, lo: int, h
         B, T = h.shape[:2]
         mask = inputs.get("attention_mask")
         valid = mask.cpu().bool() if torch.is_tensor(mask) and tuple(mask.shape) == (B, T) else torch.ones(B, T, dtype=torch.bool)
-        out_idx = adapter.output_token_index(tower, inputs).cpu().long().reshape(B)
+        try:
+            out_idx = adapter.output_token_index(tower, inputs).cpu().long().reshape(B)
+        except DebiasError:
+            # Families whose consumer reads every token (LLaVA) have no single output token: such a
+            # capture has no output_* tensors, and asking for them later is a clear error.
+            if tokens == "output":
+                raise
+            out_idx = None
         for b, pos in enumerate(_select(tokens, k, seed, first, valid, out_idx)):
             parts["activations"].append(h[b, pos])
             parts["row_index"].append(torch.full((pos.numel(),), first + b, dtype=torch.long))
             parts["token_index"].append(pos.long())
         w = valid.unsqueeze(-1).float()
         parts["mean_activations"].append((h * w).sum(1) / w.sum(1).clamp_min(1))
-        parts["output_activations"].append(h[torch.arange(B), out_idx])
-        parts["output_token_index"].append(out_idx)
+        if out_idx is not None:
+            parts["output_activations"].append(h[torch.arange(B), out_idx])
+            parts["output_token_index"].append(out_idx)
         rows.extend(batch_rows)
         first += B
         bar.update(B)
-    tensors = {name: torch.cat(vals).contiguous() for name, vals in parts.items()}
+    tensors = {name: torch.cat(vals).contiguous() for name, vals in parts.items() if vals}
     for name in ("activations", "mean_activations", "output_activations"):
-        tensors[name] = tensors[name].to(dtype).contiguous()
+        if name in tensors:
+            tensors[name] = tensors[name].to(dtype).contiguous()
     from safetensors.torch import save
 
     name = f"shard-{s:05d}"
@@ -379,10 +388,12 @@ class ActivationStore:
         if _sha256(p) != entry["sha256"]:
             raise IntegrityError(f"capture shard {p} does not match its manifest checksum (modified or damaged)")
         t = read_safetensors(p)
-        missing = [n for n in PER_TOKEN + PER_INPUT if n not in t]
+        optional = ("output_activations", "output_token_index") if "output_token_index" not in t else ()
+        missing = [n for n in PER_TOKEN + PER_INPUT if n not in t and n not in optional]
         if missing:
             raise IntegrityError(f"capture shard {p} lacks tensors {', '.join(missing)}")
-        if any(t[n].shape[0] != entry["tokens"] for n in PER_TOKEN) or any(t[n].shape[0] != entry["inputs"] for n in PER_INPUT):
+        if (any(t[n].shape[0] != entry["tokens"] for n in PER_TOKEN)
+                or any(t[n].shape[0] != entry["inputs"] for n in PER_INPUT if n in t)):
             raise IntegrityError(f"capture shard {p} tensor lengths do not match the manifest counts")
         return t
 
@@ -419,7 +430,14 @@ class ActivationStore:
 
     def output_activations(self) -> torch.Tensor:
         """Per-input activation at the token the tower pools ``[n_inputs, d]``."""
+        self._require_output_token()
         return self._cat("output_activations")
 
     def output_token_index(self) -> torch.Tensor:
+        self._require_output_token()
         return self._cat("output_token_index")
+
+    def _require_output_token(self) -> None:
+        if self.shards and "output_token_index" not in self.load_shard(0):
+            raise DebiasError(f"capture {self.path} has no per-input output token: the model's consumer reads every "
+                              "token (e.g. LLaVA); use mean_activations")

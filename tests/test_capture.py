@@ -255,3 +255,28 @@ def test_vit_b16_architecture_capture(tmp_path):
     src = LabelledImages(write_images(tmp_path / "faces", 16, size=(448, 448)))
     res = capture_activations(adapter, "image.11", src, tmp_path / "cap", tokens="all", batch_size=8, progress=False)
     assert res.num_tokens == 16 * 197 and ActivationStore(tmp_path / "cap").activations().shape == (16 * 197, 768)
+
+
+def test_llava_capture_has_means_but_no_output_token(tmp_path):
+    """LLaVA's projector reads every patch token: capture works, output_* are absent with a clear error."""
+    import PIL.Image
+
+    from debias_export.adapters.llava import tiny_llava
+    from debias_export.capture import ActivationStore, capture_activations
+    from debias_export.errors import DebiasError
+
+    adapter = tiny_llava(seed=0)
+    csv = tmp_path / "labels.csv"
+    (tmp_path / "images").mkdir()
+    for i in range(4):
+        PIL.Image.new("RGB", (40, 40), (60 * i, 20, 200 - 40 * i)).save(tmp_path / "images" / f"{i}.png")
+    csv.write_text("file,gender\n" + "".join(f"{i}.png,{'Male' if i % 2 else 'Female'}\n" for i in range(4)))
+    from debias_export.data import LabelledImages
+
+    capture_activations(adapter, "image.-2", LabelledImages(csv), tmp_path / "cap", progress=False)
+    store = ActivationStore(tmp_path / "cap")
+    assert store.mean_activations().shape[0] == 4 and store.activations().shape[0] == 8
+    with pytest.raises(DebiasError, match="no per-input output token"):
+        store.output_activations()
+    with pytest.raises(DebiasError, match="no single output token"):
+        capture_activations(adapter, "image.-2", LabelledImages(csv), tmp_path / "cap2", tokens="output", progress=False)

@@ -113,9 +113,10 @@ def test_same_recipe_and_seed_reproduce_byte_identical_artifacts(tmp_path, share
     assert runs[0]["files"] == runs[1]["files"]
 
 
-@pytest.mark.parametrize("spec,site", [("tiny-open-clip", "image.-1"), ("tiny-open-clip", "text.-1")])
+@pytest.mark.parametrize("spec,site", [("tiny-open-clip", "image.-1"), ("tiny-open-clip", "text.-1"),
+                                       ("tiny-llava", "image.-2")])
 def test_recipe_runs_on_other_families(tmp_path, shared_data, spec, site):
-    """The same recipe machinery drives open_clip (LLaVA: capture needs a per-input output token; not yet)."""
+    """The same recipe machinery drives open_clip and LLaVA (vision tower read at layer -2, every token)."""
     path = _recipe(tmp_path, shared_data, data__limit=64, edit__neurons=[1, 2], sae__steps=30)
     raw = yaml.safe_load(path.read_text())
     raw["model"]["spec"], raw["site"] = spec, site

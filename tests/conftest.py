@@ -5,7 +5,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(1)  # tiny models: threading overhead dominates, and CI shares 2 cores
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: a second thread only adds contention on a shared 2-core box (results do not depend on
+    it). Per test, so a test that changes the thread count (bench, bias lab) cannot leak it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 SHARED_DATA = os.environ.get("DEBIAS_EXPORT_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 

@@ -10,15 +10,6 @@ from debias_export.biaslab import (BiasLabSettings, caption_index, caption_table
                                    ensure_trained, sample_captions)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models run far faster on one thread than on two oversubscribed ones (busy CI/dev boxes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = BiasLabSettings(image_size=32, patch_size=8, layers=1, width=32, heads=2, mlp=64, projection_dim=16, epochs=1,
                        batch_size=32, max_images=64)
 

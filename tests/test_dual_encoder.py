@@ -12,15 +12,6 @@ W = 32
 TEXTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at work today in the city"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread than on two oversubscribed ones (busy CI/dev boxes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_dual_config():
     from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig
 

@@ -11,15 +11,6 @@ from debias_export.locate import (ablation_hooks, local_max_skew_at_k, locate_bi
 PROMPTS = ["a photo of a doctor", "a nurse", "an engineer", "a person", "a kind person", "a criminal"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared, loaded machine: one thread avoids heavy oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def synthetic_images(n=200, strength=0.6, seed=0):
     """Noise images; group 1 carries a fixed faint pattern (the attribute)."""
     g = torch.Generator().manual_seed(seed)

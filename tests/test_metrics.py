@@ -11,15 +11,6 @@ from debias_export.eval.metrics import (accuracy, confidence_gap, cosine_scores,
 from debias_export.testing import random_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run far faster on one thread than on two oversubscribed ones (busy CI/dev boxes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_max_skew_hand_values():
     assert max_skew(["F", "F", "F", "M"], ["F", "M"]) == pytest.approx(math.log(0.75 / 0.5))
     assert max_skew(["F", "M", "F", "M"], ["F", "M"]) == pytest.approx(0.0)

@@ -15,15 +15,6 @@ from debias_export.locate import tower_parts
 from debias_export.testing import random_sae
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared, loaded machine: one thread avoids heavy oversubscription stalls.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_edit(site, d, strength=1.0, amplify=0.5, seed=0, center=True, method="leace"):
     """LEACE edit fitted on synthetic activations with a planted 3-class attribute, plus 2 fair directions."""
     g = torch.Generator().manual_seed(seed)

@@ -29,15 +29,6 @@ def tiny_cfg(**kw):
 X16 = planted(1000, d=16, nf=24, k=2, seed=1)[0]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: a second thread only adds contention on a shared CI box (results do not depend on it)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_learns_planted_features():
     x, feats = planted(12000)
     cfg = TrainConfig(d_in=32, expansion=4, k=3, batch_size=256, steps=300, lr=1e-2, warmup_steps=20,

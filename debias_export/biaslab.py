@@ -28,8 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -347,16 +345,11 @@ def ensure_trained(settings: BiasLabSettings | None = None, data_dir: str | Path
     if (target / "biaslab.json").is_file() and (target / "config.json").is_file():
         log(f"bias-lab: reusing cached model {target}")
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    try:
+    from .export.manifest import atomic_output_dir
+
+    # overwrite=True: an incomplete cache entry (no biaslab.json) is replaced only once training finished
+    with atomic_output_dir(target, overwrite=True) as tmp:
         train(settings, data_dir, tmp, progress=progress, log=log, image_cache=root / "images")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

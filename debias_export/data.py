@@ -77,6 +77,17 @@ def _make_filter(filter: Any, header: Sequence[str], path: Path) -> Callable[[di
     return lambda row: all(row[c] in vals for c, vals in allowed.items())
 
 
+def _keep_rows(rows: list[dict], keep: Callable[[dict], bool] | None, limit: int | None) -> list[dict]:
+    """Rows passing the filter, then the first ``limit`` of them."""
+    if keep is not None:
+        rows = [r for r in rows if keep(r)]
+    if limit is not None:
+        if limit < 0:
+            raise DebiasError(f"limit must be >= 0, got {limit}")
+        rows = rows[:limit]
+    return rows
+
+
 def _rows_digest(rows: list[dict]) -> str:
     """Hash of the selected rows (identifies the inputs in capture cache keys)."""
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
@@ -109,12 +120,7 @@ class LabelledImages:
         self.file_column = file_column
         self.columns = list(columns)
         keep = _make_filter(filter, header, self.csv_path)
-        if keep is not None:
-            rows = [r for r in rows if keep(r)]
-        if limit is not None:
-            if limit < 0:
-                raise DebiasError(f"limit must be >= 0, got {limit}")
-            rows = rows[:limit]
+        rows = _keep_rows(rows, keep, limit)
         self.rows: list[dict[str, str]] = [{file_column: r[file_column], **{c: r[c] for c in self.columns}}
                                            for r in rows]
         self.image_dir = Path(image_dir) if image_dir is not None else self._guess_image_dir()
@@ -195,12 +201,7 @@ class TextPrompts:
                 raise DebiasError(f"cannot read {self.path} as UTF-8 text: {exc.reason}") from None
             rows = [{"text": line.strip()} for line in lines if line.strip()]
             keep = _make_filter(filter, ["text"], self.path)
-        if keep is not None:
-            rows = [r for r in rows if keep(r)]
-        if limit is not None:
-            if limit < 0:
-                raise DebiasError(f"limit must be >= 0, got {limit}")
-            rows = rows[:limit]
+        rows = _keep_rows(rows, keep, limit)
         self.rows: list[dict[str, str]] = rows
 
     def _csv_rows(self, header: list[str], raw: list[dict[str, str]]) -> list[dict[str, str]]:

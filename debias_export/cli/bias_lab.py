@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
@@ -51,16 +50,10 @@ def bias_lab(out_dir: Path, data_dir: Path | None, cache_root: Path | None, epoc
         res = measure_bias(cached, data_dir, k=k, shuffles=shuffles, seed=settings.seed)
         write_report(res, cached / "report", overwrite=True)
         info = json.loads(info_file.read_text())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    from ..export.manifest import atomic_output_dir
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
         shutil.copytree(cached, tmp, dirs_exist_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     ev = info["evaluation"]
     for key, e in ev.items():
         if key.startswith("max_skew_gender/"):

@@ -6,9 +6,6 @@ Inputs are the dicts of :func:`~debias_export.eval.retrieval.evaluate`, ``compar
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -144,14 +141,10 @@ def plot_skew_bars(res: dict, path: str | Path) -> None:
 
 def write_report(result: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``metrics.json``, ``report.md`` and plots atomically into ``out_dir``."""
-    from ..errors import DebiasError
+    from ..export.manifest import atomic_output_dir
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise DebiasError(f"output {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
         if isinstance(result, list):
             (tmp / "report.md").write_text(markdown_sweep(result))
@@ -163,10 +156,4 @@ def write_report(result: Any, out_dir: str | Path, overwrite: bool = False) -> P
         else:
             (tmp / "report.md").write_text(markdown_evaluation(result))
             plot_skew_bars(result, tmp / "skew.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

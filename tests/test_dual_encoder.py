@@ -13,13 +13,9 @@ TEXTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at 
 
 
 def tiny_dual_config():
-    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig
+    from debias_export.adapters.dual_encoder import tiny_dual_encoder_config
 
-    vision = CLIPVisionConfig(hidden_size=W, intermediate_size=2 * W, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = BertConfig(vocab_size=30522, hidden_size=W, intermediate_size=2 * W, num_hidden_layers=3,
-                      num_attention_heads=4, max_position_embeddings=64)
-    return VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
+    return tiny_dual_encoder_config(width=W)
 
 
 @pytest.fixture(scope="module")

@@ -157,6 +157,27 @@ class DualEncoderAdapter(ModelAdapter):
 
 
 # ----- export plug-ins (HF directory + ONNX towers) ------------------------------------------------------
+
+
+def tiny_dual_encoder_config(width: int = 32, layers: int = 3):
+    """Tiny ``VisionTextDualEncoderConfig``: CLIP ViT (32px, patch 8) + BERT with MiniLM's real vocabulary size,
+    so the packaged all-MiniLM-L6-v2 tokenizer tokenizes for it (offline)."""
+    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig
+
+    vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=32, patch_size=8)
+    text = BertConfig(vocab_size=30522, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                      num_attention_heads=4, max_position_embeddings=64)
+    return VisionTextDualEncoderConfig.from_vision_text_configs(vision, text, projection_dim=16)
+
+
+def tiny_dual_encoder(seed: int = 0) -> "DualEncoderAdapter":
+    """Adapter around a tiny random dual encoder (tests and offline smoke runs: ``tiny-dual-encoder[:seed]``)."""
+    adapter = DualEncoderAdapter.from_config(tiny_dual_encoder_config(), seed=seed)
+    adapter.source = f"tiny-dual-encoder:{seed}"
+    return adapter
+
+
 def save_base(adapter: "DualEncoderAdapter", out: Path) -> None:
     """Unpatched weights + config + tokenizer, as ``save_pretrained`` writes them."""
     adapter.model.save_pretrained(out, safe_serialization=True)

@@ -26,12 +26,19 @@ def _tiny_llava(seed: int) -> ModelAdapter:
     return tiny_llava(seed=seed)
 
 
+def _tiny_dual_encoder(seed: int) -> ModelAdapter:
+    from .dual_encoder import tiny_dual_encoder
+
+    return tiny_dual_encoder(seed=seed)
+
+
 # Tiny random models by name (offline smoke runs and tests); ``name[:seed]`` on the command line.
-TINY_BUILDERS = {"tiny-clip": _tiny_clip, "tiny-open-clip": _tiny_open_clip, "tiny-llava": _tiny_llava}
+TINY_BUILDERS = {"tiny-clip": _tiny_clip, "tiny-open-clip": _tiny_open_clip, "tiny-llava": _tiny_llava,
+                 "tiny-dual-encoder": _tiny_dual_encoder}
 
 
 def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, trained on first use); ``arch:<name>`` (real
+    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, trained on first use); ``arch:<name>`` (real
     architecture config from :mod:`debias_export.real_configs` with random weights, for latency/export work)."""
     name, _, seed_text = spec.partition(":")
     if name in TINY_BUILDERS:

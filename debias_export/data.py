@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -261,3 +262,29 @@ def parse_where(items: Iterable[str]) -> dict[str, list[str]]:
             raise DebiasError(f"bad --where {item!r}: expected COLUMN=VALUE[,VALUE...]")
         out.setdefault(col.strip(), []).extend(v.strip() for v in values.split(","))
     return out
+
+
+CAPTION_TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a close-up photo of the face of a {}")
+
+
+def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0]) -> str | None:
+    """A caption naming a face's labels ("a photo of a young Black woman"), or None without a Male/Female gender.
+
+    Understands FairFace rows (age bins, FairFace race names) and UTKFace rows (integer ages); unknown
+    race/age values are left out. Used to give text towers labelled inputs (probing, locate).
+    """
+    from .biaslab import AGE_GROUPS, RACE_WORDS, age_group
+    from .eval.retrieval import FAIRFACE_AGE_WORDS, FAIRFACE_RACE_WORDS
+
+    gender = row.get("gender")
+    if gender not in ("Male", "Female"):
+        return None
+    age = str(row.get("age", "") or "")
+    if age.isdigit():
+        adj, fem, male = AGE_GROUPS[age_group(int(age))][1:]
+    else:
+        child = age in ("0-2", "3-9", "10-19")
+        adj, fem, male = (None if age == "3-9" else FAIRFACE_AGE_WORDS.get(age)), ("girl" if child else "woman"), ("boy" if child else "man")
+    race = FAIRFACE_RACE_WORDS.get(row.get("race", "")) or RACE_WORDS.get(row.get("race", ""))
+    words = " ".join(w for w in (adj, race, fem if gender == "Female" else male) if w)
+    return re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", template.format(words))  # "a elderly" -> "an elderly"

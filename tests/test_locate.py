@@ -82,23 +82,23 @@ def test_layer_curves_shapes_and_lens(clip, tower):
     assert rep["group_sizes"]["gender"] == {"F": 30, "M": 30}
     assert rep["final"]["gender"]["max_skew_shuffled"]["sd"] >= 0.0
     if tower == "text":
-        assert rep["components"] is None and "images only" in rep["components_note"]
+        assert rep["components"] is None and "labelled captions" in rep["components_note"]
     json.dumps(rep)  # JSON-ready
 
 
 def test_head_ablation_with_full_basis_removes_exactly_that_head(clip):
     inputs, _ = synthetic_images(n=8)
     parts = tower_parts(clip, "image")
-    _, ablated = run_with_stream(clip, "image", inputs, ablate=ablation_hooks("image", 1, "head2", torch.eye(32)))
+    _, ablated, _ = run_with_stream(clip, "image", inputs, ablate=ablation_hooks("image", 1, "head2", torch.eye(32)))
     out_proj = clip.blocks("image")[1].get_submodule(parts.attn_out)
     dh = 32 // parts.num_heads
     saved = out_proj.weight.detach().clone()
     with torch.no_grad():
         out_proj.weight[:, 2 * dh:3 * dh] = 0
-        _, zeroed = run_with_stream(clip, "image", inputs)
+        _, zeroed, _ = run_with_stream(clip, "image", inputs)
         out_proj.weight.copy_(saved)
     assert (ablated - zeroed).abs().max() < 1e-5
-    _, base = run_with_stream(clip, "image", inputs)
+    _, base, _ = run_with_stream(clip, "image", inputs)
     assert (ablated - base).abs().max() > 1e-3
 
 
@@ -166,3 +166,109 @@ def test_cli_on_fairface(tmp_path, shared_data):
     assert main(args) == 0
     rep = json.loads((tmp_path / "ff" / "locate.json").read_text())
     assert rep["num_images"] == 60 and rep["num_prompts"] > 100 and rep["prompts"].endswith("occupations.csv")
+
+
+# ----- every family ------------------------------------------------------------------------------
+FAMILY_SPECS = {"hf_clip": "tiny-clip", "hf_dual_encoder": "tiny-dual-encoder", "open_clip": "tiny-open-clip",
+                "llava": "tiny-llava"}
+CAPTIONS = (["a photo of a woman", "a photo of a man", "a portrait of a woman", "a portrait of a man",
+             "a photo of a young woman", "a photo of a young man", "a woman", "a man", "a girl", "a boy"],
+            {"gender": ["F", "M"] * 5})
+
+
+def test_every_registered_family_has_tower_parts():
+    from debias_export.adapters.base import registered_families
+    from debias_export.tower_parts import FAMILY_PARTS
+
+    assert set(registered_families()) == set(FAMILY_PARTS) == set(FAMILY_SPECS)
+
+
+def _family(name):
+    from debias_export.adapters.specs import load_model_spec
+
+    adapter = load_model_spec(f"{FAMILY_SPECS[name]}:3")
+    size = adapter.image_size() if hasattr(adapter, "image_size") else 32
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(24) % 2
+    px = torch.randn(24, 3, size, size, generator=g)
+    px[:, 0] += 0.5 * y[:, None, None]
+    return adapter, {"pixel_values": px}, {"gender": ["F" if int(v) else "M" for v in y]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_SPECS))
+def test_image_tower_lens_and_attribution_per_family(family):
+    adapter, inputs, labels = _family(family)
+    rep = locate_bias(adapter, "image", inputs, labels, PROMPTS, k=5, heads=True)
+    assert rep["lens_matches_output"] is True  # the readout reproduces the tower's real output at the consumed block
+    assert len(rep["layers"]) == adapter.consumed_layer("image") + 1 == rep["consumed_layer"] + 1
+    parts = tower_parts(adapter, "image")
+    per_layer = 2 + parts.num_heads
+    assert len(rep["components"]) == len(rep["layers"]) * per_layer
+    if family == "llava":  # no text tower: decodability is the metric, components ranked by separation
+        assert rep["final"]["gender"]["max_skew"] is None and rep["num_prompts"] == 0
+        assert all(r["bias_effect"] is None for r in rep["components"])
+        sep = [r["separation_effect"] for r in sorted(rep["components"], key=lambda r: r["rank"])]
+        assert sep == sorted(sep, reverse=True)
+    else:
+        assert all(math.isfinite(r["bias_effect"]) for r in rep["components"])
+    if family == "open_clip":
+        assert "no per-head split" in rep["components_note"]
+    json.dumps(rep)
+
+
+@pytest.mark.parametrize("family", ["hf_clip", "hf_dual_encoder", "open_clip"])
+def test_text_tower_curves_and_attribution_per_family(family):
+    adapter, inputs, labels = _family(family)
+    rep = locate_bias(adapter, "text", inputs, labels, PROMPTS, k=5, heads=False, captions=CAPTIONS)
+    assert rep["lens_matches_output"] is True and rep["num_captions"] == 10
+    assert all(0.0 <= row["probe_accuracy"]["gender"] <= 1.0 for row in rep["layers"])
+    assert len(rep["components"]) == 2 * adapter.num_layers("text")
+    assert {r["role"] for r in rep["components"]} <= {"bias-amplifying", "fairness-reinforcing", "neutral"}
+
+
+@pytest.mark.parametrize("family,tower", [("hf_clip", "text"), ("hf_dual_encoder", "image"), ("hf_dual_encoder", "text"),
+                                          ("open_clip", "image"), ("open_clip", "text"), ("llava", "image")])
+@pytest.mark.parametrize("component", ["attn", "mlp"])
+def test_full_basis_ablation_zeroes_exactly_that_write(family, tower, component):
+    """The hook points are the real writes: ablating with the identity basis == zeroing the write's Linear."""
+    adapter, inputs, _ = _family(family)
+    if tower == "text":
+        inputs = adapter.prepare_texts(PROMPTS)
+    parts = tower_parts(adapter, tower)
+    width = adapter.width(tower)
+    _, ablated, _ = run_with_stream(adapter, tower, inputs, ablate=ablation_hooks(tower, 0, component, torch.eye(width)))
+    lin = adapter.blocks(tower)[0].get_submodule(parts.attn_out if component == "attn" else parts.mlp_out)
+    saved = {k: v.detach().clone() for k, v in lin.state_dict().items()}
+    with torch.no_grad():
+        for v in lin.parameters():
+            v.zero_()
+        _, zeroed, _ = run_with_stream(adapter, tower, inputs)
+        lin.load_state_dict(saved)
+    _, base, _ = run_with_stream(adapter, tower, inputs)
+    assert (ablated - zeroed).abs().max() < 1e-5
+    assert (ablated - base).abs().max() > 1e-4
+
+
+def test_text_locate_cli_builds_captions(tmp_path):
+    from debias_export.cli.main import main
+
+    write_dataset(tmp_path / "d")
+    out = tmp_path / "t"
+    args = ["locate", "--model", "tiny-dual-encoder", "--tower", "text", "--data", str(tmp_path / "d"), "--column", "gender",
+            "--prompts", str(tmp_path / "d" / "prompts.txt"), "--k", "4", "--no-heads", "--out", str(out)]
+    assert main(args) == 0
+    rep = json.loads((out / "locate.json").read_text())
+    assert rep["num_captions"] == 6  # 2 genders x 3 templates (the synthetic races are not FairFace names)
+    assert rep["components"] and rep["layers"][0]["probe_accuracy"]["gender"] is not None
+
+
+def test_llava_cli_runs_without_prompts(tmp_path):
+    from debias_export.cli.main import main
+
+    write_dataset(tmp_path / "d")
+    assert main(["locate", "--model", "tiny-llava", "--data", str(tmp_path / "d"), "--column", "gender",
+                 "--out", str(tmp_path / "l")]) == 0
+    rep = json.loads((tmp_path / "l" / "locate.json").read_text())
+    assert rep["prompts"] is None and rep["bias_metric"].startswith("decodability")
+    assert main(["locate", "--model", "tiny-llava", "--tower", "text", "--data", str(tmp_path / "d"), "--column", "gender",
+                 "--out", str(tmp_path / "l2")]) == 2

@@ -10,6 +10,26 @@ from ..errors import DebiasError
 from .common import model_option
 
 
+def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """Unique captions naming each face's labels (several templates), with the labels they name.
+
+    Text-tower decodability and attribution need labelled texts; captions built from the image labels
+    carry exactly the attributes under study. Duplicates are dropped so no caption sits in both the
+    probe's train and test split."""
+    from ..data import CAPTION_TEMPLATES, label_caption
+
+    seen: dict[str, dict[str, str]] = {}
+    for template in CAPTION_TEMPLATES:
+        for r in rows:
+            text = label_caption(r, template)
+            if text is not None and text not in seen:
+                seen[text] = {c: r[c] for c in columns}
+    if not seen:
+        raise DebiasError("text-tower locate builds labelled captions from a Male/Female 'gender' column; the data has none")
+    texts = list(seen)
+    return texts, {c: [seen[t][c] for t in texts] for c in columns}
+
+
 def _labels_csv(data: str) -> Path:
     from ..data import resolve_data_path
 
@@ -67,17 +87,20 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     images = LabelledImages(_labels_csv(data), columns=list(columns), limit=limit)
     if len(images) < 4:
         raise DebiasError(f"locate needs at least 4 labelled images, got {len(images)}")
-    prompts = TextPrompts(resolve_data_path(prompts_path) if prompts_path else _default_prompts(images.csv_path))
     adapter = load_model_spec(model_spec)
+    prompts = None  # models without a text tower (LLaVA) have no retrieval metric to score prompts with
+    if "text" in adapter.towers():
+        prompts = TextPrompts(resolve_data_path(prompts_path) if prompts_path else _default_prompts(images.csv_path))
     parts = []
     for pil, _ in images.batches(batch_size):
         parts.append(adapter.prepare_images(pil))
     inputs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     labels = {c: [r[c] for r in images.rows] for c in columns}
-    report = locate_bias(adapter, tower, inputs, labels, prompts.texts, column=columns[0], k=k, heads=heads,
+    captions = label_captions(images.rows, columns) if tower == "text" else None
+    report = locate_bias(adapter, tower, inputs, labels, prompts.texts if prompts else [], column=columns[0], k=k, heads=heads,
                          attribution=attribution, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         direction=direction, progress=lambda msg: click.echo(msg, err=True))
-    report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path),
+                         direction=direction, progress=lambda msg: click.echo(msg, err=True), captions=captions)
+    report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path) if prompts else None,
                   seconds=round(time.time() - start, 2))
     from ..export.manifest import atomic_output_dir
 
@@ -90,12 +113,13 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
 def _summary(report: dict, out_dir: Path) -> None:
     for row in report["layers"]:
         accs = ", ".join(f"{c} acc {v:.2f}" for c, v in row["probe_accuracy"].items() if v is not None)
-        skews = ", ".join(f"{c} MaxSkew {v:.3f}" for c, v in row["max_skew"].items())
+        skews = ", ".join(f"{c} MaxSkew {v:.3f}" for c, v in row["max_skew"].items() if v is not None)
         click.echo(f"block {row['layer']:>2}: {accs}{'; ' if accs else ''}{skews}")
     comps = report.get("components") or []
     for r in comps[:5]:
-        click.echo(f"{r['component']:>12}: {r['role']}, skew drop {r['bias_effect']:+.3f}, "
-                   f"acc drop {r['decodability_effect']:+.3f}")
+        skew = "" if r["bias_effect"] is None else f"skew drop {r['bias_effect']:+.3f}, "
+        click.echo(f"{r['component']:>12}: {r['role']}, {skew}acc drop {r['decodability_effect']:+.3f}, "
+                   f"separation drop {r['separation_effect']:+.4f}")
     click.echo(f"wrote {out_dir / 'locate.json'} and locate.png in {report['seconds']} s")
 
 
@@ -113,17 +137,26 @@ def plot_locate(report: dict, path: str, top: int = 15) -> None:
         acc = [r["probe_accuracy"][c] for r in report["layers"]]
         if acc[0] is not None:
             axes[0].plot(xs, acc, marker="o", label=f"{c} (chance {report['chance'][c]:.2f})")
-        axes[1].plot(xs, [r["max_skew"][c] for r in report["layers"]], marker="o", label=c)
+        skews = [r["max_skew"][c] for r in report["layers"]]
+        if skews[0] is not None:
+            axes[1].plot(xs, skews, marker="o", label=c)
+        else:
+            axes[1].plot(xs, [r["between_group_ratio"][c] for r in report["layers"]], marker="o", label=c)
     axes[0].set(title=f"{report['tower']} tower: held-out probe accuracy (lens)", xlabel="block", ylabel="accuracy")
-    axes[1].set(title=f"MaxSkew@{report['k']} of lens embeddings", xlabel="block", ylabel="MaxSkew")
+    if report["layers"][0]["max_skew"][report["column"]] is not None:
+        axes[1].set(title=f"MaxSkew@{report['k']} of lens embeddings", xlabel="block", ylabel="MaxSkew")
+    else:  # no text tower (LLaVA): the bias metric is the groups' share of the lens embeddings' variance
+        axes[1].set(title="between-group variance share (lens)", xlabel="block", ylabel="share")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
         ax.set_xticks(xs)
     if comps:
         shown = comps[:top]
-        axes[2].barh([r["component"] for r in shown][::-1], [r["bias_effect"] for r in shown][::-1],
-                     color=["tab:red" if r["bias_effect"] > 0 else "tab:blue" for r in shown][::-1])
-        axes[2].set(title=f"ablation: MaxSkew drop ({report['column']})", xlabel="skew drop (red: bias-amplifying)")
+        key = "bias_effect" if shown[0]["bias_effect"] is not None else "separation_effect"
+        axes[2].barh([r["component"] for r in shown][::-1], [r[key] for r in shown][::-1],
+                     color=["tab:red" if r[key] > 0 else "tab:blue" for r in shown][::-1])
+        what = "MaxSkew drop" if key == "bias_effect" else "separation drop"
+        axes[2].set(title=f"ablation: {what} ({report['column']})", xlabel=f"{what} (red: bias-amplifying)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -264,6 +264,7 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
     report["components"] = attribute_components(adapter, tower, target, final[column], k, heads and parts.num_heads > 0,
                                                 batch_size, say, direction)
     report["ablation_direction"] = direction
+    report["directions"] = fair_direction(report["components"])
     if heads and not parts.num_heads:
         report["components_note"] = f"no per-head split for family {adapter.family!r} (attention output not a Linear over the heads)"
     return report
@@ -280,6 +281,23 @@ def _caption_set(adapter: ModelAdapter, captions, image_labels: dict[str, Sequen
     stream, final, lens = run_with_stream(adapter, "text", inputs, batch_size, with_lens=True)
     return {"texts": texts, "ids": cap_ids, "inputs": inputs, "stream": stream, "final": final, "lens": lens,
             "split": {c: split_indices(len(texts), test_fraction, seed=seed, labels=y) for c, (y, _) in cap_ids.items()}}
+
+
+def fair_direction(components: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """RES-FAIR's "fair components": the mean write of the fairness-reinforcing components minus that of the
+    bias-amplifying ones (whole-layer writes, not heads, so no write is counted twice), a ``[d]`` tensor.
+
+    Pops each row's private ``_mean_write``. ``None`` when either role is empty. :func:`~debias_export.leace.
+    fair_directions` orthogonalises it against a bias subspace before a projection edit amplifies it.
+    """
+    whole = [r for r in components if r["kind"] in ("attn", "mlp")]
+    writes = {r["component"]: r.pop("_mean_write") for r in components}
+    fair = [r["component"] for r in whole if r["role"] == "fairness-reinforcing"]
+    bias = [r["component"] for r in whole if r["role"] == "bias-amplifying"]
+    if not fair or not bias:
+        return None
+    vec = torch.stack([writes[c] for c in fair]).mean(0) - torch.stack([writes[c] for c in bias]).mean(0)
+    return {"fair": vec.float(), "fair_components": fair, "bias_components": bias}
 
 
 class _Target:
@@ -353,7 +371,7 @@ def attribute_components(adapter: ModelAdapter, tower: str, target: _Target, bas
     parts = tower_parts(adapter, tower)
     names = ["attn", "mlp"] + ([f"head{h}" for h in range(parts.num_heads)] if heads else [])
     y = target.y
-    means = component_write_means(adapter, tower, target.inputs, y, heads, batch_size) if direction == "write" else {}
+    means = component_write_means(adapter, tower, target.inputs, y, heads, batch_size)
     p = torch.bincount(y).double() / len(y)
     retrieval = parts.retrieval
     rows = []
@@ -383,6 +401,9 @@ def attribute_components(adapter: ModelAdapter, tower: str, target: _Target, bas
     for r in rows:
         e, tol = (r["bias_effect"], 1e-3) if retrieval else (r["separation_effect"], 1e-4)
         r["role"] = "bias-amplifying" if e > tol else "fairness-reinforcing" if e < -tol else "neutral"
+    # every component's mean write over all inputs (group means weighted by group size): the fair direction's parts
+    for r in rows:
+        r["_mean_write"] = p @ means[r["component"]]
     # decodability rank: probe accuracy drop, ties (it moves in 1/n_test steps) broken by the separation drop
     ranks = [(("decodability_effect", "separation_effect"), "rank_decodability")]
     ranks.append(((("bias_effect",) if retrieval else ("separation_effect", "decodability_effect")), "rank"))

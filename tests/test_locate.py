@@ -272,3 +272,22 @@ def test_llava_cli_runs_without_prompts(tmp_path):
     assert rep["prompts"] is None and rep["bias_metric"].startswith("decodability")
     assert main(["locate", "--model", "tiny-llava", "--tower", "text", "--data", str(tmp_path / "d"), "--column", "gender",
                  "--out", str(tmp_path / "l2")]) == 2
+
+
+def test_fair_direction_is_the_role_mean_write_difference(clip):
+    from debias_export.locate import fair_direction
+
+    rows = [{"component": "L0.attn", "kind": "attn", "role": "fairness-reinforcing", "_mean_write": torch.tensor([1.0, 0.0])},
+            {"component": "L0.mlp", "kind": "mlp", "role": "bias-amplifying", "_mean_write": torch.tensor([0.0, 2.0])},
+            {"component": "L1.attn", "kind": "attn", "role": "fairness-reinforcing", "_mean_write": torch.tensor([3.0, 0.0])},
+            {"component": "L0.head0", "kind": "head0", "role": "bias-amplifying", "_mean_write": torch.tensor([9.0, 9.0])}]
+    out = fair_direction(rows)
+    assert torch.allclose(out["fair"], torch.tensor([2.0, -2.0]))  # mean(fair) - mean(bias), heads excluded
+    assert out["fair_components"] == ["L0.attn", "L1.attn"] and out["bias_components"] == ["L0.mlp"]
+    assert all("_mean_write" not in r for r in rows)
+    rows = [{"component": "L0.attn", "kind": "attn", "role": "neutral", "_mean_write": torch.zeros(2)}]
+    assert fair_direction(rows) is None
+    inputs, y = red_shift_images(n=40)
+    rep = locate_bias(clip, "image", inputs, {"g": [str(int(v)) for v in y]}, PROMPTS, k=5, heads=False)
+    if rep["directions"] is not None:
+        assert rep["directions"]["fair"].shape == (32,) and torch.isfinite(rep["directions"]["fair"]).all()

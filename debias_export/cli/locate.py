@@ -1,6 +1,7 @@
 """``debias-export locate``: layer-wise bias curves (logit lens) and component attribution."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -104,7 +105,18 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
                   seconds=round(time.time() - start, 2))
     from ..export.manifest import atomic_output_dir
 
+    directions = report.pop("directions", None)
+    if directions is not None:
+        report["fair_direction"] = {"file": "directions.safetensors", "fair_components": directions["fair_components"],
+                                    "bias_components": directions["bias_components"], "width": int(directions["fair"].numel())}
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        if directions is not None:
+            from safetensors.torch import save_file
+
+            # one metadata key: safetensors writes several in hash-map order (byte-identical reruns)
+            save_file({"fair": directions["fair"].contiguous()}, str(tmp / "directions.safetensors"),
+                      metadata={"debias_export": json.dumps({"kind": "fair_direction", "tower": tower, "column": columns[0],
+                                                             "model": model_spec, **report["fair_direction"]}, sort_keys=True)})
         write_json(tmp / "locate.json", report)
         plot_locate(report, str(tmp / "locate.png"))
     _summary(report, out_dir)
@@ -120,7 +132,8 @@ def _summary(report: dict, out_dir: Path) -> None:
         skew = "" if r["bias_effect"] is None else f"skew drop {r['bias_effect']:+.3f}, "
         click.echo(f"{r['component']:>12}: {r['role']}, {skew}acc drop {r['decodability_effect']:+.3f}, "
                    f"separation drop {r['separation_effect']:+.4f}")
-    click.echo(f"wrote {out_dir / 'locate.json'} and locate.png in {report['seconds']} s")
+    extra = " + directions.safetensors (fair direction)" if report.get("fair_direction") else ""
+    click.echo(f"wrote {out_dir / 'locate.json'} and locate.png{extra} in {report['seconds']} s")
 
 
 def plot_locate(report: dict, path: str, top: int = 15) -> None:

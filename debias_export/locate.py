@@ -172,7 +172,8 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
                 heads: bool = True, attribution: bool = True, test_fraction: float = 0.3, seed: int = 0,
                 batch_size: int = 64, direction: str = "write", progress: Callable[[str], None] | None = None,
                 captions: tuple[Sequence[str], dict[str, Sequence]] | None = None) -> dict[str, Any]:
-    """Layer curves and component attribution of ``tower`` as a JSON-ready dict.
+    """Layer curves and component attribution of ``tower`` as a dict, JSON-ready except ``directions``
+    (the fair direction tensor and its components, see :func:`fair_direction`; the CLI saves it as safetensors).
 
     ``image_inputs``: prepared inputs of the labelled images; ``labels``: attribute column -> one
     value per image; ``prompts``: neutral prompts for MaxSkew@k (unused for models without a text

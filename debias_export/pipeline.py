@@ -145,6 +145,8 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
                                                   k=recipe.capture.k, batch_size=recipe.capture.batch_size,
                                                   seed=recipe.seed, overwrite=False, progress=progress))
     store = ActivationStore(capture_dir)
+    if recipe.edit.kind == "projection":
+        return _run_projection(recipe, adapter, site, store, work, steps)
 
     sae_dir = cache / f"sae-{_key(cap_key, dataclasses.asdict(recipe.sae))}"
 
@@ -197,7 +199,7 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         _write_json(work / "validate.json", export_report)
     finally:
         handle.remove()  # the adapter is shared with later variants and the eval/bench steps
-    summary: dict[str, Any] = {"variant": recipe.name, "site": site.name, "tower": site.tower, "mode": recipe.edit.mode,
+    summary: dict[str, Any] = {"variant": recipe.name, "kind": "sae", "site": site.name, "tower": site.tower, "mode": recipe.edit.mode,
                                "alpha": recipe.edit.alpha, "neurons": neurons,
                                "sae_fvu": (sae.cfg.metadata.get("training") or {}).get("final_fvu"), "probe": {
                                    g: [n["index"] for n in v["neurons"]] for g, v in report["groups"].items()}}
@@ -210,8 +212,61 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
     return summary
 
 
+def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _Steps) -> dict[str, Any]:
+    """``edit.kind: projection``: fit the eraser of ``probe.column`` on the capture (no SAE, no probing), then
+    export (folded into the weights, or patched), validate, eval and bench like an SAE variant."""
+    from .cli.project import read_fair_directions
+    from .edits import apply_edits
+    from .edits.projection import fit_from_capture, fold_projection, fold_record
+    from .export import export_bundle
+
+    e = recipe.edit
+    fair = read_fair_directions(Path(e.fair_from)) if e.fair_from else None
+    provenance = {"recipe": recipe.source, "recipe_name": recipe.name, "seed": recipe.seed, "model": recipe.model.spec,
+                  "site": site.name, "probe_column": recipe.probe.column}
+    edit = steps("fit-projection", lambda: fit_from_capture(
+        store, recipe.probe.column, method=e.method, fold=e.fold, adapter=adapter, fair=fair, strength=e.strength,
+        amplify=e.amplify, center=e.center, model=recipe.model.spec, provenance=dict(provenance)))
+    edit.save(work / "edit")
+
+    def make_edit(b: float):
+        # the sweep's alpha is the strength b; a folded edit is evaluated folded (every_writer and output
+        # folds are not single-site patches), via an installer whose handle.remove() restores the weights
+        at_b = dataclasses.replace(edit, strength=b)
+        return at_b if e.fold == "none" else (lambda a: fold_projection(a, at_b, mode=e.fold))
+
+    handle = steps("fold" if e.fold != "none" else "patch", lambda: fold_projection(adapter, edit, mode=e.fold)
+                   if e.fold != "none" else apply_edits(adapter, edit))
+    try:
+        folds = [fold_record(edit, handle)] if e.fold != "none" else []
+        export_report = steps("export+validate", lambda: export_bundle(
+            adapter, work / "export", onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
+            overwrite=True, provenance=provenance, towers=[site.tower], folds=folds))
+        _write_json(work / "validate.json", export_report)
+    finally:
+        handle.remove()
+    rank = 0 if edit.in_dirs is None else int(edit.in_dirs.shape[1])
+    summary: dict[str, Any] = {"variant": recipe.name, "kind": "projection", "site": site.name, "tower": site.tower,
+                               "mode": e.method, "method": e.method, "fold": e.fold, "rank": rank,
+                               "fair_rank": 0 if edit.fair is None else int(edit.fair.shape[1]), "center": e.center,
+                               "alpha": e.strength, "neurons": [], "stock": export_report["stock"],
+                               "fitted_on": edit.provenance.get("activations")}
+    if recipe.eval is not None:
+        at_strength = dataclasses.replace(recipe, edit=dataclasses.replace(e, alpha=e.strength))
+        summary["eval"] = steps("eval", lambda: _evaluate(at_strength, adapter, make_edit, work / "eval"))
+    if recipe.bench is not None:
+        summary["bench"] = steps("bench", lambda: _bench(recipe, adapter, edit, site, work / "bench"))
+    summary["steps"] = steps.record
+    _write_json(work / "run.json", summary)
+    return summary
+
+
 def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
     """Before/after metrics at the recipe's alpha, plus the alpha sweep (trade-off curve)."""
+    if adapter.family == "llava":  # no text tower to retrieve with: the VLAGenderBias yes/no metric instead
+        from .eval.llava_eval import recipe_eval
+
+        return recipe_eval(recipe, adapter, make_edit, out)
     from .eval import EvalData, compare, sweep_alpha, write_report
 
     data = EvalData.load(adapter, recipe.data.dir)
@@ -234,7 +289,8 @@ def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
     from .bench import PatchSet, headline, run_benchmark
     from .bench.report import write_report
 
-    variants = {"patched": PatchSet.compile("patched", adapter, [edit])}
+    name = "folded" if getattr(edit, "fold", "none") != "none" else "patched"  # folded: zero extra ops, ratio ~1
+    variants = {name: PatchSet.compile(name, adapter, [edit])}
     result = run_benchmark(adapter, variants, [site.tower], batch_sizes=recipe.bench.batch_sizes,
                            runtimes=recipe.bench.runtimes, reps=recipe.bench.reps)
     write_report(result, out, overwrite=True)

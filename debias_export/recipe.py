@@ -1,6 +1,8 @@
 """YAML recipes: a typed schema, parsed strictly (unknown/missing keys and bad values name their key path).
 
-A recipe chains capture -> train-sae -> probe -> patch -> export -> validate (-> bench -> eval). Paths in
+A recipe chains capture -> train-sae -> probe -> patch -> export -> validate (-> bench -> eval); with
+``edit.kind: projection`` it chains capture -> fit (LEACE / mean difference of ``probe.column``) -> fold or
+patch -> export -> validate (-> bench -> eval) and trains no SAE. Paths in
 ``data`` are relative to ``data.dir`` (default: ``$DEBIAS_EXPORT_DATA`` or ``../shared/data``); ``output.dir``
 is relative to the current directory.
 """
@@ -64,10 +66,23 @@ class ProbeSection:
 
 @dataclass
 class EditSection:
+    kind: str = "sae"  # sae (DeBiasLens neuron edit) | projection (LEACE / mean-difference erasure of probe.column)
     alpha: float = 0.6
     value: float = 0.0
     mode: str = "reconstruct"
     neurons: Optional[list[int]] = None  # explicit neurons instead of the probe's
+    # kind: projection (fitted on the capture, labels from probe.column; the eval sweep's alpha is b)
+    method: str = "leace"  # leace | mean_diff
+    strength: float = 1.0  # b
+    amplify: float = 0.0  # g, needs fair_from
+    fair_from: Optional[str] = None  # safetensors with raw fair directions [d, m] (relative to the current dir)
+    center: bool = True
+    fold: str = "none"  # none (fused patch) | site | output | every_writer
+
+
+PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold")
+EDIT_KINDS = ("sae", "projection")
+FOLDS = ("none", "site", "output", "every_writer")
 
 
 @dataclass
@@ -188,6 +203,7 @@ def _check_values(r: Recipe, where: str) -> None:
 
     if not 0.0 <= r.edit.alpha <= 1.0:
         raise bad("edit.alpha", f"must be in [0, 1], got {r.edit.alpha}")
+    _check_edit_kind(r.edit, bad)
     if r.edit.mode not in ("reconstruct", "residual"):
         raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
     if r.capture.tokens not in ("random-k", "output", "all"):
@@ -228,6 +244,27 @@ def _check_values(r: Recipe, where: str) -> None:
     given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]
     if len(given) != 1:
         raise bad("data", f"needs exactly one of images (labelled image CSV), texts or captions_from; got {given or 'none'}")
+
+
+def _check_edit_kind(e: EditSection, bad: Any) -> None:
+    if e.kind not in EDIT_KINDS:
+        raise bad("edit.kind", f"must be sae or projection, got {e.kind!r}")
+    if e.kind == "sae":
+        defaults = EditSection()
+        for key in PROJECTION_FIELDS:
+            if getattr(e, key) != getattr(defaults, key):
+                raise bad(f"edit.{key}", "only applies to edit.kind: projection")
+        return
+    if e.method not in ("leace", "mean_diff"):
+        raise bad("edit.method", f"must be leace or mean_diff, got {e.method!r}")
+    if e.fold not in FOLDS:
+        raise bad("edit.fold", f"must be one of {', '.join(FOLDS)}, got {e.fold!r}")
+    if not 0.0 <= e.strength <= 1.0:
+        raise bad("edit.strength", f"must be in [0, 1], got {e.strength}")
+    if e.amplify != 0.0 and not e.fair_from:
+        raise bad("edit.amplify", "needs edit.fair_from (there are no fair directions to amplify)")
+    if e.neurons is not None:
+        raise bad("edit.neurons", "only applies to edit.kind: sae")
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -32,7 +32,12 @@ def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
         fid = ev.get("fidelity") or {}
         # the edited tower's embeddings: images for image-tower edits, prompts for text-tower edits
         cos = (fid.get("image_cosine" if s["tower"] == "image" else "prompt_cosine") or {}).get("mean")
-        rows.append(f"| {s['variant']} | {s['site']} | {s['mode']} | {s['alpha']} | {len(s['neurons'])} | {_f(b)} | {_f(a)} "
+        kind = s.get("kind", "sae")
+        if kind == "projection":  # method + where it lives; the "neurons" column holds the erased rank
+            mode, size = f"{s['method']}, fold {s['fold']}", f"rank {s['rank']}"
+        else:
+            mode, size = s["mode"], str(len(s["neurons"]))
+        rows.append(f"| {s['variant']} | {kind} | {s['site']} | {mode} | {s['alpha']} | {size} | {_f(b)} | {_f(a)} "
                     f"| {_rel(b, a)} | {_f(ub)} | {_f(ua)} | {_rel(ub, ua)} "
                     f"| {_f(cos)} | {lat} |")
     return rows
@@ -44,14 +49,20 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe) -> Pat
              f"Model `{recipe.model.spec}`; data `{recipe.data.dir or '../shared/data'}`; seed {recipe.seed}. "
              "MaxSkew@k (gender) is text-to-image retrieval skew on FairFace 540 (lower is fairer; 0 = balanced); "
              f"utility is {RECALL_KEY} of caption-to-image retrieval on the same held-out faces; latency is the "
-             "patched/unmodified ratio of medians (onnxruntime CPU, batch 8, when benchmarked).", ""]
+             "patched/unmodified ratio of medians (onnxruntime CPU, batch 8, when benchmarked). Kinds: `sae` zeroes "
+             "SAE neurons with mixing weight a; `projection` erases the linear subspace of the label (LEACE or "
+             "mean difference) with strength b, folded into the weights (zero extra ops) or patched as a fused "
+             "low-rank module.", ""]
     sets = sorted({k for s in summaries for k in (s.get("eval") or {}).get("max_skew_gender_before", {})})
-    floor = next((s["eval"]["noise_floor"] for s in summaries if s.get("eval")), {})
+    floor = next((s["eval"]["noise_floor"] for s in summaries if "noise_floor" in (s.get("eval") or {})), {})
     for prompt_set in sets:
         lines += [f"## Prompt set: {prompt_set} (shuffled-label noise floor {_f(floor.get(prompt_set))})", "",
-                  "| variant | site | mode | a | neurons | MaxSkew before | after | change | recall before | after | change "
-                  "| emb. cosine | latency x |", "|" + "---|" * 13]
+                  "| variant | kind | site | mode | a / b | neurons / rank | MaxSkew before | after | change | recall before "
+                  "| after | change | emb. cosine | latency x |", "|" + "---|" * 14]
         lines += variant_rows(summaries, prompt_set) + [""]
+    from .eval.llava_eval import llava_run_table
+
+    lines += llava_run_table(summaries)  # llava variants: VLAGenderBias numbers instead of retrieval skew
     lines += ["Per-variant details (probe report, SAE, edit, exports with manifests, eval and bench reports) are in the "
               "variant folders.", ""]
     out = work / "report.md"
@@ -69,14 +80,15 @@ def _plot_sweeps(summaries: list[dict[str, Any]], path: Path, prompt_set: str = 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for s in summaries:
         sweep = (s.get("eval") or {}).get("sweep") or []
-        if not sweep:
+        if not sweep or "max_skew_gender" not in sweep[0]:  # llava sweeps: see llava_run_table
             continue
         alphas = [r["alpha"] for r in sweep]
         ax1.plot(alphas, [r["max_skew_gender"].get(prompt_set) for r in sweep], marker="o", label=s["variant"])
         ax2.plot(alphas, [r["utility"].get(RECALL_KEY) for r in sweep], marker="o", label=s["variant"])
-    ax1.set(xlabel="a (mixing weight)", ylabel=f"MaxSkew@k gender ({prompt_set})", title="bias vs a")
-    ax2.set(xlabel="a (mixing weight)", ylabel=RECALL_KEY, title="utility vs a")
-    ax1.legend(fontsize=8)
+    ax1.set(xlabel="a (SAE mixing weight) / b (projection strength)", ylabel=f"MaxSkew@k gender ({prompt_set})", title="bias vs a")
+    ax2.set(xlabel="a / b", ylabel=RECALL_KEY, title="utility vs a")
+    if ax1.lines:  # no eval section: an empty plot, without matplotlib's empty-legend warning
+        ax1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

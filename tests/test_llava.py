@@ -247,3 +247,73 @@ def test_questions_and_faces_from_shared_data(shared_data, processor):
     adapter = tiny_llava(seed=0, image_token_index=len(processor.tokenizer) - 1, vocab_size=len(processor.tokenizer))
     report = vb.evaluate_gender_bias(adapter, processor, paths, genders, QUESTIONS, batch_size=6)
     assert report["n_female"] == 2 and report["n_male"] == 2 and report["n_questions"] == 3
+
+
+# ----- the metric through the CLI and recipes ---------------------------------------------------------
+def test_tiny_llava_processor_fits_the_model():
+    adapter = tiny_llava(seed=0)
+    tok = adapter.processor.tokenizer
+    assert len(tok) == adapter.model.config.text_config.vocab_size
+    assert tok.convert_tokens_to_ids("<image>") == adapter.model.config.image_token_index
+    assert len(vb.option_token_ids(tok)) == 2
+    assert tok.encode("Is this person a nurse?", add_special_tokens=False).count(tok.unk_token_id) == 0
+    assert tiny_llava(seed=0, vocab_size=40, image_token_index=39).processor is None  # does not fit: none attached
+
+
+def test_eval_cli_before_after_sweep_and_errors(tmp_path, shared_data, capsys):
+    import json
+
+    from debias_export.cli.main import main
+
+    SAEEdit(site="image.-2", sae=random_sae(32, 128), neurons=list(range(40)), value=2.0, alpha=1.0).save(tmp_path / "edit")
+    common = ["--model", "tiny-llava", "--data", shared_data, "--limit", "4", "--prompt-sets", "adjectives"]
+    assert main(["eval", *common, "--edit", str(tmp_path / "edit"), "--out", str(tmp_path / "cmp")]) == 0
+    res = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    assert res["metric"] == "vla_gender_bias" and res["base"]["n_questions"] == 29  # adjectives.csv concepts
+    assert res["base"]["n_female"] == res["base"]["n_male"] == 2
+    assert res["fidelity"]["mean_abs_delta_p_yes"] > 1e-4  # the edit reaches the answers
+    assert "Before / after the patch (LLaVA gender bias)" in (tmp_path / "cmp" / "report.md").read_text()
+    assert main(["eval", *common, "--edit", str(tmp_path / "edit"), "--alphas", "0,1", "--out", str(tmp_path / "sw")]) == 0
+    rows = json.loads((tmp_path / "sw" / "metrics.json").read_text())
+    assert [r["alpha"] for r in rows] == [0.0, 1.0] and rows[0]["fidelity"]["max_abs_delta_p_yes"] < 1e-5
+    assert rows[1]["mean_abs_dev"] == pytest.approx(res["patched"]["mean_abs_dev"], abs=1e-6)
+    assert (tmp_path / "sw" / "tradeoff.png").is_file()
+    capsys.readouterr()
+    assert main(["eval", *common, "-k", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--k do(es) not apply to the llava family" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-llava", "--data", shared_data, "--prompt-sets", "stereotypes",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "do not apply to the LLaVA metric" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-clip", "--data", shared_data, "--faces", "utkface", "--out", str(tmp_path / "bad")]) == 2
+    assert "--faces do(es) not apply to the hf_clip family" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_recipe_eval_on_tiny_llava_carries_the_metric(tmp_path, shared_data):
+    import json
+    import math
+
+    import yaml
+
+    from debias_export.cli.main import main
+
+    recipe = {"name": "tiny-llava-eval", "seed": 0, "model": {"spec": "tiny-llava"}, "site": "image.-2",
+              "data": {"dir": shared_data, "images": "fairface540/labels.csv", "limit": 8},
+              "sae": {"k": 4, "expansion": 4, "batch_size": 64, "steps": 10},
+              "edit": {"alpha": 1.0, "value": 2.0, "neurons": list(range(40))}, "export": {"onnx": False},
+              "eval": {"alphas": [0.0, 1.0], "k": 5}, "output": {"dir": str(tmp_path / "out")},
+              "variants": [{"name": "strong"}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "r.yaml"), "--no-progress"]) == 0
+    ev = json.loads((tmp_path / "out" / "strong" / "run.json").read_text())["eval"]
+    assert ev["metric"] == "vla_gender_bias" and ev["data"]["faces"] == 8
+    for when in ("before", "after"):
+        nums = ev[f"vla_gender_bias_{when}"]
+        assert 0.0 <= nums["disproportion_rate"] <= 1.0
+        assert all(math.isfinite(nums[k]) for k in ("disproportion_rate", "mean_abs_dev", "mean_abs_gap"))
+    assert ev["vla_gender_bias_before"]["mean_abs_dev"] != ev["vla_gender_bias_after"]["mean_abs_dev"]
+    assert [r["alpha"] for r in ev["sweep"]] == [0.0, 1.0]
+    assert ev["sweep"][1]["mean_abs_dev"] == pytest.approx(ev["vla_gender_bias_after"]["mean_abs_dev"], abs=1e-6)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## LLaVA gender bias" in report and "| strong | image.1.resid_post | 1.0 |" in report
+    assert (tmp_path / "out" / "strong" / "eval" / "compare" / "report.md").is_file()

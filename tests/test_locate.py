@@ -213,6 +213,8 @@ def test_image_tower_lens_and_attribution_per_family(family):
         assert all(math.isfinite(r["bias_effect"]) for r in rep["components"])
     if family == "open_clip":
         assert "no per-head split" in rep["components_note"]
+    directions = rep.pop("directions")  # tensors (the CLI writes them to directions.safetensors); the rest is JSON
+    assert directions is None or directions["fair"].shape == (adapter.width("image"),)
     json.dumps(rep)
 
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _recipe(tmp_path, shared_data, **edits):
     tmp_path.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-clip-fairface.yaml").read_text())
+    raw.pop("variants", None)  # the base SAE recipe as one run (test_projection_pipeline runs the variants)
     raw["data"]["dir"] = shared_data
     raw["output"]["dir"] = str(tmp_path / "out")
     for key, value in edits.items():
@@ -91,7 +92,7 @@ def test_multi_variant_recipe_with_eval_and_bench(tmp_path, shared_data):
         assert s["bench"]["headline"] and (out / s["variant"] / "bench" / "bench.json").is_file()
         assert (out / s["variant"] / "export" / "hf" / "manifest.json").is_file()
     report = (out / "report.md").read_text()
-    assert "| image-reconstruct | image.2.resid_post | reconstruct |" in report
+    assert "| image-reconstruct | sae | image.2.resid_post | reconstruct |" in report
     assert (out / "sweep.png").stat().st_size > 1000
     assert not (out / "cache").exists()
 

@@ -284,3 +284,16 @@ def test_fitted_edit_erases_the_attribute_inside_the_model(clip):
     erased = cls_after_block1()
     patch.remove()
     assert xcov(erased) / xcov(x) < 1e-4  # float32 forward; exact (1e-6) in float64 (test_leace)
+
+
+def test_fold_mode_is_saved_and_checked(tmp_path):
+    edit = make_edit("image.1.mlp_out", 32, amplify=0.0)
+    edit.fold = "site"
+    edit.save(tmp_path / "e")
+    assert load_edit(tmp_path / "e").fold == "site"
+    cfg = json.loads((tmp_path / "e" / "edit_config.json").read_text())
+    cfg.pop("fold")  # edits saved before fold modes existed are patched
+    (tmp_path / "e" / "edit_config.json").write_text(json.dumps(cfg))
+    assert load_edit(tmp_path / "e").fold == "none"
+    with pytest.raises(DebiasError, match="unknown fold mode 'all'"):
+        ProjectionEdit(site="image.1", in_dirs=edit.in_dirs, out_dirs=edit.out_dirs, mu=edit.mu, fold="all")

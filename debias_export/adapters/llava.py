@@ -194,10 +194,40 @@ def tiny_llava_config(next_style: bool = False, vocab_size: int = 160, image_tok
 
 
 def tiny_llava(seed: int = 0, **kwargs: Any) -> LlavaAdapter:
-    """Adapter around a tiny random LLaVA (``kwargs`` as in :func:`tiny_llava_config`)."""
-    adapter = LlavaAdapter.from_config(tiny_llava_config(**kwargs), seed=seed)
+    """Adapter around a tiny random LLaVA (``kwargs`` as in :func:`tiny_llava_config`), with the
+    character-level :func:`tiny_llava_processor` attached when its vocabulary fits the config."""
+    config = tiny_llava_config(**kwargs)
+    adapter = LlavaAdapter.from_config(config, seed=seed)
+    text = config.text_config
+    if config.model_type == "llava" and text.vocab_size > config.image_token_index >= len(_TINY_CHARS) + len(_TINY_SPECIALS):
+        adapter.processor = tiny_llava_processor(text.vocab_size, config.image_token_index)
     adapter.source = f"tiny-llava:{seed}"
     return adapter
+
+
+_TINY_SPECIALS = ("[PAD]", "<s>", "</s>", "[UNK]")
+_TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printable ASCII
+
+
+def tiny_llava_processor(vocab_size: int = 160, image_token_index: int = 159, image_size: int = 32, patch_size: int = 8):
+    """``LlavaProcessor`` for tiny LLaVA: one token per character (any English prompt tokenizes, offline,
+    and the option letters "A"/"B" are single tokens), ``<image>`` at ``image_token_index``, 32px CLIP images."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS + tuple(_TINY_CHARS))}
+    # fill the gap up to the image token so ids are contiguous and match the model's embedding table
+    vocab.update({f"[unused{i}]": i for i in range(len(vocab), image_token_index)})
+    vocab["<image>"] = image_token_index
+    vocab.update({f"[unused{i}]": i for i in range(image_token_index + 1, vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                  eos_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
 
 # ----- export: plug-ins for debias_export.export ---------------------------------------------------

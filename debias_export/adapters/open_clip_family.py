@@ -246,6 +246,16 @@ class OpenCLIPAdapter(ModelAdapter):
             self.processor = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
         return self.processor
 
+    def image_size(self) -> int:
+        """Side of the square images the vision tower takes (benchmark and export inputs are built at it)."""
+        size = getattr(self.model.visual, "image_size", None)
+        if size is None:
+            raise DebiasError(f"open_clip vision tower {type(self.model.visual).__name__} records no image_size")
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        if h != w:
+            raise DebiasError(f"open_clip vision tower takes non-square {h}x{w} images; only square sizes are supported here")
+        return int(h)
+
     def prepare_images(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
         tf = self._preprocess()
         return {"pixel_values": torch.stack([tf(img.convert("RGB")) for img in images])}
@@ -266,11 +276,21 @@ class OpenCLIPAdapter(ModelAdapter):
 
     # ----- forward -----------------------------------------------------------------------------
     def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``encode_image`` / ``encode_text`` without normalisation, as open_clip defines them."""
+        """``encode_image`` / ``encode_text`` without normalisation, as open_clip defines them.
+
+        Under an ONNX/TorchScript trace (e.g. the benchmark's tower export) ``nn.MultiheadAttention``
+        runs its standard path: the inference fast path is one fused op with no ONNX export."""
         self.check_tower(tower)
-        if tower == "image":
-            return self.model.encode_image(inputs["pixel_values"])
-        return self.model.encode_text(inputs["input_ids"])
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        fast = torch.backends.mha.get_fastpath_enabled()
+        if tracing:
+            torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            if tower == "image":
+                return self.model.encode_image(inputs["pixel_values"])
+            return self.model.encode_text(inputs["input_ids"])
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
 
 
 # ----- tiny builders (tests) -------------------------------------------------------------------

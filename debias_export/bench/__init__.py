@@ -63,6 +63,7 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
                      "variants": [BASELINE, *variants]},
         "variants": {name: {"records": [{"module": p, "positions": w.positions, "edits": [e.spec() for e in w.edits]}
                                         for p, w, _ in ps.entries],
+                            "folded": ps.folds,  # folded edits add no parameters and no ops
                             "edit_params": edit_params(ps.wrappers())} for name, ps in variants.items()},
         "params": {"model": count_params(adapter.model)},
         "skipped": [], "flops": [], "latency": [], "checks": [], "profiles": [],

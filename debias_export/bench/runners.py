@@ -33,17 +33,51 @@ class PatchSet:
 
     name: str
     entries: list[tuple[str, EditedModule, str | None]] = field(default_factory=list)  # (module path, wrapper, hook module)
+    # folded edits: (module path, parent, child name, original module, folded copy), swapped like wrappers
+    swaps: list[tuple[str, nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)
+    folds: list[dict[str, Any]] = field(default_factory=list)  # fold records (edits.projection.fold_record)
     _hooks: list[Any] = field(default_factory=list)
 
     @classmethod
     def compile(cls, name: str, adapter: ModelAdapter, edits: list) -> "PatchSet":
-        """Compile ``edits`` with :func:`apply_edits`, then take the wrappers out again (model restored)."""
-        from ..edits import apply_edits
+        """Compile ``edits`` with :func:`apply_edits`, then take the wrappers out again (model restored).
 
-        handle = apply_edits(adapter, edits)
-        entries = [(rec["module"], w, rec.get("hook_module")) for rec, w in zip(handle.records, handle.wrappers)]
-        handle.remove()
-        return cls(name, entries)
+        Projection edits that record a fold mode are folded instead: the folded copies of the modules they
+        change (same class, same shapes, so zero extra ops) are kept and the original weights restored.
+        """
+        import copy
+
+        from ..edits import apply_edits
+        from ..edits.projection import fold_all, fold_record, split_folded
+
+        to_fold, to_patch = split_folded(list(edits))
+        swaps, folds = [], []
+        if to_fold:
+            handles = fold_all(adapter, to_fold)
+            try:
+                folds = [fold_record(e, h) for e, h in zip(to_fold, handles)]
+                paths = list(dict.fromkeys(p for h in handles for p in h.folded))
+                copies = {p: copy.deepcopy(adapter.model.get_submodule(p)) for p in paths}
+            finally:
+                for h in reversed(handles):
+                    h.remove()
+            for path, folded in copies.items():
+                parent_name, _, child = path.rpartition(".")
+                parent = adapter.model.get_submodule(parent_name) if parent_name else adapter.model
+                swaps.append((path, parent, child, getattr(parent, child), folded))
+        entries = []
+        if to_patch or not to_fold:  # apply_edits also gives the error for an empty edit list
+            handle = apply_edits(adapter, to_patch)
+            entries = [(rec["module"], w, rec.get("hook_module")) for rec, w in zip(handle.records, handle.wrappers)]
+            handle.remove()
+        clash = {p for p, _, _ in entries} & {s[0] for s in swaps}
+        if clash:
+            raise DebiasError(f"variant {name!r} both folds into and patches {sorted(clash)[0]}; use separate variants")
+        return cls(name, entries, swaps=swaps, folds=folds)
+
+    def paths(self) -> list[str]:
+        """Every module path this variant changes (patched or folded)."""
+        return [p for p, _, _ in self.entries] + [s[0] for s in self.swaps]
 
     @classmethod
     def discover(cls, name: str, model: nn.Module) -> "PatchSet":
@@ -61,6 +95,9 @@ class PatchSet:
         setattr(model.get_submodule(parent) if parent else model, child, module)
 
     def install(self, model: nn.Module) -> None:
+        # parents are held as objects, so a fold inside a block that a wrapper also wraps still lands
+        for _, parent, child, _, folded in self.swaps:
+            setattr(parent, child, folded)
         for path, wrapper, hook_module in self.entries:
             self._set(model, path, wrapper)
             if hook_module is not None:
@@ -72,10 +109,15 @@ class PatchSet:
         self._hooks.clear()
         for path, wrapper, _ in self.entries:
             self._set(model, path, wrapper.base_layer)
+        for _, parent, child, original, _ in self.swaps:
+            setattr(parent, child, original)
 
     def to(self, **kw: Any) -> "PatchSet":
         for w in self.wrappers():
             w.edits.to(**kw)  # base layers move with the model
+        for _, _, _, original, folded in self.swaps:  # whichever of the two is outside the model now
+            original.to(**kw)
+            folded.to(**kw)
         return self
 
 

@@ -134,8 +134,11 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
     if towers:
         tower_list = _csv(towers)
     else:
-        touched = {path for ps in variants.values() for path, _, _ in ps.entries}
-        tower_list = [t for t in adapter.towers() if any(p.startswith(adapter.blocks_path(t)) for p in touched)]
+        touched = {path for ps in variants.values() for path in ps.paths()}
+        # a fold into an output projection / embeddings lies outside the blocks: its edit's site names the tower
+        folded = {f["edit"]["site"].split(".")[0] for ps in variants.values() for f in ps.folds}
+        tower_list = [t for t in adapter.towers()
+                      if t in folded or any(p.startswith(adapter.blocks_path(t)) for p in touched)]
     rt = ["torch", "ort", "torch-cuda", "ort-cuda"] if runtimes == "all" else _csv(runtimes)
     result = run_benchmark(adapter, variants, tower_list, batch_sizes=_ints(batch_sizes), runtimes=rt,
                            dtypes=_csv(dtypes), reps=reps, warmup=warmup, threads=threads, opt_level=opt_level, order=order,

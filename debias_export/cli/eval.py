@@ -1,4 +1,9 @@
-"""``debias-export eval``: bias (MaxSkew/NDKL, PAIRS gaps) and utility of a model, before/after a patch."""
+"""``debias-export eval``: bias and utility of a model, before/after a patch.
+
+CLIP-style families (two towers): MaxSkew/NDKL retrieval skew, PAIRS gaps and utility. The llava
+family: the VLAGenderBias-style yes/no metric (gender disproportion rate, mean |P(yes) - 0.5|) on
+labelled faces. Options that only one kind of metric reads are refused for the other.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +14,10 @@ import click
 from ..errors import DebiasError
 from .common import load_model_spec, model_option, refuse_existing
 
+# options read by only one kind of metric: given explicitly for the other, they are an error, not ignored
+RETRIEVAL_ONLY = ("k", "shuffles")
+LLAVA_ONLY = ("faces", "correction", "batch_size")
+
 
 def _floats(text: str | None) -> list[float] | None:
     if not text:
@@ -17,6 +26,15 @@ def _floats(text: str | None) -> list[float] | None:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise DebiasError(f"--alphas must be comma-separated numbers, got {text!r}") from None
+
+
+def _refuse_options(ctx: click.Context, names: tuple[str, ...], family: str) -> None:
+    from click.core import ParameterSource
+
+    given = [n for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise DebiasError(f"{flags} do(es) not apply to the {family} family's bias metric")
 
 
 @click.command("eval")
@@ -29,44 +47,86 @@ def _floats(text: str | None) -> list[float] | None:
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Shared data directory (default: $DEBIAS_EXPORT_DATA or ../shared/data).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
-@click.option("-k", "--k", "k", default=50, show_default=True, help="Top-k for MaxSkew / NDKL.")
-@click.option("--shuffles", default=10, show_default=True, help="Shuffled-label noise-floor repeats (base model).")
-@click.option("--prompt-sets", default=None, help="Comma-separated subset of adjectives,occupations,activities,stereotypes.")
-@click.option("--max-images", type=int, default=None, help="Use only the first N FairFace images (quick runs).")
+@click.option("-k", "--k", "k", default=50, show_default=True, help="Top-k for MaxSkew / NDKL (CLIP-style families).")
+@click.option("--shuffles", default=10, show_default=True, help="Shuffled-label noise-floor repeats (CLIP-style families).")
+@click.option("--prompt-sets", default=None,
+              help="Comma-separated subset of adjectives,occupations,activities,stereotypes (llava: the first three).")
+@click.option("--limit", "--max-images", "limit", type=int, default=None,
+              help="Quick runs: the first N FairFace images (CLIP-style); a gender-balanced sample of N faces (llava).")
+@click.option("--faces", default="fairface540", show_default=True,
+              help="llava: labelled face set under the data dir (a folder with labels.csv: file,gender).")
+@click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True,
+              help="llava: multiple-testing correction of the per-question Mann-Whitney U p-values.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="llava: prompts per forward pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def eval_cmd(model_spec: str, patched_dir: Path | None, edit_dir: Path | None, alphas: str | None, data_dir: Path | None,
-             out_dir: Path, k: int, shuffles: int, prompt_sets: str | None, max_images: int | None, overwrite: bool) -> None:
-    """Evaluate retrieval skew, PAIRS confidence gaps and utility; with --patched/--edit, before vs after."""
+@click.pass_context
+def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit_dir: Path | None, alphas: str | None,
+             data_dir: Path | None, out_dir: Path, k: int, shuffles: int, prompt_sets: str | None, limit: int | None,
+             faces: str, correction: str, batch_size: int, overwrite: bool) -> None:
+    """Evaluate a model's bias (and utility); with --patched/--edit, before vs after; with --alphas, a sweep."""
     import torch
 
     from ..eval.report import write_report
-    from ..eval.retrieval import EvalData, compare, evaluate, sweep_alpha
 
     if patched_dir is not None and edit_dir is not None:
         raise DebiasError("give either --patched or --edit, not both")
     alpha_list = _floats(alphas)
     if alpha_list is not None and edit_dir is None:
         raise DebiasError("--alphas needs --edit (the edit whose alpha is swept)")
+    if batch_size < 1:
+        raise DebiasError(f"--batch-size must be >= 1, got {batch_size}")
     refuse_existing(out_dir, overwrite)
     sets = [s.strip() for s in prompt_sets.split(",")] if prompt_sets else None
     adapter = load_model_spec(model_spec)
-    data = EvalData.load(adapter, data_dir, sets, max_images=max_images)
+    edit = None
+    if edit_dir is not None:
+        from ..edits import load_edit
+
+        edit = load_edit(edit_dir)
+        if alpha_list is not None and not hasattr(edit, "alpha"):
+            raise DebiasError(f"edit kind {edit.kind!r} has no alpha to sweep")
     with torch.no_grad():
-        if patched_dir is not None:
-            from ..export.loading import load_patched
-
-            result = compare(adapter, load_patched(patched_dir), k=k, shuffles=shuffles, data=data)
-        elif edit_dir is not None:
-            from ..edits import load_edit
-
-            edit = load_edit(edit_dir)
-            if alpha_list is not None:
-                if not hasattr(edit, "alpha"):
-                    raise DebiasError(f"edit kind {edit.kind!r} has no alpha to sweep")
-                result = sweep_alpha(adapter, lambda a: dataclasses.replace(edit, alpha=a), alpha_list, k=k, data=data)
-            else:
-                result = compare(adapter, edit, k=k, shuffles=shuffles, data=data)
+        if adapter.family == "llava":
+            _refuse_options(ctx, RETRIEVAL_ONLY, adapter.family)
+            result = _llava(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, faces, correction, batch_size)
         else:
-            result = evaluate(adapter, k=k, shuffles=shuffles, data=data)
+            _refuse_options(ctx, LLAVA_ONLY, adapter.family)
+            result = _retrieval(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, k, shuffles)
     write_report(result, out_dir, overwrite=overwrite)
     click.echo(f"wrote {out_dir}/report.md and metrics.json")
+
+
+def _retrieval(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, k, shuffles):
+    """MaxSkew/NDKL, PAIRS and utility (families with an image and a text tower)."""
+    from ..eval.retrieval import EvalData, compare, evaluate, sweep_alpha
+
+    if "text" not in adapter.towers():
+        raise DebiasError(f"the retrieval metrics need an image and a text tower; {adapter.family} has {list(adapter.towers())}")
+    data = EvalData.load(adapter, data_dir, sets, max_images=limit)
+    if patched_dir is not None:
+        from ..export.loading import load_patched
+
+        return compare(adapter, load_patched(patched_dir), k=k, shuffles=shuffles, data=data)
+    if edit is not None and alpha_list is not None:
+        return sweep_alpha(adapter, lambda a: dataclasses.replace(edit, alpha=a), alpha_list, k=k, data=data)
+    if edit is not None:
+        return compare(adapter, edit, k=k, shuffles=shuffles, data=data)
+    return evaluate(adapter, k=k, shuffles=shuffles, data=data)
+
+
+def _llava(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, faces, correction, batch_size):
+    """VLAGenderBias-style yes/no gender bias of a LLaVA model."""
+    from ..eval.llava_eval import LlavaEvalData, compare_llava, evaluate_llava, processor_of, sweep_llava
+
+    processor_of(adapter)  # fail before loading hundreds of images
+    data = LlavaEvalData.load(data_dir, dataset=faces, limit=limit, prompt_sets=sets)
+    kw = {"correction": correction, "batch_size": batch_size}
+    if patched_dir is not None:
+        from ..export.loading import load_patched
+
+        return compare_llava(adapter, load_patched(patched_dir), data, **kw)
+    if edit is not None and alpha_list is not None:
+        return sweep_llava(adapter, lambda a: dataclasses.replace(edit, alpha=a), alpha_list, data, **kw)
+    if edit is not None:
+        return compare_llava(adapter, edit, data, **kw)
+    return evaluate_llava(adapter, data, **kw)

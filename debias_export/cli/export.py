@@ -27,8 +27,13 @@ def _mb(n: int) -> str:
               help="JSON file merged into the recorded provenance (recipe, seed, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new export is complete).")
 def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance_file, overwrite):
-    """Write OUT/hf (original weights + fused edits + remote code) and OUT/onnx, both validated."""
+    """Write OUT/hf (original weights + fused edits + remote code) and OUT/onnx, both validated.
+
+    Projection edits saved with a fold mode (`debias-export project --fold ...`) are folded into the
+    weights instead; when every edit folds, OUT/hf is a plain checkpoint (stock `from_pretrained`).
+    """
     from ..edits import apply_edits, load_edit
+    from ..edits.projection import fold_all, fold_record, split_folded
     from ..export import export_bundle
     from .common import refuse_existing
 
@@ -43,10 +48,17 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
             raise DebiasError(f"--provenance {provenance_file} must hold a JSON object, got {type(extra).__name__}")
         provenance.update(extra)
     adapter = load_model_spec(model_spec)
-    apply_edits(adapter, [load_edit(d) for d in edit_dirs])
+    edits = [load_edit(d) for d in edit_dirs]
+    # projection edits that record a fold mode go into the weights first (folding refuses patched
+    # modules); the rest are patched as fused modules. All folded -> a stock checkpoint.
+    to_fold, to_patch = split_folded(edits)
+    folds = [fold_record(e, h) for e, h in zip(to_fold, fold_all(adapter, to_fold))]
+    if to_patch:
+        apply_edits(adapter, to_patch)
     report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,
-                           provenance=provenance, towers=list(towers) or None)
-    parts = [f"hf {_mb(report['hf']['size_bytes'])} (reload bit-identical)"]
+                           provenance=provenance, towers=list(towers) or None, folds=folds)
+    kind = "stock checkpoint, edits folded into the weights" if report["stock"] else "reload bit-identical"
+    parts = [f"hf {_mb(report['hf']['size_bytes'])} ({kind})"]
     for name, g in report.get("onnx", {}).get("graphs", {}).items():
         diff = max(g["validation"]["max_abs_diff"].values())
         parts.append(f"{name}.onnx {_mb(sum(g['size_bytes'].values()))} max|diff| {diff:.2g}")

@@ -27,6 +27,7 @@ COMMANDS = [
     ("eval", "eval_cmd"),
     ("locate", "locate"),
     ("bias_lab", "bias_lab"),
+    ("project", "project"),
 ]
 
 

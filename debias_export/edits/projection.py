@@ -48,6 +48,7 @@ from ..sites import Site
 from .base import EditConfig, register_edit
 
 FOLD_MODES = ("site", "output", "every_writer")
+EXPORT_FOLDS = ("none", *FOLD_MODES)  # what an edit records for export: "none" = patch (fused LowRankEdit)
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ProjectionEdit(EditConfig):
     center: bool = True  # False drops the mean term: a linear map (foldable into bias-free Linears)
     prune: bool = True  # at the consumed block, patch only the positions that reach the output
     method: str = "leace"
+    fold: str = "none"  # how `debias-export export` applies it: patched ("none") or folded with this fold_projection mode
     model: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +76,8 @@ class ProjectionEdit(EditConfig):
             if not torch.isfinite(torch.tensor(v)):
                 raise ConfigError(f"projection edit {name} must be finite, got {v}")
             setattr(self, name, v)
+        if self.fold not in EXPORT_FOLDS:
+            raise ConfigError(f"unknown fold mode {self.fold!r}; expected one of {', '.join(EXPORT_FOLDS)}")
         if self.in_dirs is None and self.fair is None:
             raise ConfigError("projection edit needs a bias subspace (in_dirs/out_dirs) or fair directions")
         for name in ("in_dirs", "out_dirs", "mu", "fair"):
@@ -165,7 +169,7 @@ class ProjectionEdit(EditConfig):
     # ----- serialisation -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {"site": self.site, "strength": self.strength, "amplify": self.amplify, "center": self.center,
-                "prune": self.prune, "method": self.method, "model": self.model, "provenance": self.provenance,
+                "prune": self.prune, "method": self.method, "fold": self.fold, "model": self.model, "provenance": self.provenance,
                 "width": self.width, "rank": 0 if self.in_dirs is None else int(self.in_dirs.shape[1]),
                 "fair_rank": 0 if self.fair is None else int(self.fair.shape[1])}
 
@@ -293,6 +297,17 @@ def _fold_embedding(handle: FoldHandle, path: str, M: torch.Tensor) -> None:
     handle.folded.append(path)
 
 
+def _check_no_layer_scale(adapter: ModelAdapter, tower: str, parts) -> None:
+    """A layer scale after the write Linear (open_clip ``ls_1``/``ls_2``) would need ``M`` folded past it."""
+    for hook, lin in ((parts.attn_write, parts.attn_out), (parts.mlp_write, parts.mlp_out)):
+        if hook is None or hook == lin:
+            continue
+        for block in adapter.blocks(tower):
+            if not isinstance(block.get_submodule(hook), nn.Identity):
+                raise ConfigError(f"blocks of the {tower} tower scale their writes ({hook}) after {lin}; folding into "
+                                  f"{lin} would be inexact - patch the edit with apply_edits instead")
+
+
 @torch.no_grad()
 def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mode: str = "site",
                     add_bias: bool = False) -> FoldHandle:
@@ -300,7 +315,7 @@ def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mod
 
     Returns a :class:`FoldHandle`; ``handle.remove()`` restores the original weights exactly.
     """
-    from ..locate import tower_parts
+    from ..tower_parts import check_output_fold, tower_parts
 
     adapter = adapter_for(model)
     if mode not in FOLD_MODES:
@@ -318,13 +333,19 @@ def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mod
             if not adapter.site_is_consumed(site):
                 warnings.warn(f"site {site.name} lies after the consumed layer; folding it does not change the output")
             # the Linear inside the write (open_clip's attn site is the MHA; its out_proj is the Linear)
-            sub = tower_parts(adapter, site.tower).attn_out if site.kind == "attn_out" else tower_parts(adapter, site.tower).mlp_out
+            parts = tower_parts(adapter, site.tower)
+            _check_no_layer_scale(adapter, site.tower, parts)
+            sub = parts.attn_out if site.kind == "attn_out" else parts.mlp_out
             _fold_linear(handle, f"{adapter.block_path(site)}.{sub}", M, c)
         elif mode == "output":
             parts = tower_parts(adapter, site.tower)
-            _fold_linear(handle, parts.projection, M, c, add_bias=add_bias)
+            _fold_linear(handle, check_output_fold(parts, site.tower), M, c, add_bias=add_bias)
         else:
             parts = tower_parts(adapter, site.tower)
+            if not parts.sum_of_writes:
+                raise ConfigError(f"the {site.tower} tower of family {adapter.family!r} is post-LN (LayerNorm after each "
+                                  "residual add): its stream is not a sum of writes, so every-writer folding cannot erase it")
+            _check_no_layer_scale(adapter, site.tower, parts)
             width = adapter.width(site.tower)
             if edit.width != width:
                 raise ShapeError(f"projection edit width {edit.width} does not match tower {site.tower!r} width {width}")
@@ -341,3 +362,77 @@ def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mod
         handle.remove()
         raise
     return handle
+
+
+# ----- fitting from a capture and applying saved edits ------------------------------------------
+def capture_fit_activations(store) -> tuple[torch.Tensor, str]:
+    """Per-input activations of a capture: the pooled output token when the family has one, else the token mean."""
+    has_output = bool(store.shards) and "output_token_index" in store.load_shard(0)
+    return (store.output_activations(), "output") if has_output else (store.mean_activations(), "mean")
+
+
+def fit_from_capture(store, column: str, method: str = "leace", fold: str = "none",
+                     adapter: ModelAdapter | None = None, fair: torch.Tensor | None = None,
+                     **kwargs: Any) -> ProjectionEdit:
+    """Fit a :class:`ProjectionEdit` on an :class:`~debias_export.capture.ActivationStore` labelled by ``column``.
+
+    ``fold="output"`` fits in the embedding space instead: the capture must be the output token at the
+    tower's consumed block, mapped through the tower's final norm and projection (needs ``adapter``).
+    """
+    from ..tower_parts import check_output_fold, tower_parts
+
+    if fold not in EXPORT_FOLDS:
+        raise ConfigError(f"unknown fold mode {fold!r}; expected one of {', '.join(EXPORT_FOLDS)}")
+    site = Site.parse(store.site)
+    if fold == "site" and site.kind == "resid_post":
+        raise ConfigError(f"fold=site needs an attn_out/mlp_out capture (a Linear's output); {store.path} is at {store.site}")
+    labels = store.labels(column)
+    acts, which = capture_fit_activations(store)
+    if fold == "output":
+        if adapter is None:
+            raise ConfigError("fold=output fits in the embedding space and needs the model (--model)")
+        site = adapter.resolve_site(site)
+        consumed = adapter.consumed_layer(site.tower)
+        if which != "output" or site.kind != "resid_post" or site.layer != consumed:
+            raise ConfigError(f"fold=output needs a capture of the output token at {site.tower}.{consumed}.resid_post "
+                              f"(what the projection reads); {store.path} is at {store.site} ({which} activations)")
+        parts = tower_parts(adapter, site.tower)
+        proj = check_output_fold(parts, site.tower)
+        if kwargs.get("center", True) and getattr(adapter.model.get_submodule(proj), "bias", None) is None:
+            # checked before fitting: a centered edit has a mean term b*A*mu that a bias-free Linear cannot hold
+            raise ConfigError(f"fold=output: {proj} has no bias, so a centered edit's mean term cannot fold into it; "
+                              f"fit it with center off (--no-center / edit.center: false)")
+        if parts.final_norm is None:
+            raise ConfigError(f"the {site.tower} tower has no plain final norm before its projection; fold=output cannot be fitted")
+        m, ref = adapter.model, next(adapter.model.parameters())
+        with torch.no_grad():  # the tower's own tail: final norm, then the projection the fold targets
+            acts = m.get_submodule(proj)(m.get_submodule(parts.final_norm)(acts.to(ref.device, ref.dtype))).float().cpu()
+        which = "embedding"
+    edit = ProjectionEdit.fit(site.name, acts, labels, method=method, fair=fair, fold=fold, **kwargs)
+    edit.provenance = {"capture": str(store.path), "column": column, "activations": which,
+                       "inputs": int(acts.shape[0]), **edit.provenance}
+    return edit
+
+
+def split_folded(edits: list[EditConfig]) -> tuple[list[ProjectionEdit], list[EditConfig]]:
+    """(edits that record a fold mode, edits to patch with apply_edits)."""
+    folded = [e for e in edits if isinstance(e, ProjectionEdit) and e.fold != "none"]
+    return folded, [e for e in edits if not (isinstance(e, ProjectionEdit) and e.fold != "none")]
+
+
+def fold_all(model: "nn.Module | ModelAdapter", edits: list[ProjectionEdit]) -> list[FoldHandle]:
+    """Fold each edit with its recorded mode, in order; on failure the earlier folds are undone."""
+    handles: list[FoldHandle] = []
+    try:
+        for edit in edits:
+            handles.append(fold_projection(model, edit, mode=edit.fold))
+    except Exception:
+        for h in reversed(handles):
+            h.remove()
+        raise
+    return handles
+
+
+def fold_record(edit: ProjectionEdit, handle: FoldHandle) -> dict[str, Any]:
+    """JSON record of one fold for export configs/manifests."""
+    return {"edit": {"kind": edit.kind, **edit.to_json()}, **handle.describe()}

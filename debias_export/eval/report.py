@@ -1,7 +1,7 @@
 """Evaluation reports: ``metrics.json`` + ``report.md`` (+ trade-off plots for alpha sweeps).
 
 Inputs are the dicts of :func:`~debias_export.eval.retrieval.evaluate`, ``compare`` or
-``sweep_alpha``; the kind is recognised from their shape.
+``sweep_alpha`` (or their LLaVA counterparts in :mod:`.llava_eval`); the kind is recognised from their shape.
 """
 from __future__ import annotations
 
@@ -143,10 +143,16 @@ def write_report(result: Any, out_dir: str | Path, overwrite: bool = False) -> P
     """Write ``metrics.json``, ``report.md`` and plots atomically into ``out_dir``."""
     from ..export.manifest import atomic_output_dir
 
+    from .llava_eval import is_llava_result, markdown_llava, plot_llava_sweep
+
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        if isinstance(result, list):
+        if is_llava_result(result):  # VLAGenderBias results (llava family): their own tables
+            (tmp / "report.md").write_text(markdown_llava(result))
+            if isinstance(result, list):
+                plot_llava_sweep(result, tmp / "tradeoff.png")
+        elif isinstance(result, list):
             (tmp / "report.md").write_text(markdown_sweep(result))
             plot_sweep(result, tmp / "tradeoff.png")
         elif "patched" in result:

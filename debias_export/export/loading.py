@@ -47,7 +47,8 @@ def load_patched(path: str | Path, verify: bool = True) -> ModelAdapter:
         verify_manifest(path)
     cfg = read_debias_config(path)
     adapter = hf_spec(cfg["family"]).load_base(path, cfg["base"])
-    tensors = read_safetensors(path / DEBIAS_PATCHES)
+    # a fully folded export is a stock checkpoint: its edits live in the weights, there are no patches
+    tensors = read_safetensors(path / DEBIAS_PATCHES) if cfg["patches"] or (path / DEBIAS_PATCHES).exists() else {}
     try:
         wrappers = install_patches(adapter.model, cfg["patches"], tensors)
     except (KeyError, RuntimeError, AttributeError, TypeError) as exc:

@@ -111,7 +111,8 @@ def clip_text_inputs(adapter: ModelAdapter, batch: int, seq: int, g: torch.Gener
     first-EOS and argmax pooling agree (as with real CLIP tokenizers).
     """
     cfg = adapter._tower_config("text")
-    eos, bos = int(cfg.eos_token_id), int(getattr(cfg, "bos_token_id", None) or max(0, eos - 1))
+    eos = int(cfg.eos_token_id)
+    bos = int(getattr(cfg, "bos_token_id", None) or max(0, eos - 1))
     seq = min(seq, int(cfg.max_position_embeddings))
     high = max(3, min(bos, eos, int(cfg.vocab_size)))
     ids = torch.randint(1, high, (batch, seq), generator=g)

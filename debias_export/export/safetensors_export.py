@@ -212,6 +212,40 @@ def check_reload(adapter: ModelAdapter, path: Path, batch: int = 2, seq: int = 7
     return report
 
 
+def export_folded(adapter: ModelAdapter, out_dir: str | Path, folds: list[dict[str, Any]], overwrite: bool = False,
+                  provenance: dict[str, Any] | None = None, validate: bool = True) -> Path:
+    """Write a model whose edits are all folded into its weights as a STOCK directory; returns ``out_dir``.
+
+    The family's plain ``save_base`` (for HF CLIP: ``save_pretrained``), so ``CLIPModel.from_pretrained``
+    loads it without this package; ``debias_config.json`` (no patches, the fold records) and the manifest
+    sit beside it for :func:`load_patched`/``validate``. ``folds``: :func:`edits.projection.fold_record` dicts.
+    """
+    adapter = adapter_for(adapter)
+    if getattr(adapter.model, "_debias_patch", None):
+        raise DebiasError("model also carries a runtime patch; export it with export_patched (folds are in its weights)")
+    if not folds:
+        raise DebiasError("no folded edits to export")
+    if not all(f.get("stock", True) for f in folds):
+        raise DebiasError("a fold added modules the stock class lacks (add_bias=True); it cannot be a stock checkpoint")
+    spec = hf_spec(adapter.family)
+    out_dir = Path(out_dir)
+    prov = {"source_model": adapter.source, "family": adapter.family, "folds": folds, **(provenance or {})}
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        with atomic_output_dir(out_dir, overwrite) as tmp:
+            spec.save_base(adapter, tmp)
+            debias = {"format": FORMAT, "family": adapter.family, "base": spec.base_info(adapter), "patches": [],
+                      "folds": folds, "edits": [f["edit"] for f in folds], "provenance": prov}
+            (tmp / DEBIAS_CONFIG).write_text(json.dumps(debias, indent=2, sort_keys=True, default=str) + "\n")
+            write_manifest(tmp, kind="hf", provenance=prov, extra={"family": adapter.family, "stock": True})
+            if validate:
+                check_reload(adapter, tmp)
+    finally:
+        adapter.model.train(was_training)
+    return out_dir
+
+
 def export_patched(handle_or_adapter: "PatchHandle | ModelAdapter | nn.Module", out_dir: str | Path,
                    overwrite: bool = False, provenance: dict[str, Any] | None = None, validate: bool = True) -> Path:
     """Write the patched model as a self-describing HF directory (see module doc); returns ``out_dir``.

@@ -293,3 +293,27 @@ def test_fair_direction_is_the_role_mean_write_difference(clip):
     rep = locate_bias(clip, "image", inputs, {"g": [str(int(v)) for v in y]}, PROMPTS, k=5, heads=False)
     if rep["directions"] is not None:
         assert rep["directions"]["fair"].shape == (32,) and torch.isfinite(rep["directions"]["fair"]).all()
+
+
+def test_locate_fair_direction_feeds_project(tmp_path):
+    """locate (text tower) -> directions.safetensors -> project --fair-from: amplified fair component in the edit."""
+    from safetensors.torch import save_file
+
+    from debias_export.cli.main import main
+    from debias_export.edits import load_edit
+
+    write_dataset(tmp_path / "d")
+    fair = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    # a locate output (the roles on a random tiny model are arbitrary, so the file is written like the CLI does)
+    save_file({"fair": fair}, str(tmp_path / "directions.safetensors"))
+    (tmp_path / "texts.csv").write_text("text,gender\n" + "\n".join(
+        f"a photo of a {w},{g}" for w, g in [("woman", "Female"), ("man", "Male"), ("girl", "Female"), ("boy", "Male")] * 3) + "\n")
+    assert main(["capture", "--model", "tiny-dual-encoder", "--site", "text.-1", "--texts", str(tmp_path / "texts.csv"),
+                 "--tokens", "output", "--out", str(tmp_path / "cap")]) == 0
+    assert main(["project", "--capture", str(tmp_path / "cap"), "--column", "gender", "--fair-from",
+                 str(tmp_path / "directions.safetensors"), "--amplify", "0.5", "--out", str(tmp_path / "edit")]) == 0
+    edit = load_edit(tmp_path / "edit")
+    assert edit.fair.shape == (32, 1) and edit.amplify == 0.5
+    # orthogonal to the erased subspace, and still the given direction's remainder
+    assert (edit.out_dirs.double().T @ edit.fair.double()).abs().max() < 1e-6
+    assert abs(float(torch.nn.functional.cosine_similarity(edit.fair[:, 0].double(), fair.double(), dim=0))) > 0.5

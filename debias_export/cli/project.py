@@ -11,16 +11,21 @@ METHODS = {"leace": "leace", "mean-diff": "mean_diff"}
 
 
 def read_fair_directions(path: Path):
-    """``[d, m]`` raw fair directions from a safetensors file holding one tensor (or one named ``directions``)."""
+    """``[d, m]`` raw fair directions from a safetensors file holding one tensor (or one named ``directions``, or
+    ``fair`` as ``locate`` writes it); a ``[d]`` vector is one direction."""
     from ..sae.model import read_safetensors
 
     tensors = read_safetensors(path)
     if "directions" in tensors:
         t = tensors["directions"]
+    elif "fair" in tensors:  # `debias-export locate`'s directions.safetensors
+        t = tensors["fair"]
     elif len(tensors) == 1:
         (t,) = tensors.values()
     else:
         raise ConfigError(f"--fair-from {path} holds {len(tensors)} tensors; name the one to use 'directions'")
+    if t.dim() == 1:  # one direction
+        t = t[:, None]
     if t.dim() != 2:
         raise ConfigError(f"--fair-from {path}: directions must be [d, m], got shape {tuple(t.shape)}")
     return t.float()

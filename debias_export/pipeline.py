@@ -54,23 +54,14 @@ class _Steps:
 
 def _caption_csv(src: Path, dst: Path) -> Path:
     """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
-    from .biaslab import RACE_WORDS, age_group, caption_text
-    from .eval.retrieval import fairface_caption
+    from .data import label_caption
 
     with open(src, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or "gender" not in rows[0]:
         raise DebiasError(f"data.captions_from {src}: needs a 'gender' column")
-    out = []
-    for row in rows:
-        if row.get("gender") not in ("Male", "Female"):
-            continue
-        age = row.get("age", "")
-        if age.isdigit():  # UTKFace-style integer ages
-            text = caption_text(0, age_group(int(age)), row["gender"], row["race"] if row.get("race") in RACE_WORDS else None)
-        else:
-            text = fairface_caption(row)
-        out.append({"text": text, **{k: row.get(k, "") for k in ("gender", "race", "age")}})
+    out = [{"text": text, **{k: row.get(k, "") for k in ("gender", "race", "age")}}
+           for row in rows if (text := label_caption(row)) is not None]
     dst.parent.mkdir(parents=True, exist_ok=True)
     with open(dst, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["text", "gender", "race", "age"])

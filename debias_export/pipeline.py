@@ -160,10 +160,12 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
 
     def probe():
         with torch.no_grad():
-            latents = sae.encode(store.mean_activations())
+            x = store.output_activations() if recipe.probe.activations == "output" else store.mean_activations()
+            latents = sae.encode(x)
         report = probe_social_neurons(latents, store.labels(recipe.probe.column), tau=recipe.probe.tau,
                                       top_n=recipe.probe.top_n)
-        report["sources"] = {"capture": str(capture_dir), "sae": str(work / "sae"), "column": recipe.probe.column}
+        report["sources"] = {"capture": str(capture_dir), "sae": str(work / "sae"), "column": recipe.probe.column,
+                             "activations": recipe.probe.activations}
         _write_json(work / "probe.json", report)
         return report
 

@@ -62,6 +62,9 @@ class ProbeSection:
     column: str = "gender"
     tau: float = 0.1
     top_n: int = 1
+    # which per-input activations are encoded for probing: the mean over the captured tokens (DeBiasLens) or
+    # the token the tower output reads (CLS/EOS) - what a last-block edit touches
+    activations: str = "mean"
 
 
 @dataclass
@@ -239,6 +242,8 @@ def _check_values(r: Recipe, where: str) -> None:
             raise bad("eval.alphas", f"must lie in [0, 1], got {_show(r.eval.alphas)}")
         if r.eval.k <= 0:
             raise bad("eval.k", f"must be positive, got {r.eval.k}")
+    if r.probe.activations not in ("mean", "output"):
+        raise bad("probe.activations", f"must be mean or output, got {r.probe.activations!r}")
     if not 0.0 < r.probe.tau <= 1.0:
         raise bad("probe.tau", f"must be in (0, 1], got {r.probe.tau}")
     given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]

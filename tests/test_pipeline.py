@@ -130,3 +130,20 @@ def test_recipe_runs_on_other_families(tmp_path, shared_data, spec, site):
     assert any((out / "export" / "onnx").glob("*.onnx"))
     run = json.loads((out / "run.json").read_text())
     assert run["site"].startswith(site.split(".")[0] + ".")
+
+
+def test_probe_on_output_token_activations(tmp_path, shared_data):
+    """probe.activations: output encodes the pooled token (what a last-block edit touches), not the token mean."""
+    import json
+
+    from debias_export.errors import ConfigError
+    from debias_export.recipe import parse_recipe
+
+    path = _recipe(tmp_path, shared_data, probe__activations="output", data__limit=48)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert report["sources"]["activations"] == "output"
+    raw = yaml.safe_load(path.read_text())
+    raw["probe"]["activations"] = "cls"
+    with pytest.raises(ConfigError, match="probe.activations: must be mean or output"):
+        parse_recipe(raw)

@@ -262,7 +262,7 @@ def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
         return recipe_eval(recipe, adapter, make_edit, out)
     from .eval import EvalData, compare, sweep_alpha, write_report
 
-    data = EvalData.load(adapter, recipe.data.dir)
+    data = EvalData.load(adapter, recipe.data.dir, max_images=recipe.eval.limit)
     cmp = compare(adapter, make_edit(recipe.edit.alpha), k=recipe.eval.k, shuffles=10, data=data)
     write_report(cmp, out / "compare", overwrite=True)
     rows = sweep_alpha(adapter, make_edit, recipe.eval.alphas, k=recipe.eval.k, data=data)

@@ -106,6 +106,9 @@ class BenchSection:
 class EvalSection:
     alphas: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9])
     k: int = 50
+    # faces evaluated: the first N of FairFace 540 (CLIP-style families) or a gender-balanced sample of N
+    # (LLaVA, where every face costs one LM forward per question; defaults to data.limit there)
+    limit: Optional[int] = None
 
 
 @dataclass
@@ -242,6 +245,8 @@ def _check_values(r: Recipe, where: str) -> None:
             raise bad("eval.alphas", f"must lie in [0, 1], got {_show(r.eval.alphas)}")
         if r.eval.k <= 0:
             raise bad("eval.k", f"must be positive, got {r.eval.k}")
+        if r.eval.limit is not None and r.eval.limit < 2:
+            raise bad("eval.limit", f"must be >= 2 (faces of both genders), got {r.eval.limit}")
     if r.probe.activations not in ("mean", "output"):
         raise bad("probe.activations", f"must be mean or output, got {r.probe.activations!r}")
     if not 0.0 < r.probe.tau <= 1.0:

@@ -301,12 +301,12 @@ def test_recipe_eval_on_tiny_llava_carries_the_metric(tmp_path, shared_data):
               "data": {"dir": shared_data, "images": "fairface540/labels.csv", "limit": 8},
               "sae": {"k": 4, "expansion": 4, "batch_size": 64, "steps": 10},
               "edit": {"alpha": 1.0, "value": 2.0, "neurons": list(range(40))}, "export": {"onnx": False},
-              "eval": {"alphas": [0.0, 1.0], "k": 5}, "output": {"dir": str(tmp_path / "out")},
+              "eval": {"alphas": [0.0, 1.0], "k": 5, "limit": 6}, "output": {"dir": str(tmp_path / "out")},
               "variants": [{"name": "strong"}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     assert main(["run", str(tmp_path / "r.yaml"), "--no-progress"]) == 0
     ev = json.loads((tmp_path / "out" / "strong" / "run.json").read_text())["eval"]
-    assert ev["metric"] == "vla_gender_bias" and ev["data"]["faces"] == 8
+    assert ev["metric"] == "vla_gender_bias" and ev["data"]["faces"] == 6  # eval.limit, not data.limit
     for when in ("before", "after"):
         nums = ev[f"vla_gender_bias_{when}"]
         assert 0.0 <= nums["disproportion_rate"] <= 1.0

@@ -147,3 +147,20 @@ def test_probe_on_output_token_activations(tmp_path, shared_data):
     raw["probe"]["activations"] = "cls"
     with pytest.raises(ConfigError, match="probe.activations: must be mean or output"):
         parse_recipe(raw)
+
+
+def test_eval_limit_is_validated_and_limits_faces(tmp_path, shared_data):
+    from debias_export.errors import ConfigError
+    from debias_export.recipe import parse_recipe
+
+    raw = yaml.safe_load(_recipe(tmp_path, shared_data).read_text())
+    raw["eval"] = {"alphas": [0.0], "k": 5, "limit": 1}
+    with pytest.raises(ConfigError, match="eval.limit: must be >= 2"):
+        parse_recipe(raw)
+    raw["eval"]["limit"] = 40
+    raw["data"]["limit"] = 48
+    raw["export"]["onnx"] = False
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["run", str(tmp_path / "r.yaml"), "--no-progress"]) == 0
+    compare = json.loads((tmp_path / "out" / "eval" / "compare" / "metrics.json").read_text())
+    assert compare["base"]["fairface_images"] == 40

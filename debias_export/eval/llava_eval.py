@@ -145,12 +145,13 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
 def recipe_eval(recipe: Any, adapter: Any, make_edit: Callable[[float], Any], out: Path) -> dict[str, Any]:
     """The recipe ``eval`` step for llava models: before/after at the recipe's alpha + the alpha sweep.
 
-    Faces: FairFace 540 under ``data.dir``, a gender-balanced sample of ``data.limit`` faces when the
-    recipe limits its data (all 540 otherwise); questions: every shared prompt concept.
+    Faces: FairFace 540 under ``data.dir``, a gender-balanced sample of ``eval.limit`` faces (else
+    ``data.limit``; all 540 when neither is set); questions: every shared prompt concept.
     """
     from .report import write_report
 
-    data = LlavaEvalData.load(recipe.data.dir, limit=recipe.data.limit, seed=recipe.seed)
+    limit = recipe.eval.limit if recipe.eval.limit is not None else recipe.data.limit
+    data = LlavaEvalData.load(recipe.data.dir, limit=limit, seed=recipe.seed)
     with torch.no_grad():
         base = yes_matrix(adapter, data)
         cmp = compare_llava(adapter, make_edit(recipe.edit.alpha), data, base=base)

@@ -196,6 +196,12 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
                                "alpha": recipe.edit.alpha, "neurons": neurons,
                                "sae_fvu": (sae.cfg.metadata.get("training") or {}).get("final_fvu"), "probe": {
                                    g: [n["index"] for n in v["neurons"]] for g, v in report["groups"].items()}}
+    return _eval_bench_record(recipe, adapter, make_edit, edit, site, work, steps, summary)
+
+
+def _eval_bench_record(recipe: Recipe, adapter, make_edit, edit, site, work: Path, steps: _Steps,
+                       summary: dict[str, Any]) -> dict[str, Any]:
+    """The variant's eval and bench steps (when the recipe has them), then ``run.json``."""
     if recipe.eval is not None:
         summary["eval"] = steps("eval", lambda: _evaluate(recipe, adapter, make_edit, work / "eval"))
     if recipe.bench is not None:
@@ -244,14 +250,8 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
                                "fair_rank": 0 if edit.fair is None else int(edit.fair.shape[1]), "center": e.center,
                                "alpha": e.strength, "neurons": [], "stock": export_report["stock"],
                                "fitted_on": edit.provenance.get("activations")}
-    if recipe.eval is not None:
-        at_strength = dataclasses.replace(recipe, edit=dataclasses.replace(e, alpha=e.strength))
-        summary["eval"] = steps("eval", lambda: _evaluate(at_strength, adapter, make_edit, work / "eval"))
-    if recipe.bench is not None:
-        summary["bench"] = steps("bench", lambda: _bench(recipe, adapter, edit, site, work / "bench"))
-    summary["steps"] = steps.record
-    _write_json(work / "run.json", summary)
-    return summary
+    at_strength = dataclasses.replace(recipe, edit=dataclasses.replace(e, alpha=e.strength))  # eval "at alpha" = at b
+    return _eval_bench_record(at_strength, adapter, make_edit, edit, site, work, steps, summary)
 
 
 def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:

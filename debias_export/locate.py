@@ -25,142 +25,18 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .adapters import ModelAdapter
+from .attribution import _Target, ablation_hooks, attribute_components, component_write_means, fair_direction
 from .errors import ConfigError
-from .leace import encode_labels, group_mean_differences, orthonormal_basis, probe_accuracy, split_indices
-from .tower_parts import FAMILY_PARTS, TowerParts, final_output, register_tower_parts, tower_parts
+from .leace import encode_labels, split_indices
+from .lens import between_group_ratio, local_max_skew_at_k, max_skew_at_k, probe_split as _probe, run_with_stream
+from .tower_parts import FAMILY_PARTS, TowerParts, register_tower_parts, tower_parts
 
 __all__ = ["FAMILY_PARTS", "TowerParts", "register_tower_parts", "tower_parts", "locate_bias", "run_with_stream",
-           "ablation_hooks", "max_skew_at_k", "local_max_skew_at_k", "between_group_ratio", "attribute_components"]
-
-
-# ----- bias metric ----------------------------------------------------------------------------
-def max_skew_at_k(queries: torch.Tensor, items: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
-    """Mean over queries of MaxSkew@k for cosine retrieval of ``items`` (groups = class ids per item).
-
-    The project's metric (:func:`debias_export.eval.metrics.retrieval_skew`: target = uniform over
-    classes, an absent class counts as 1/k, as in DeBiasLens). 0 means every top-k list is balanced.
-    """
-    from .eval.metrics import cosine_scores, retrieval_skew
-
-    k = min(int(k), items.shape[0])
-    return float(retrieval_skew(cosine_scores(queries, items), [str(int(g)) for g in groups], k)["max_skew"])
-
-
-def local_max_skew_at_k(queries: torch.Tensor, items: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
-    """Self-contained MaxSkew@k: ``max_c ln(p_c * |C|)`` per query with ``p_c = count_c / k`` (0 -> 1/k).
-
-    An independent implementation the tests hold the shared metric against."""
-    q = torch.nn.functional.normalize(queries.double(), dim=-1)
-    it = torch.nn.functional.normalize(items.double(), dim=-1)
-    k = min(int(k), it.shape[0])
-    top = (q @ it.T).topk(k, dim=-1).indices  # [Q, k]
-    present = torch.bincount(groups) > 0
-    counts = torch.nn.functional.one_hot(groups[top], len(present)).sum(1).double()[:, present] / k
-    counts = torch.where(counts == 0, torch.full_like(counts, 1.0 / k), counts)
-    return float(torch.log(counts * int(present.sum())).max(dim=-1).values.mean())
-
-
-def between_group_ratio(x: torch.Tensor, groups: torch.Tensor) -> float:
-    """Share of the (unit-normalised) embeddings' variance explained by group means, in [0, 1].
-
-    A continuous decodability measure next to the probe accuracy, which moves in steps of 1/n_test.
-    """
-    xn = torch.nn.functional.normalize(x.double(), dim=-1)
-    total = ((xn - xn.mean(0)) ** 2).sum()
-    between = sum(int((groups == g).sum()) * ((xn[groups == g].mean(0) - xn.mean(0)) ** 2).sum() for g in groups.unique())
-    return float(between / total.clamp_min(1e-300))
-
-
-# ----- forward passes --------------------------------------------------------------------------
-def _batches(inputs: dict[str, torch.Tensor], batch_size: int, adapter: ModelAdapter):
-    """Slices of the inputs, moved to the model's device (floating inputs also to its dtype)."""
-    n = next(iter(inputs.values())).shape[0]
-    ref = next(adapter.model.parameters())
-    for lo in range(0, n, batch_size):
-        batch = {k: v[lo:lo + batch_size] for k, v in inputs.items()}
-        yield {k: v.to(ref.device, ref.dtype) if v.is_floating_point() else v.to(ref.device) for k, v in batch.items()}
-
-
-def _layers(adapter: ModelAdapter, tower: str) -> range:
-    return range(adapter.consumed_layer(tower) + 1)
-
-
-@torch.no_grad()
-def run_with_stream(adapter: ModelAdapter, tower: str, inputs: dict[str, torch.Tensor], batch_size: int = 64,
-                    ablate: Callable[[ModelAdapter], list] | None = None, with_lens: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Pooled stream after every consumed block ``[L, n, d]``, final outputs ``[n, p]`` and, with
-    ``with_lens``, the lens read-out of every block ``[L, n, p]``.
-
-    ``ablate(adapter)`` may install forward hooks (returning their handles) for the duration.
-    """
-    parts = tower_parts(adapter, tower)
-    blocks = adapter.blocks(tower)
-    layers = _layers(adapter, tower)
-    streams: list[list[torch.Tensor]] = [[] for _ in layers]
-    lenses: list[list[torch.Tensor]] = [[] for _ in layers]
-    finals = []
-    state: dict[str, Any] = {}
-
-    def grab(i: int):
-        def hook(mod, args, out):
-            h = out[0] if isinstance(out, tuple) else out
-            streams[i].append(parts.pool(h, state["batch"]).float().cpu())
-            if with_lens:
-                lenses[i].append(parts.readout(h, state["batch"]).float().cpu())
-        return hook
-
-    handles = list(ablate(adapter)) if ablate is not None else []
-    hs = [blocks[i].register_forward_hook(grab(i)) for i in layers]
-    try:
-        for batch in _batches(inputs, batch_size, adapter):
-            state["batch"] = batch
-            finals.append(final_output(adapter, tower, batch).float().cpu())
-    finally:
-        for h in hs + handles:
-            h.remove()
-    lens = torch.stack([torch.cat(x) for x in lenses]) if with_lens else None
-    return torch.stack([torch.cat(s) for s in streams]), torch.cat(finals), lens
-
-
-def _project_off(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    return x - (x @ U) @ U.T
-
-
-def ablation_hooks(tower: str, layer: int, component: str, U: torch.Tensor) -> Callable[[ModelAdapter], list]:
-    """Hooks removing the ``U`` (orthonormal ``[d, r]``) component of one write: ``attn``, ``mlp`` or ``head<h>``."""
-
-    def install(adapter: ModelAdapter) -> list:
-        parts = tower_parts(adapter, tower)
-        block = adapter.blocks(tower)[layer]
-        ref = next(block.parameters())
-        Uc = U.to(device=ref.device, dtype=ref.dtype)
-        if component in ("attn", "mlp"):
-            mod = block.get_submodule(parts.attn_hook if component == "attn" else parts.mlp_hook)
-            return [mod.register_forward_hook(lambda m, a, out: _project_off(out, Uc))]
-        if not parts.num_heads:
-            raise ConfigError(f"family {adapter.family!r} {tower} tower has no per-head split of its attention write")
-        mod = block.get_submodule(parts.attn_out)
-        h = int(component[4:])
-        dh = mod.in_features // parts.num_heads
-        sl = slice(h * dh, (h + 1) * dh)
-
-        def head_hook(m, args, out):
-            # out_proj is linear in the concatenated heads: head h's write is x_h @ W[:, h]^T
-            write = args[0][..., sl] @ m.weight[:, sl].T
-            return out - (write @ Uc) @ Uc.T
-
-        return [mod.register_forward_hook(head_hook)]
-
-    return install
+           "ablation_hooks", "max_skew_at_k", "local_max_skew_at_k", "between_group_ratio", "attribute_components",
+           "component_write_means", "fair_direction", "pairs_gap_curve"]
 
 
 # ----- the analysis ---------------------------------------------------------------------------
-def _probe(x: torch.Tensor, y: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor]) -> float:
-    tr, te = split
-    return probe_accuracy(x[tr], y[tr], x[te], y[te])
-
-
 def _check_labels(labels: dict[str, Sequence], n: int, what: str) -> None:
     for name, vals in labels.items():
         if len(vals) != n:
@@ -171,14 +47,16 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
                 labels: dict[str, Sequence], prompts: Sequence[str] = (), column: str | None = None, k: int = 10,
                 heads: bool = True, attribution: bool = True, test_fraction: float = 0.3, seed: int = 0,
                 batch_size: int = 64, direction: str = "write", progress: Callable[[str], None] | None = None,
-                captions: tuple[Sequence[str], dict[str, Sequence]] | None = None) -> dict[str, Any]:
+                captions: tuple[Sequence[str], dict[str, Sequence]] | None = None, pairs: Any = None) -> dict[str, Any]:
     """Layer curves and component attribution of ``tower`` as a dict, JSON-ready except ``directions``
     (the fair direction tensor and its components, see :func:`fair_direction`; the CLI saves it as safetensors).
 
     ``image_inputs``: prepared inputs of the labelled images; ``labels``: attribute column -> one
     value per image; ``prompts``: neutral prompts for MaxSkew@k (unused for models without a text
     tower); ``column``: the attribute whose subspace is ablated (default: the first one);
-    ``captions``: ``(texts, labels)`` labelled texts for text-tower decodability and attribution.
+    ``captions``: ``(texts, labels)`` labelled texts for text-tower decodability and attribution;
+    ``pairs``: an :class:`~debias_export.eval.retrieval.EvalData` whose PAIRS images and labels give the
+    per-layer counterfactual confidence gap (RES-FAIR's "fair label, skewed confidence").
     """
     if tower not in adapter.towers():
         raise ConfigError(f"model family {adapter.family!r} has no {tower!r} tower (towers: {', '.join(adapter.towers())})")
@@ -223,6 +101,10 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
                 row["between_group_ratio"][c] = between_group_ratio(cap["lens"][layer], cap["ids"][c][0]) if dec else None
                 row["max_skew"][c] = skew(txt_lens[layer], img_emb, c)
         layers.append(row)
+    if pairs is not None and retrieval:
+        say("PAIRS confidence gaps per layer")
+        for row, gaps in zip(layers, pairs_gap_curve(adapter, tower, pairs, batch_size)):
+            row["pairs_gender_gap"] = gaps
     final = {}
     for c, (y, _) in ids.items():
         if tower == "image" or cap is None or c not in cap["ids"]:
@@ -284,132 +166,34 @@ def _caption_set(adapter: ModelAdapter, captions, image_labels: dict[str, Sequen
             "split": {c: split_indices(len(texts), test_fraction, seed=seed, labels=y) for c, (y, _) in cap_ids.items()}}
 
 
-def fair_direction(components: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """RES-FAIR's "fair components": the mean write of the fairness-reinforcing components minus that of the
-    bias-amplifying ones (whole-layer writes, not heads, so no write is counted twice), a ``[d]`` tensor.
-
-    Pops each row's private ``_mean_write``. ``None`` when either role is empty. :func:`~debias_export.leace.
-    fair_directions` orthogonalises it against a bias subspace before a projection edit amplifies it.
-    """
-    whole = [r for r in components if r["kind"] in ("attn", "mlp")]
-    writes = {r["component"]: r.pop("_mean_write") for r in components}
-    fair = [r["component"] for r in whole if r["role"] == "fairness-reinforcing"]
-    bias = [r["component"] for r in whole if r["role"] == "bias-amplifying"]
-    if not fair or not bias:
-        return None
-    vec = torch.stack([writes[c] for c in fair]).mean(0) - torch.stack([writes[c] for c in bias]).mean(0)
-    return {"fair": vec.float(), "fair_components": fair, "bias_components": bias}
-
-
-class _Target:
-    """What attribution ablates and measures: the labelled inputs of the edited tower (``inputs``,
-    ``y``, probe ``split``, their pooled ``stream``), the other tower's final embeddings
-    (``other``), and for the text tower the neutral prompts (``prompts``) plus the image groups."""
-
-    def __init__(self, inputs, y, split, stream, other, prompts, image_y):
-        self.inputs, self.y, self.split, self.stream = inputs, y, split, stream
-        self.other, self.prompts, self.image_y = other, prompts, image_y
-
-
 @torch.no_grad()
-def component_write_means(adapter: ModelAdapter, tower: str, inputs: dict[str, torch.Tensor], y: torch.Tensor,
-                          heads: bool, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Per-group mean of every write (``L<l>.attn``, ``L<l>.head<h>``, ``L<l>.mlp``) at the pooled position(s).
+def pairs_gap_curve(adapter: ModelAdapter, tower: str, data: Any, batch_size: int = 64) -> list[dict[str, float]]:
+    """Per consumed layer, the mean PAIRS gender confidence gap per section (and their mean, ``"mean"``).
 
-    Accumulated as per-group sums, so memory is ``groups x d`` per component, not ``n x d``.
+    Image tower: PAIRS images read out at each layer, scored against the final label-prompt embeddings;
+    text tower: the label prompts read out at each layer, scored against the final PAIRS image embeddings.
     """
-    parts = tower_parts(adapter, tower)
-    num = int(y.max()) + 1
-    sums: dict[str, torch.Tensor] = {}
-    counts = torch.bincount(y, minlength=num).double()
-    state: dict[str, Any] = {}
+    from .eval.retrieval import pairs_metrics
 
-    def add(name: str, w: torch.Tensor) -> None:
-        w = parts.pool(w, state["batch"]).double().cpu()
-        sums.setdefault(name, torch.zeros(num, w.shape[-1], dtype=torch.float64)).index_add_(0, state["y"], w)
-
-    def head_hook(layer):
-        def hook(m, args, out):
-            dh = m.in_features // parts.num_heads
-            for h in range(parts.num_heads):
-                sl = slice(h * dh, (h + 1) * dh)
-                add(f"L{layer}.head{h}", args[0][..., sl] @ m.weight[:, sl].T)
-        return hook
-
-    handles = []
-    for layer in _layers(adapter, tower):
-        block = adapter.blocks(tower)[layer]
-        handles.append(block.get_submodule(parts.attn_hook).register_forward_hook(
-            lambda m, a, out, layer=layer: add(f"L{layer}.attn", out)))
-        handles.append(block.get_submodule(parts.mlp_hook).register_forward_hook(
-            lambda m, a, out, layer=layer: add(f"L{layer}.mlp", out)))
-        if heads:
-            handles.append(block.get_submodule(parts.attn_out).register_forward_hook(head_hook(layer)))
-    try:
-        lo = 0
-        for batch in _batches(inputs, batch_size, adapter):
-            rows = next(iter(batch.values())).shape[0]
-            state.update(batch=batch, y=y[lo:lo + rows])
-            lo += rows
-            adapter.embed(tower, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {name: acc / counts.clamp_min(1)[:, None] for name, acc in sums.items()}
+    texts = {k: v for k, v in data.texts().items() if k.startswith("pairs/")}
+    px = {"pixel_values": data.inputs["pairs"]}
+    norm = torch.nn.functional.normalize
+    if tower == "image":
+        _, _, img_lens = run_with_stream(adapter, "image", px, batch_size, with_lens=True)
+        txt = {k: run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size)[1] for k, v in texts.items()}
+        per_layer = [({"pairs": img}, {f"text:{k}": t for k, t in txt.items()}) for img in img_lens]
+    else:
+        _, img, _ = run_with_stream(adapter, "image", px, batch_size)
+        lens = {k: run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size, with_lens=True)[2]
+                for k, v in texts.items()}
+        per_layer = [({"pairs": img}, {f"text:{k}": t[layer] for k, t in lens.items()})
+                     for layer in range(next(iter(lens.values())).shape[0])]
+    out = []
+    for images, prompts in per_layer:
+        emb = {k: norm(v.float(), dim=-1) for k, v in {**images, **prompts}.items()}
+        res = pairs_metrics(emb, data)
+        gaps = {section: float(v["gender_gap"]) for section, v in res.items()}
+        out.append({**gaps, "mean": sum(gaps.values()) / len(gaps)})
+    return out
 
 
-def attribute_components(adapter: ModelAdapter, tower: str, target: _Target, baseline: dict[str, float], k: int,
-                         heads: bool, batch_size: int, say: Callable[[str], None], direction: str = "write"
-                         ) -> list[dict[str, Any]]:
-    """Ablate each write's attribute-subspace component; rank by the drop in the bias metric.
-
-    ``direction="write"``: the subspace is spanned by the group-mean differences of that write itself
-    (removes exactly the component's group-dependent mean at the pooled position); ``"stream"``: by
-    those of the residual stream after its block (one subspace shared by the block's components).
-    """
-    if direction not in ("write", "stream"):
-        raise ConfigError(f"unknown ablation direction {direction!r}; expected 'write' or 'stream'")
-    parts = tower_parts(adapter, tower)
-    names = ["attn", "mlp"] + ([f"head{h}" for h in range(parts.num_heads)] if heads else [])
-    y = target.y
-    means = component_write_means(adapter, tower, target.inputs, y, heads, batch_size)
-    p = torch.bincount(y).double() / len(y)
-    retrieval = parts.retrieval
-    rows = []
-    for layer in _layers(adapter, tower):
-        U_stream = orthonormal_basis(group_mean_differences(target.stream[layer], y)).float()
-        for comp in names:
-            if direction == "write":
-                m = means[f"L{layer}.{comp}"]
-                U = orthonormal_basis((m - p @ m).T).float()
-            else:
-                U = U_stream
-            say(f"ablating {tower} layer {layer} {comp}")
-            hooks = ablation_hooks(tower, layer, comp, U)
-            _, emb, _ = run_with_stream(adapter, tower, target.inputs, batch_size, ablate=hooks)
-            skew = None
-            if retrieval and tower == "image":
-                skew = max_skew_at_k(target.other, emb, y, k)
-            elif retrieval:
-                _, prompt_emb, _ = run_with_stream(adapter, tower, target.prompts, batch_size, ablate=hooks)
-                skew = max_skew_at_k(prompt_emb, target.other, target.image_y, k)
-            acc, ratio = _probe(emb, y, target.split), between_group_ratio(emb, y)
-            rows.append({"component": f"L{layer}.{comp}", "layer": layer, "kind": comp,
-                         "max_skew": skew, "probe_accuracy": acc, "between_group_ratio": ratio,
-                         "bias_effect": None if skew is None else baseline["max_skew"] - skew,  # > 0: the write adds skew
-                         "decodability_effect": baseline["probe_accuracy"] - acc,
-                         "separation_effect": baseline["between_group_ratio"] - ratio})
-    for r in rows:
-        e, tol = (r["bias_effect"], 1e-3) if retrieval else (r["separation_effect"], 1e-4)
-        r["role"] = "bias-amplifying" if e > tol else "fairness-reinforcing" if e < -tol else "neutral"
-    # every component's mean write over all inputs (group means weighted by group size): the fair direction's parts
-    for r in rows:
-        r["_mean_write"] = p @ means[r["component"]]
-    # decodability rank: probe accuracy drop, ties (it moves in 1/n_test steps) broken by the separation drop
-    ranks = [(("decodability_effect", "separation_effect"), "rank_decodability")]
-    ranks.append(((("bias_effect",) if retrieval else ("separation_effect", "decodability_effect")), "rank"))
-    for key, name in ranks:
-        rows.sort(key=lambda r: tuple(-r[f] for f in key))
-        for rank, r in enumerate(rows, 1):
-            r[name] = rank
-    return rows

@@ -317,3 +317,22 @@ def test_locate_fair_direction_feeds_project(tmp_path):
     # orthogonal to the erased subspace, and still the given direction's remainder
     assert (edit.out_dirs.double().T @ edit.fair.double()).abs().max() < 1e-6
     assert abs(float(torch.nn.functional.cosine_similarity(edit.fair[:, 0].double(), fair.double(), dim=0))) > 0.5
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_pairs_gap_curve_ends_at_the_models_own_gap(clip, shared_data, tower):
+    """The per-layer PAIRS confidence gap read through the lens equals the real model's gap at the last block."""
+    from debias_export.eval.retrieval import EvalData, embed, pairs_metrics
+
+    pairs = EvalData.load(clip, shared_data, prompt_sets=[], fairface=False)
+    assert pairs.fairface == [] and "fairface" not in pairs.inputs
+    inputs, y = synthetic_images(n=24)
+    rep = locate_bias(clip, tower, inputs, {"g": [str(int(v)) for v in y]}, PROMPTS, k=5, attribution=False,
+                      pairs=pairs, captions=CAPTIONS if tower == "text" else None)
+    curve = [row["pairs_gender_gap"] for row in rep["layers"]]
+    assert len(curve) == 3 and all(0.0 <= g["mean"] <= 1.0 for g in curve)
+    emb = {k: v for k, v in embed(clip, pairs).items() if k == "pairs" or k.startswith("text:pairs/")}
+    real = {s: v["gender_gap"] for s, v in pairs_metrics(emb, pairs).items()}
+    assert set(curve[-1]) == set(real) | {"mean"}
+    for section, gap in real.items():
+        assert curve[-1][section] == pytest.approx(gap, abs=1e-4)

@@ -64,13 +64,15 @@ def _default_prompts(labels_csv: Path) -> Path:
 @click.option("--attribution/--no-attribution", default=True, show_default=True, help="Run component attribution.")
 @click.option("--direction", type=click.Choice(["write", "stream"]), default="write", show_default=True,
               help="Attribute subspace ablated per component: its own write's group-mean differences, or the stream's.")
+@click.option("--pairs/--no-pairs", "use_pairs", default=True, show_default=True,
+              help="Per-layer PAIRS gender confidence gap (needs pairs/ in the shared data and a text tower).")
 @click.option("--test-fraction", default=0.3, show_default=True, type=float, help="Held-out share for the probes.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--batch-size", default=64, show_default=True, type=int)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (locate.json, locate.png).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], prompts_path: str | None, k: int,
-           limit: int | None, heads: bool, attribution: bool, direction: str, test_fraction: float, seed: int, batch_size: int,
+           limit: int | None, heads: bool, attribution: bool, direction: str, use_pairs: bool, test_fraction: float, seed: int, batch_size: int,
            out_dir: Path, overwrite: bool) -> None:
     """Where does the bias of MODEL's TOWER come from? Curves per block and a ranking of components."""
     import torch
@@ -98,9 +100,19 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     inputs = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
     labels = {c: [r[c] for r in images.rows] for c in columns}
     captions = label_captions(images.rows, columns) if tower == "text" else None
+    pairs = None
+    if use_pairs and prompts is not None:
+        from ..data import default_data_dir
+        from ..eval.retrieval import EvalData
+
+        if (default_data_dir() / "pairs" / "labels.csv").is_file():
+            pairs = EvalData.load(adapter, default_data_dir(), prompt_sets=[], fairface=False)
+        else:
+            click.echo(f"no PAIRS data under {default_data_dir()}; skipping the confidence-gap curve", err=True)
     report = locate_bias(adapter, tower, inputs, labels, prompts.texts if prompts else [], column=columns[0], k=k, heads=heads,
                          attribution=attribution, test_fraction=test_fraction, seed=seed, batch_size=batch_size,
-                         direction=direction, progress=lambda msg: click.echo(msg, err=True), captions=captions)
+                         direction=direction, progress=lambda msg: click.echo(msg, err=True), captions=captions,
+                         pairs=pairs)
     report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path) if prompts else None,
                   seconds=round(time.time() - start, 2))
     from ..export.manifest import atomic_output_dir
@@ -126,7 +138,8 @@ def _summary(report: dict, out_dir: Path) -> None:
     for row in report["layers"]:
         accs = ", ".join(f"{c} acc {v:.2f}" for c, v in row["probe_accuracy"].items() if v is not None)
         skews = ", ".join(f"{c} MaxSkew {v:.3f}" for c, v in row["max_skew"].items() if v is not None)
-        click.echo(f"block {row['layer']:>2}: {accs}{'; ' if accs else ''}{skews}")
+        gap = f"; PAIRS gender gap {row['pairs_gender_gap']['mean']:.3f}" if "pairs_gender_gap" in row else ""
+        click.echo(f"block {row['layer']:>2}: {accs}{'; ' if accs else ''}{skews}{gap}")
     comps = report.get("components") or []
     for r in comps[:5]:
         skew = "" if r["bias_effect"] is None else f"skew drop {r['bias_effect']:+.3f}, "
@@ -137,14 +150,16 @@ def _summary(report: dict, out_dir: Path) -> None:
 
 
 def plot_locate(report: dict, path: str, top: int = 15) -> None:
-    """Curves (probe accuracy, MaxSkew@k per layer) and the top components, as one PNG."""
+    """Curves (probe accuracy, MaxSkew@k, PAIRS confidence gap per layer) and the top components, as one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     comps = report.get("components") or []
-    fig, axes = plt.subplots(1, 3 if comps else 2, figsize=(15 if comps else 10, 4))
+    pairs = "pairs_gender_gap" in report["layers"][0]
+    n = 2 + pairs + bool(comps)
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4))
     xs = [r["layer"] for r in report["layers"]]
     for c in report["layers"][0]["max_skew"]:
         acc = [r["probe_accuracy"][c] for r in report["layers"]]
@@ -160,16 +175,22 @@ def plot_locate(report: dict, path: str, top: int = 15) -> None:
         axes[1].set(title=f"MaxSkew@{report['k']} of lens embeddings", xlabel="block", ylabel="MaxSkew")
     else:  # no text tower (LLaVA): the bias metric is the groups' share of the lens embeddings' variance
         axes[1].set(title="between-group variance share (lens)", xlabel="block", ylabel="share")
-    for ax in axes[:2]:
+    if pairs:  # RES-FAIR's "fair label, skewed confidence": counterfactual gaps through the lens
+        gaps = report["layers"][0]["pairs_gender_gap"]
+        for section in gaps:
+            axes[2].plot(xs, [r["pairs_gender_gap"][section] for r in report["layers"]], marker="o", label=section,
+                         linewidth=2.5 if section == "mean" else 1.0)
+        axes[2].set(title="PAIRS gender confidence gap (lens)", xlabel="block", ylabel="mean max gap")
+    for ax in axes[:2 + pairs]:
         ax.legend(fontsize=8)
         ax.set_xticks(xs)
     if comps:
         shown = comps[:top]
         key = "bias_effect" if shown[0]["bias_effect"] is not None else "separation_effect"
-        axes[2].barh([r["component"] for r in shown][::-1], [r[key] for r in shown][::-1],
+        axes[-1].barh([r["component"] for r in shown][::-1], [r[key] for r in shown][::-1],
                      color=["tab:red" if r[key] > 0 else "tab:blue" for r in shown][::-1])
         what = "MaxSkew drop" if key == "bias_effect" else "separation drop"
-        axes[2].set(title=f"ablation: {what} ({report['column']})", xlabel=f"{what} (red: bias-amplifying)")
+        axes[-1].set(title=f"ablation: {what} ({report['column']})", xlabel=f"{what} (red: bias-amplifying)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

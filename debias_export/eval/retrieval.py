@@ -94,11 +94,11 @@ class EvalData:
 
     @classmethod
     def load(cls, adapter, data_dir: str | Path | None = None, prompt_sets: Sequence[str] | None = None,
-             max_images: int | None = None) -> "EvalData":
+             max_images: int | None = None, fairface: bool = True) -> "EvalData":
         from PIL import Image
 
         root = resolve_data_dir(data_dir)
-        ff = _read_csv(root / "fairface540" / "labels.csv")[:max_images]
+        ff = _read_csv(root / "fairface540" / "labels.csv")[:max_images] if fairface else []  # False: PAIRS only
         pairs = _read_csv(root / "pairs" / "labels.csv")
         sets = load_prompt_sets(root)
         if prompt_sets is not None:
@@ -122,7 +122,8 @@ class EvalData:
             return _PIXEL_CACHE[key]
 
         data = cls(ff, pairs, sets)
-        data.inputs["fairface"] = pixels([str(root / "fairface540" / "images" / r["file"]) for r in ff])
+        if ff:
+            data.inputs["fairface"] = pixels([str(root / "fairface540" / "images" / r["file"]) for r in ff])
         data.inputs["pairs"] = pixels([str(root / "pairs" / r["file"]) for r in pairs])
         return data
 
@@ -143,6 +144,8 @@ def embed(adapter, data: EvalData, batch_size: int = 64) -> dict[str, torch.Tens
     """Normalised embeddings of every image group and text group of ``data``."""
     out = {}
     for name in ("fairface", "pairs"):
+        if name not in data.inputs:  # a PAIRS-only EvalData (fairface=False)
+            continue
         px = data.inputs[name]
         out[name] = torch.cat([adapter.embed("image", {"pixel_values": px[i:i + batch_size]})
                                for i in range(0, len(px), batch_size)]).float()

@@ -275,6 +275,8 @@ def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
             "noise_floor": {n: p["gender"].get("max_skew_shuffled") for n, p in cmp["base"]["retrieval"].items()},
             "utility_before": cmp["base"]["utility"], "utility_after": cmp["patched"]["utility"],
             "fidelity": cmp["fidelity"],
+            "max_skew_gender_change_ci": {n: [c["gender"]["ci_low"], c["gender"]["ci_high"]]
+                                          for n, c in cmp["bias_change"].items() if "gender" in c},
             "sweep": [{"alpha": r["alpha"], "max_skew_gender": skew(r), "utility": r["utility"]} for r in rows]}
 
 

@@ -17,6 +17,10 @@ def _rel(before: float | None, after: float | None) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
+def _ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]"
+
+
 def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
     """Markdown rows: MaxSkew(gender)@k before/after on one prompt set, utility and latency beside it."""
     rows = []
@@ -38,7 +42,8 @@ def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
         else:
             mode, size = s["mode"], str(len(s["neurons"]))
         rows.append(f"| {s['variant']} | {kind} | {s['site']} | {mode} | {s['alpha']} | {size} | {_f(b)} | {_f(a)} "
-                    f"| {_rel(b, a)} | {_f(ub)} | {_f(ua)} | {_rel(ub, ua)} "
+                    f"| {_rel(b, a)}{_ci(ev.get('max_skew_gender_change_ci', {}).get(prompt_set))} "
+                    f"| {_f(ub)} | {_f(ua)} | {_rel(ub, ua)} "
                     f"| {_f(cos)} | {lat} |")
     return rows
 
@@ -52,7 +57,8 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe) -> Pat
              "patched/unmodified ratio of medians (onnxruntime CPU, batch 8, when benchmarked). Kinds: `sae` zeroes "
              "SAE neurons with mixing weight a; `projection` erases the linear subspace of the label (LEACE or "
              "mean difference) with strength b, folded into the weights (zero extra ops) or patched as a fused "
-             "low-rank module.", ""]
+             "low-rank module. The MaxSkew change carries a 95% paired bootstrap interval over prompt concepts "
+             "(in percent): a change whose interval spans 0 is within noise.", ""]
     sets = sorted({k for s in summaries for k in (s.get("eval") or {}).get("max_skew_gender_before", {})})
     floor = next((s["eval"]["noise_floor"] for s in summaries if "noise_floor" in (s.get("eval") or {})), {})
     for prompt_set in sets:

@@ -161,3 +161,17 @@ def test_cli_eval(shared_data, tmp_path):
     assert metrics["retrieval"]["stereotypes"]["prompts"] == 80
     assert main(args) == 2  # refuses to overwrite
     assert main(args[:-4] + ["--prompt-sets", "nope", "--overwrite"]) == 2
+
+
+def test_paired_bootstrap_change_by_hand():
+    from debias_export.eval.metrics import paired_bootstrap_change
+
+    # every item drops by exactly 20%: any resample gives -20%, so the interval collapses onto it
+    out = paired_bootstrap_change([1.0, 2.0, 3.0, 4.0], [0.8, 1.6, 2.4, 3.2], ["a", "a", "b", "c"], n=200)
+    assert out["change"] == pytest.approx(-0.2) and out["ci_low"] == pytest.approx(-0.2) and out["ci_high"] == pytest.approx(-0.2)
+    # one concept falls, one rises: the point estimate is their pooled ratio, the interval spans both extremes
+    out = paired_bootstrap_change([1.0, 1.0], [0.5, 1.5], ["x", "y"], n=2000, seed=1)
+    assert out["change"] == pytest.approx(0.0)
+    assert out["ci_low"] == pytest.approx(-0.5) and out["ci_high"] == pytest.approx(0.5)
+    with pytest.raises(DebiasError):
+        paired_bootstrap_change([1.0], [1.0, 2.0], ["a"])

@@ -164,3 +164,9 @@ def test_eval_limit_is_validated_and_limits_faces(tmp_path, shared_data):
     assert main(["run", str(tmp_path / "r.yaml"), "--no-progress"]) == 0
     compare = json.loads((tmp_path / "out" / "eval" / "compare" / "metrics.json").read_text())
     assert compare["base"]["fairface_images"] == 40
+    ci = json.loads((tmp_path / "out" / "run.json").read_text())["eval"]["max_skew_gender_change_ci"]
+    change = compare["bias_change"]["occupations"]["gender"]
+    assert ci["occupations"] == [change["ci_low"], change["ci_high"]] and change["ci_low"] <= change["ci_high"]
+    before = compare["base"]["retrieval"]["occupations"]["gender"]["max_skew"]
+    after = compare["patched"]["retrieval"]["occupations"]["gender"]["max_skew"]
+    assert change["change"] == pytest.approx(after / before - 1)

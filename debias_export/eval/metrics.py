@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -186,3 +186,28 @@ def recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: int) -> float:
     if not bool(ok.any()):
         raise DebiasError("recall@k: no query has a relevant item")
     return float((hits[ok] / n_rel[ok].clamp(max=k)).mean())
+
+
+def paired_bootstrap_change(before: Sequence[float], after: Sequence[float], clusters: Sequence[Any],
+                            n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Relative change of a mean metric (after vs before, paired per item) with a cluster-bootstrap CI.
+
+    Items are resampled by cluster (e.g. all templates of one occupation move together), so the interval
+    reflects which concepts happen to be in the prompt set. Returns ``{"change", "ci_low", "ci_high", "n"}``
+    as fractions (``-0.1`` = 10% lower).
+    """
+    if not (len(before) == len(after) == len(clusters)) or not before:
+        raise DebiasError(f"paired bootstrap needs equally long, non-empty before/after/clusters "
+                          f"({len(before)}/{len(after)}/{len(clusters)})")
+    b, a = torch.tensor(before, dtype=torch.float64), torch.tensor(after, dtype=torch.float64)
+    names = sorted(set(clusters), key=str)
+    index = {c: i for i, c in enumerate(names)}
+    member = torch.tensor([index[c] for c in clusters])
+    sums_b = torch.zeros(len(names), dtype=torch.float64).index_add_(0, member, b)
+    sums_a = torch.zeros(len(names), dtype=torch.float64).index_add_(0, member, a)
+    g = torch.Generator().manual_seed(seed)
+    draw = torch.randint(len(names), (n, len(names)), generator=g)
+    # sums over resampled clusters: the mean's normaliser (item count) cancels in the ratio
+    rel = sums_a[draw].sum(1) / sums_b[draw].sum(1).clamp_min(1e-300) - 1
+    lo, hi = torch.quantile(rel, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)).tolist()
+    return {"change": float(a.sum() / b.sum().clamp_min(1e-300) - 1), "ci_low": lo, "ci_high": hi, "n": n}

@@ -47,9 +47,12 @@ def markdown_compare(cmp: dict) -> str:
     lines = ["# Before / after the patch", "", f"k = {b['k']}", "", "| metric | base | patched | change |", "|---|---|---|---|"]
     for name in b["retrieval"]:
         for attr in ATTRIBUTES:
+            ci = (cmp.get("bias_change") or {}).get(name, {}).get(attr)
             for m in ("max_skew", "ndkl"):
                 x, y = b["retrieval"][name][attr][m], p["retrieval"][name][attr][m]
-                lines.append(f"| {name}/{attr} {m} | {x:.3f} | {y:.3f} | {y - x:+.3f} |")
+                extra = (f" ({100 * ci['change']:+.1f}%, 95% CI [{100 * ci['ci_low']:+.1f}, {100 * ci['ci_high']:+.1f}]%)"
+                         if ci and m == "max_skew" else "")
+                lines.append(f"| {name}/{attr} {m} | {x:.3f} | {y:.3f} | {y - x:+.3f}{extra} |")
     for sec in b["pairs"]:
         for m in ("group_gap", "gender_gap", "race_gap"):
             x, y = b["pairs"][sec][m], p["pairs"][sec][m]

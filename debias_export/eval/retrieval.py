@@ -173,7 +173,8 @@ def bias_metrics(emb: dict[str, torch.Tensor], data: EvalData, k: int = 50, shuf
             if attr == "age" and name in ("occupations", "stereotypes"):
                 keep = torch.tensor([lab not in OCCUPATION_DROP_AGES for lab in labels])
             res = retrieval_skew(scores, labels, k, keep=keep)
-            entry = {"max_skew": res["max_skew"], "ndkl": res["ndkl"], "pool": res["pool"], "classes": len(res["classes"])}
+            entry = {"max_skew": res["max_skew"], "ndkl": res["ndkl"], "pool": res["pool"], "classes": len(res["classes"]),
+                     "max_skew_per_prompt": res["max_skew_per_prompt"]}  # for paired before/after intervals
             if shuffles:
                 floor = shuffled_skew(scores, labels, k, shuffles, seed, keep=keep)
                 entry.update(max_skew_shuffled=floor["max_skew"], max_skew_shuffled_sd=floor["max_skew_sd"],
@@ -317,9 +318,25 @@ def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 
             patched_emb = embed(base_adapter, data)
         finally:
             handle.remove()
-    return {"base": evaluate(base_adapter, k=k, shuffles=shuffles, data=data, embeddings=base_emb),
-            "patched": evaluate(base_adapter, k=k, shuffles=0, data=data, embeddings=patched_emb),
-            "fidelity": fidelity_metrics(base_emb, patched_emb)}
+    base = evaluate(base_adapter, k=k, shuffles=shuffles, data=data, embeddings=base_emb)
+    after = evaluate(base_adapter, k=k, shuffles=0, data=data, embeddings=patched_emb)
+    return {"base": base, "patched": after, "fidelity": fidelity_metrics(base_emb, patched_emb),
+            "bias_change": bias_change(base, after, data)}
+
+
+def bias_change(base: dict, patched: dict, data: EvalData, n: int = 1000, seed: int = 0) -> dict:
+    """Relative MaxSkew change per prompt set and attribute with a 95% paired bootstrap CI over concepts
+    (a concept's templates are resampled together); the interval says whether a change is beyond noise."""
+    from .metrics import paired_bootstrap_change
+
+    out: dict[str, dict] = {}
+    for name, per in base["retrieval"].items():
+        concepts = [c for _, c in data.prompt_sets[name]]
+        out[name] = {attr: paired_bootstrap_change(per[attr]["max_skew_per_prompt"],
+                                                   patched["retrieval"][name][attr]["max_skew_per_prompt"],
+                                                   concepts, n=n, seed=seed)
+                     for attr in ATTRIBUTES if attr in per}
+    return out
 
 
 def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Path | None = None, k: int = 50,

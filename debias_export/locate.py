@@ -79,7 +79,8 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
     img_stream, img_emb, img_lens = run_with_stream(adapter, "image", image_inputs, batch_size, with_lens=tower == "image")
     txt_emb = txt_lens = None
     if retrieval:
-        _, txt_emb, txt_lens = run_with_stream(adapter, "text", adapter.prepare_texts(list(prompts)), batch_size,
+        prompt_inputs = adapter.prepare_texts(list(prompts))
+        _, txt_emb, txt_lens = run_with_stream(adapter, "text", prompt_inputs, batch_size,
                                                with_lens=tower == "text")
     cap = _caption_set(adapter, captions, labels, test_fraction, seed, batch_size) if tower == "text" and captions else None
 
@@ -142,7 +143,7 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
         if column not in cap["ids"]:
             raise ConfigError(f"the labelled captions carry no {column!r} labels for text-tower attribution")
         target = _Target(cap["inputs"], cap["ids"][column][0], cap["split"][column], cap["stream"], img_emb,
-                         adapter.prepare_texts(list(prompts)), ids[column][0])
+                         prompt_inputs, ids[column][0])
     # final[column] holds the edited tower's decodability (images, or captions for the text tower) and the skew
     report["components"] = attribute_components(adapter, tower, target, final[column], k, heads and parts.num_heads > 0,
                                                 batch_size, say, direction)
@@ -173,24 +174,21 @@ def pairs_gap_curve(adapter: ModelAdapter, tower: str, data: Any, batch_size: in
     Image tower: PAIRS images read out at each layer, scored against the final label-prompt embeddings;
     text tower: the label prompts read out at each layer, scored against the final PAIRS image embeddings.
     """
-    from .eval.retrieval import pairs_metrics
+    from .eval.retrieval import embed, pairs_metrics
 
-    texts = {k: v for k, v in data.texts().items() if k.startswith("pairs/")}
-    px = {"pixel_values": data.inputs["pairs"]}
     norm = torch.nn.functional.normalize
+    final = embed(adapter, data, batch_size)  # the real model's "pairs" and "text:pairs/<section>" embeddings
     if tower == "image":
-        _, _, img_lens = run_with_stream(adapter, "image", px, batch_size, with_lens=True)
-        txt = {k: run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size)[1] for k, v in texts.items()}
-        per_layer = [({"pairs": img}, {f"text:{k}": t for k, t in txt.items()}) for img in img_lens]
+        _, _, lens = run_with_stream(adapter, "image", {"pixel_values": data.inputs["pairs"]}, batch_size, with_lens=True)
+        per_layer = [{**final, "pairs": norm(layer, dim=-1)} for layer in lens]
     else:
-        _, img, _ = run_with_stream(adapter, "image", px, batch_size)
-        lens = {k: run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size, with_lens=True)[2]
+        texts = {k: v for k, v in data.texts().items() if k.startswith("pairs/")}
+        lens = {f"text:{k}": run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size, with_lens=True)[2]
                 for k, v in texts.items()}
-        per_layer = [({"pairs": img}, {f"text:{k}": t[layer] for k, t in lens.items()})
+        per_layer = [{**final, **{k: norm(t[layer], dim=-1) for k, t in lens.items()}}
                      for layer in range(next(iter(lens.values())).shape[0])]
     out = []
-    for images, prompts in per_layer:
-        emb = {k: norm(v.float(), dim=-1) for k, v in {**images, **prompts}.items()}
+    for emb in per_layer:
         res = pairs_metrics(emb, data)
         gaps = {section: float(v["gender_gap"]) for section, v in res.items()}
         out.append({**gaps, "mean": sum(gaps.values()) / len(gaps)})

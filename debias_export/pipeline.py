@@ -215,8 +215,8 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
     """``edit.kind: projection``: fit the eraser of ``probe.column`` on the capture (no SAE, no probing), then
     export (folded into the weights, or patched), validate, eval and bench like an SAE variant."""
     from .cli.project import read_fair_directions
-    from .edits import apply_edits
-    from .edits.projection import fit_from_capture, fold_projection, fold_record
+    from .edits.install import install_edits
+    from .edits.projection import ProjectionEdit, fit_from_capture
     from .export import export_bundle
 
     e = recipe.edit
@@ -228,16 +228,14 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
         amplify=e.amplify, center=e.center, model=recipe.model.spec, provenance=dict(provenance)))
     edit.save(work / "edit")
 
-    def make_edit(b: float):
-        # the sweep's alpha is the strength b; a folded edit is evaluated folded (every_writer and output
-        # folds are not single-site patches), via an installer whose handle.remove() restores the weights
-        at_b = dataclasses.replace(edit, strength=b)
-        return at_b if e.fold == "none" else (lambda a: fold_projection(a, at_b, mode=e.fold))
+    def make_edit(b: float) -> "ProjectionEdit":
+        # the sweep's alpha is the strength b; the edit keeps its fold mode, so eval installs it folded
+        # (every_writer and output folds are not single-site patches), as export ships it
+        return dataclasses.replace(edit, strength=b)
 
-    handle = steps("fold" if e.fold != "none" else "patch", lambda: fold_projection(adapter, edit, mode=e.fold)
-                   if e.fold != "none" else apply_edits(adapter, edit))
+    handle = steps("fold" if e.fold != "none" else "patch", lambda: install_edits(adapter, edit))
     try:
-        folds = [fold_record(edit, handle)] if e.fold != "none" else []
+        folds = handle.fold_records()
         export_report = steps("export+validate", lambda: export_bundle(
             adapter, work / "export", onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
             overwrite=True, provenance=provenance, towers=[site.tower], folds=folds))

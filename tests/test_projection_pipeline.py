@@ -214,7 +214,7 @@ def test_repo_recipe_projection_and_sae_variants(tmp_path, shared_data):
 
 def test_eval_installs_folded_edits_as_exported(caps, tmp_path, clip, clip_inputs):
     """compare/sweep_alpha given a folded edit evaluate the folded model (not a single-site patch of it)."""
-    from debias_export.eval.retrieval import install_edits
+    from debias_export.edits.install import install_edits
 
     edit = project(caps, "every_writer", tmp_path / "e")
     sae = SAEEdit(site="image.1", sae=random_sae(32, 64), neurons=[3], alpha=0.6)

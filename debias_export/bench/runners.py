@@ -48,19 +48,19 @@ class PatchSet:
         import copy
 
         from ..edits import apply_edits
-        from ..edits.projection import fold_all, fold_record, split_folded
+        from ..edits.install import install_edits
+        from ..edits.projection import split_folded
 
         to_fold, to_patch = split_folded(list(edits))
         swaps, folds = [], []
         if to_fold:
-            handles = fold_all(adapter, to_fold)
+            installed = install_edits(adapter, to_fold)  # folds only: to_fold holds no patch edits
             try:
-                folds = [fold_record(e, h) for e, h in zip(to_fold, handles)]
-                paths = list(dict.fromkeys(p for h in handles for p in h.folded))
+                folds = installed.fold_records()
+                paths = list(dict.fromkeys(p for _, h in installed.folds for p in h.folded))
                 copies = {p: copy.deepcopy(adapter.model.get_submodule(p)) for p in paths}
             finally:
-                for h in reversed(handles):
-                    h.remove()
+                installed.remove()
             for path, folded in copies.items():
                 parent_name, _, child = path.rpartition(".")
                 parent = adapter.model.get_submodule(parent_name) if parent_name else adapter.model

@@ -32,8 +32,8 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
     Projection edits saved with a fold mode (`debias-export project --fold ...`) are folded into the
     weights instead; when every edit folds, OUT/hf is a plain checkpoint (stock `from_pretrained`).
     """
-    from ..edits import apply_edits, load_edit
-    from ..edits.projection import fold_all, fold_record, split_folded
+    from ..edits import load_edit
+    from ..edits.install import install_edits
     from ..export import export_bundle
     from .common import refuse_existing
 
@@ -51,10 +51,7 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
     edits = [load_edit(d) for d in edit_dirs]
     # projection edits that record a fold mode go into the weights first (folding refuses patched
     # modules); the rest are patched as fused modules. All folded -> a stock checkpoint.
-    to_fold, to_patch = split_folded(edits)
-    folds = [fold_record(e, h) for e, h in zip(to_fold, fold_all(adapter, to_fold))]
-    if to_patch:
-        apply_edits(adapter, to_patch)
+    folds = install_edits(adapter, edits).fold_records()
     report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,
                            provenance=provenance, towers=list(towers) or None, folds=folds)
     kind = "stock checkpoint, edits folded into the weights" if report["stock"] else "reload bit-identical"

@@ -416,8 +416,8 @@ def fit_from_capture(store, column: str, method: str = "leace", fold: str = "non
 
 def split_folded(edits: list[EditConfig]) -> tuple[list[ProjectionEdit], list[EditConfig]]:
     """(edits that record a fold mode, edits to patch with apply_edits)."""
-    folded = [e for e in edits if isinstance(e, ProjectionEdit) and e.fold != "none"]
-    return folded, [e for e in edits if not (isinstance(e, ProjectionEdit) and e.fold != "none")]
+    folds = [isinstance(e, ProjectionEdit) and e.fold != "none" for e in edits]
+    return [e for e, f in zip(edits, folds) if f], [e for e, f in zip(edits, folds) if not f]
 
 
 def fold_all(model: "nn.Module | ModelAdapter", edits: list[ProjectionEdit]) -> list[FoldHandle]:

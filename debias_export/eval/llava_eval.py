@@ -100,7 +100,7 @@ def compare_llava(adapter: Any, patched: Any, data: LlavaEvalData, correction: s
     """Before/after: ``patched`` is a patched adapter (an export) or edit(s) applied to ``adapter`` for the call.
     ``base``: the unmodified model's P(yes) matrix when already computed."""
     from ..adapters import ModelAdapter
-    from .retrieval import install_edits
+    from ..edits.install import edits_installed
 
     proc = processor_of(adapter)
     base = yes_matrix(adapter, data, proc, batch_size) if base is None else base
@@ -108,11 +108,8 @@ def compare_llava(adapter: Any, patched: Any, data: LlavaEvalData, correction: s
         # an export saved without processor files still shares the base model's tokenizer
         after = yes_matrix(patched, data, getattr(patched, "processor", None) or proc, batch_size)
     else:
-        handle = install_edits(adapter, patched)  # folds projection edits that record a fold mode, patches the rest
-        try:
+        with edits_installed(adapter, patched):  # folds projection edits that record a fold mode, patches the rest
             after = yes_matrix(adapter, data, proc, batch_size)
-        finally:
-            handle.remove()
     return {"metric": METRIC, "base": _report(base, adapter, data, correction),
             "patched": _report(after, adapter, data, correction), "fidelity": _fidelity(base, after)}
 
@@ -120,17 +117,14 @@ def compare_llava(adapter: Any, patched: Any, data: LlavaEvalData, correction: s
 def sweep_llava(adapter: Any, make_edit: Callable[[float], Any], alphas: Sequence[float], data: LlavaEvalData,
                 correction: str = "bh", batch_size: int = 8, base: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Summary numbers of ``make_edit(alpha)`` applied at each alpha (the bias/fidelity trade-off)."""
-    from .retrieval import install_edits
+    from ..edits.install import edits_installed
 
     proc = processor_of(adapter)
     base = yes_matrix(adapter, data, proc, batch_size) if base is None else base
     rows = []
     for alpha in alphas:
-        handle = install_edits(adapter, make_edit(float(alpha)))
-        try:
+        with edits_installed(adapter, make_edit(float(alpha))):
             p = yes_matrix(adapter, data, proc, batch_size)
-        finally:
-            handle.remove()
         rep = gender_bias_report(p, data.genders, data.questions, correction=correction)
         rows.append({"metric": METRIC, "alpha": float(alpha), **{k: rep[k] for k in SUMMARY_KEYS},
                      "fidelity": _fidelity(base, p)})

@@ -269,55 +269,20 @@ def evaluate(adapter, data_dir: str | Path | None = None, k: int = 50, shuffles:
             "utility": utility_metrics(emb, data)}
 
 
-class _Installed:
-    """Several handles undone as one, last installed first."""
-
-    def __init__(self, handles: list) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in reversed(self.handles):
-            h.remove()
-
-
-def install_edits(adapter, edits_or_installer):
-    """Call an installer, or apply edit(s): projection edits that record a fold mode are folded (what
-    ``export`` ships), the others patched with ``apply_edits``. Returns a handle with ``remove()``."""
-    from ..edits import EditConfig, apply_edits
-    from ..edits.projection import fold_all, split_folded
-
-    if callable(edits_or_installer):
-        return edits_or_installer(adapter)
-    edits = [edits_or_installer] if isinstance(edits_or_installer, EditConfig) else list(edits_or_installer)
-    to_fold, to_patch = split_folded(edits)
-    if not to_fold:
-        return apply_edits(adapter, edits)
-    handles = fold_all(adapter, to_fold)
-    try:
-        if to_patch:
-            handles.append(apply_edits(adapter, to_patch))
-    except Exception:
-        _Installed(handles).remove()
-        raise
-    return _Installed(handles)
-
-
 def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 50, shuffles: int = 0,
             prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> dict:
     """Before/after metrics plus fidelity. ``patched``: an adapter, edit(s) applied to the base for the call,
     or an installer ``fn(adapter) -> handle`` (e.g. a fold) whose ``handle.remove()`` undoes it."""
     from ..adapters import ModelAdapter
+    from ..edits.install import edits_installed
 
     data = _as_data(base_adapter, data_dir, data, prompt_sets)
     base_emb = embed(base_adapter, data)
     if isinstance(patched, ModelAdapter):
         patched_emb = embed(patched, data)
     else:
-        handle = install_edits(base_adapter, patched)
-        try:
+        with edits_installed(base_adapter, patched):  # folds projection edits that record a fold mode
             patched_emb = embed(base_adapter, data)
-        finally:
-            handle.remove()
     base = evaluate(base_adapter, k=k, shuffles=shuffles, data=data, embeddings=base_emb)
     after = evaluate(base_adapter, k=k, shuffles=0, data=data, embeddings=patched_emb)
     return {"base": base, "patched": after, "fidelity": fidelity_metrics(base_emb, patched_emb),
@@ -343,15 +308,14 @@ def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Pat
                 prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> list[dict]:
     """Evaluate ``make_edit(alpha)`` applied at each alpha: the trade-off curve. ``make_edit`` returns an edit,
     a list of edits, or an installer ``fn(adapter) -> handle with remove()`` (see :func:`compare`)."""
+    from ..edits.install import edits_installed
+
     data = _as_data(adapter, data_dir, data, prompt_sets)
     base_emb = embed(adapter, data)
     rows = []
     for alpha in alphas:
-        handle = install_edits(adapter, make_edit(float(alpha)))
-        try:
+        with edits_installed(adapter, make_edit(float(alpha))):
             emb = embed(adapter, data)
-        finally:
-            handle.remove()
         res = evaluate(adapter, k=k, data=data, embeddings=emb)
         res["alpha"] = float(alpha)
         res["fidelity"] = fidelity_metrics(base_emb, emb)

@@ -91,16 +91,45 @@ def test_saelens_finetuning_scaling_factor(tmp_path):
     _check(load_any(tmp_path), f, (f * s) @ t["W_dec"] + t["b_dec"])
 
 
+def test_saelens_finetuning_scaling_factor_tensor_key(tmp_path):
+    """SAELens 4.x/5.x write the scale under its config name, not ``scaling_factor``."""
+    s = _r(F, seed=12).abs() + 0.5
+    t = _saelens(tmp_path, {"architecture": "standard", "finetuning_scaling_factor": True},
+                 {"finetuning_scaling_factor": s})
+    f = ((X - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
+    _check(load_any(tmp_path), f, (f * s) @ t["W_dec"] + t["b_dec"])
+
+
+@pytest.mark.parametrize("apply_b_dec", [True, False])
+def test_saelens_gated(tmp_path, apply_b_dec):
+    """Gated SAE (Rajamanoharan et al. 2024): gate on ``u @ W + b_gate > 0``, magnitude relu(u @ (W e^r) + b_mag)."""
+    extra = {"b_gate": _r(F, seed=21, scale=0.2), "b_mag": _r(F, seed=22, scale=0.2), "r_mag": _r(F, seed=23)}
+    t = _saelens(tmp_path, {"architecture": "gated", "apply_b_dec_to_input": apply_b_dec}, extra)
+    u = X - t["b_dec"] * apply_b_dec
+    gate = (u @ t["W_enc"] + t["b_gate"]) > 0
+    f = gate * (u @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]).relu()
+    assert 0 < gate.float().mean() < 1
+    _check(load_any(tmp_path), f, f @ t["W_dec"] + t["b_dec"])
+
+
 @pytest.mark.parametrize("cfg,match", [
-    ({"architecture": "gated"}, "gated"),
-    ({"architecture": "standard", "normalize_activations": "expected_average_only_in"}, "normalize_activations"),
-    ({"architecture": "standard", "normalize_activations": "layer_norm"}, "normalize_activations"),
+    ({"architecture": "matching_pursuit"}, "architecture 'matching_pursuit' is not supported \\(supported: standard"),
+    ({"architecture": "standard", "normalize_activations": "layer_norm"}, "normalize_activations 'layer_norm' is not supported"),
+    ({"architecture": "standard", "normalize_activations": "constant_norm_rescale"}, "constant_norm_rescale"),
     ({"architecture": "topk"}, "k must be a positive integer"),
 ])
 def test_saelens_unsupported_options_are_refused(tmp_path, cfg, match):
     _saelens(tmp_path, cfg)
     with pytest.raises(DebiasError, match=match):
         load_any(tmp_path)
+
+
+@pytest.mark.parametrize("norm", ["expected_average_only_in", "covariance_whitening", True])
+def test_saelens_normalizations_that_inference_ignores(tmp_path, norm):
+    """SAELens' own inference applies no input scaling for these (it only folds a scale it is given)."""
+    t = _saelens(tmp_path, {"architecture": "standard", "normalize_activations": norm})
+    f = ((X - t["b_dec"]) @ t["W_enc"] + t["b_enc"]).relu()
+    _check(load_any(tmp_path), f, f @ t["W_dec"] + t["b_dec"])
 
 
 # ----- sparsify ------------------------------------------------------------------------------------
@@ -130,7 +159,7 @@ def test_sparsify(tmp_path):
 def test_sparsify_hookpoint_folders(tmp_path):
     t3 = _sparsify(tmp_path / "layers.3", k=3, seed=1)
     _sparsify(tmp_path / "layers.5", seed=2)
-    with pytest.raises(DebiasError, match="several hookpoints"):
+    with pytest.raises(DebiasError, match="several sub-folders .*layers.3, layers.5.*choose one with hookpoint"):
         load_any(tmp_path)
     sae = load_any(tmp_path, hookpoint="layers.3")
     assert sae.cfg.metadata["imported_from"]["hookpoint"] == "layers.3"

@@ -53,7 +53,8 @@ CFG_KEYS = ["d_in", "num_latents", "activation", "k", "architecture", "d_sae", "
             "transcode", "skip_connection", "reshape_activations", "trainer", "metadata", "group_fractions"]
 CFG_VALUES = {"architecture": ["standard", "topk", "jumprelu", "batchtopk", "gated", "matryoshka_batchtopk"],
               "activation": ["threshold", "relu", "topk", "groupmax"], "activation_fn_str": ["relu", "topk", "tanh"],
-              "dict_class": ["BatchTopKSAE", "MatryoshkaBatchTopKSAE", "AutoEncoderTopK", "AutoEncoder", "JumpReluSAE"]}
+              "dict_class": ["BatchTopKSAE", "MatryoshkaBatchTopKSAE", "AutoEncoderTopK", "AutoEncoder", "JumpReluSAE",
+                             "JumpReluAutoEncoder", "GatedAutoEncoder", "AutoEncoderNew", "MatroyshkaBatchTopKSAE"]}
 
 
 @st.composite
@@ -128,12 +129,15 @@ def _check_consistent(sae, fmt: str, cfg, tensors: dict, d_in) -> None:
     if sae.cfg.activation == "topk":
         assert 0 < sae.cfg.k <= F
     dec_name, role = DECODER[fmt]
-    if sae.cfg.metadata.get("imported_from", {}).get("dict_class") == "MatryoshkaBatchTopKSAE":
+    if sae.cfg.metadata.get("imported_from", {}).get("dict_class") in ("MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
         dec_name, role = "W_dec", "Fd"
     folded = isinstance(cfg, dict) and (cfg.get("rescale_acts_by_decoder_norm") or cfg.get("finetuning_scaling_factor"))
     if not folded and dec_name in tensors and tensors[dec_name].dim() == 2:
-        given_dec = tensors[dec_name].float()
-        want = given_dec if tuple(given_dec.shape) == (F, d) and (role == "Fd" or d == F) else given_dec.t()
+        # The layout fixes the orientation (an nn.Linear decoder weight is [d, F]), square or not.
+        want = tensors[dec_name].float() if role == "Fd" else tensors[dec_name].float().t()
+        if sae.cfg.metadata.get("imported_from", {}).get("dict_class") == "AutoEncoder":
+            norms = want.norm(dim=1, keepdim=True)  # normalised like dictionary_learning's load_dictionary
+            want = want if torch.allclose(norms, torch.ones_like(norms)) else want / norms
         assert torch.equal(sae.W_dec, want)
     bias = "bias" if fmt == "dictionary_learning" and sae.cfg.activation == "relu" else "b_dec"
     if bias in tensors:

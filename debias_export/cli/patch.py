@@ -10,15 +10,11 @@ from ..errors import ConfigError, DebiasError
 from .common import load_model_spec, model_option
 
 
-def load_sae(path: str):
-    """An SAE folder in any layout the importers know (falls back to debias-export's own layout)."""
-    try:
-        from ..sae.importers import load_any
-    except ImportError:
-        from ..sae.model import SparseAutoencoder
+def load_sae(path: str, hookpoint: str | None = None):
+    """An SAE folder in any layout the importers know (``hookpoint``: one SAE of a folder of several)."""
+    from ..sae.importers import load_any
 
-        return SparseAutoencoder.load(path)
-    return load_any(path)
+    return load_any(path, hookpoint=hookpoint)
 
 
 def neurons_from_probe_report(path: str) -> list[int]:
@@ -56,6 +52,8 @@ def parse_neurons(text: str) -> list[int]:
 @click.command("patch")
 @model_option
 @click.option("--sae", "sae_dir", required=True, type=click.Path(exists=True, file_okay=False), help="SAE folder.")
+@click.option("--hookpoint", default=None,
+              help="Which SAE of a folder holding several (sub-folder such as h.0/seed1, or a Prisma .pt name).")
 @click.option("--site", default=None, help="Edit site, e.g. image.11 (default: the site recorded in the SAE metadata).")
 @click.option("--neurons", default=None, help="Comma-separated SAE latents to zero, e.g. 3,7.")
 @click.option("--probe-report", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -66,7 +64,7 @@ def parse_neurons(text: str) -> list[int]:
 @click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def patch(model_spec, sae_dir, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite):
+def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite):
     """Build an SAE edit, check it compiles into the model, save it (edit_config.json + edit.safetensors)."""
     from ..edits import SAEEdit, apply_edits
     from ..export.manifest import atomic_output_dir
@@ -74,13 +72,14 @@ def patch(model_spec, sae_dir, site, neurons, probe_report, alpha, value, mode, 
     if (neurons is None) == (probe_report is None):
         raise ConfigError("give exactly one of --neurons and --probe-report")
     chosen = parse_neurons(neurons) if neurons is not None else neurons_from_probe_report(probe_report)
-    sae = load_sae(sae_dir)
+    sae = load_sae(sae_dir, hookpoint)
     site = site or sae.cfg.metadata.get("site")
     if not site:
         raise ConfigError(f"--site is required: the SAE at {sae_dir} records no site in its metadata")
     adapter = load_model_spec(model_spec)
     edit = SAEEdit(site=site, sae=sae, neurons=chosen, value=value, alpha=alpha, mode=mode, prune=not no_prune,
-                   model=model_spec, provenance={"sae_dir": str(sae_dir), "probe_report": probe_report})
+                   model=model_spec, provenance={"sae_dir": str(sae_dir), "hookpoint": hookpoint,
+                                                         "probe_report": probe_report})
     apply_edits(adapter, edit).remove()  # fail now (width, site, layer) rather than at export time
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         edit.save(tmp)

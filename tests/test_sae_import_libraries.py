@@ -96,3 +96,19 @@ def test_run_folders_need_a_hookpoint():
             load_any(ROOT / name / "files")
     with pytest.raises(DebiasError, match="no SAE 'h.7' under .*found: h.0/seed0, h.0/seed1"):
         load_any(ROOT / "sparsify_run_seeds" / "files", hookpoint="h.7")
+
+
+def test_patch_takes_a_hookpoint(tmp_path, capsys):
+    """``debias-export patch --hookpoint`` picks one SAE of a sparsify run folder (width 32, like tiny-clip)."""
+    from debias_export.cli.main import main
+
+    run = str(ROOT / "sparsify_run_seeds" / "files")
+    base = ["patch", "--model", "tiny-clip", "--sae", run, "--site", "image.1", "--neurons", "1,5"]
+    assert main([*base, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--hookpoint h.0/seed0" in err
+    assert not (tmp_path / "none").exists()
+    assert main([*base, "--hookpoint", "h.0/seed1", "--out", str(tmp_path / "edit")]) == 0
+    cfg = json.loads((tmp_path / "edit" / "edit_config.json").read_text())
+    assert cfg["provenance"]["hookpoint"] == "h.0/seed1"
+    assert cfg["sae_config"]["metadata"]["imported_from"]["path"].endswith("h.0/seed1")

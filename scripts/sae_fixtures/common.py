@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-N_INPUTS = 64
+N_INPUTS = 32
 
 
 def gen(seed: int) -> torch.Generator:

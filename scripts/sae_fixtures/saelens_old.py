@@ -20,6 +20,7 @@ def build(root: Path) -> None:
     from sae_lens.training.training_sae import TrainingSAE, TrainingSAEConfig
 
     version = sae_lens.__version__
+    load = getattr(SAE, "load_from_disk", None) or SAE.load_from_pretrained  # 4.x: load_from_pretrained(path)
     major = version.split(".")[0]
     tmp = Path(tempfile.mkdtemp())
     arch_field = {f.name: f for f in dataclasses.fields(SAEConfig)}["architecture"]
@@ -64,15 +65,15 @@ def build(root: Path) -> None:
         extra = {}
         if reference:
             try:
-                ref = SAE.load_from_disk(str(out), dtype="float32")
+                ref = load(str(out), dtype="float32")
             except Exception as exc:  # noqa: BLE001 - the library cannot reload this save of its own
-                notes = (f"{notes}; SAE.load_from_disk fails on this save ({type(exc).__name__}: "
+                notes = (f"{notes}; the library's loader fails on this save ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[-1][:90]}): reference is the saved object's own forward")
                 ref = sae.to(torch.float32)
             with torch.no_grad():
                 lat, rec = ref.encode(x), ref(x)
             if native:
-                nat = SAE.load_from_disk(str(out))
+                nat = load(str(out))
                 with torch.no_grad():
                     xn = x.to(nat.dtype)
                     extra = {"latents_native": nat.encode(xn), "recon_native": nat(xn)}

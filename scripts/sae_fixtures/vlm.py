@@ -30,7 +30,7 @@ def _sae_for_vlm(root: Path, tmp: Path) -> None:
     from dictionary_learning.trainers import JumpReluTrainer
     from dictionary_learning.trainers.matroyshka_batch_top_k import MatroyshkaBatchTopKSAE, MatroyshkaBatchTopKTrainer
 
-    d, F = 32, 128
+    d, F = 32, 64
     g = torch.Generator().manual_seed(7)
     mix = torch.randn(d, d, generator=g) / d ** 0.5
     for name, make, load in (

@@ -31,7 +31,7 @@ def ablation_hooks(tower: str, layer: int, component: str, U: torch.Tensor) -> C
         Uc = U.to(device=ref.device, dtype=ref.dtype)
         if component in ("attn", "mlp"):
             mod = block.get_submodule(parts.attn_hook if component == "attn" else parts.mlp_hook)
-            return [mod.register_forward_hook(lambda m, a, out: _project_off(out, Uc))]
+            return [mod.register_forward_hook(lambda m, a, out: _project_off(out, Uc), prepend=True)]
         if not parts.num_heads:
             raise ConfigError(f"family {adapter.family!r} {tower} tower has no per-head split of its attention write")
         mod = block.get_submodule(parts.attn_out)
@@ -44,7 +44,7 @@ def ablation_hooks(tower: str, layer: int, component: str, U: torch.Tensor) -> C
             write = args[0][..., sl] @ m.weight[:, sl].T
             return out - (write @ Uc) @ Uc.T
 
-        return [mod.register_forward_hook(head_hook)]
+        return [mod.register_forward_hook(head_hook, prepend=True)]  # edit before any reader hook
 
     return install
 

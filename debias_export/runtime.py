@@ -4,16 +4,27 @@ This one file is used three ways, so the graph that runs is the same everywhere:
 in-memory patching (``debias_export.edits``), ``debias_export.load_patched``, and copied verbatim
 into exported model directories as the ``trust_remote_code`` modeling code's runtime.
 
-A patched block is an :class:`EditedModule` holding the original module as ``base_layer`` and a
-list of fused edit modules applied to its output hidden states, optionally only at the token
-positions that reach the tower output (output-position pruning).
+A patched site keeps its original module in place (its class, name and weights are untouched). The
+site's fused edits live in a :class:`SiteEdit` registered on that module as the child ``debias_edit``
+and run as the module's first forward hook (``prepend=True``), so every consumer of the module's
+output sees the edited value: the next block, ``output_hidden_states`` (transformers 5 collects it
+with its own forward hooks on the layer classes; ours runs before them), user hooks and LLaVA's
+``vision_feature_layer``. Wrapping the module instead would hide the edit from any hook on the
+original module (transformers 5's hidden-state recorder among them).
+
+Saved patches name a site (``tower.layer.kind``), never a module path: :func:`install_patches`
+resolves sites with a caller-given resolver (the adapter, in ``load_patched``) or, for remote code,
+with :data:`HF_LAYOUTS`, which lists where each Hugging Face family keeps its blocks under every
+supported transformers major.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+EDIT_ATTR = "debias_edit"  # child name of the SiteEdit on a patched module
 
 
 class FusedSAEEdit(nn.Module):
@@ -101,30 +112,19 @@ def ids_argmax(input_ids: torch.Tensor, eos_token_id: int = 0) -> torch.Tensor:
 POSITION_RULES = {"eos_first": eos_first, "ids_argmax": ids_argmax}
 
 
-class EditedModule(nn.Module):
-    """Wraps ``base_layer`` and applies ``edits`` to its output hidden states (tensor or tuple[0]).
+class SiteEdit(nn.Module):
+    """The fused edits of one site, applied to its module's output (a tensor, or a tuple's first item).
 
     ``positions``: ``None`` (every token), ``{"static": i}`` (one fixed position, e.g. CLS) or
     ``{"rule": name, "input": "input_ids", "eos_token_id": n}`` (per-row positions computed from the
-    tower's inputs by a pre-hook that :func:`attach_position_hook` installs on the tower module).
+    tower's inputs by the pre-hook :func:`attach_position_hook` installs on the tower's input module).
     """
 
-    def __init__(self, base_layer: nn.Module, edits: list[nn.Module], positions: dict | None = None):
+    def __init__(self, edits: list[nn.Module], positions: dict | None = None):
         super().__init__()
-        self.base_layer = base_layer
         self.edits = nn.ModuleList(edits)
         self.positions = positions
         self._dynamic_pos: torch.Tensor | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        # peft-style: attributes the wrapped module's callers expect (e.g. open_clip's
-        # ``resblocks[0].get_weight_dtype()``) fall through to ``base_layer``.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
 
     def apply_edits(self, h: torch.Tensor) -> torch.Tensor:
         for edit in self.edits:
@@ -139,53 +139,141 @@ class EditedModule(nn.Module):
             return torch.cat([h[:, :i], self.apply_edits(h[:, i:i + 1]), h[:, i + 1:]], dim=1)
         pos = self._dynamic_pos
         if pos is None:
-            raise RuntimeError("EditedModule: dynamic output positions were not set by the tower pre-hook")
+            raise RuntimeError("SiteEdit: dynamic output positions were not set by the tower pre-hook")
         index = pos.to(h.device).long().view(-1, 1, 1).expand(-1, 1, h.shape[-1])
         picked = h.gather(1, index)
         return h.scatter(1, index, self.apply_edits(picked))
 
-    def forward(self, *args: Any, **kwargs: Any):
-        out = self.base_layer(*args, **kwargs)
-        if isinstance(out, tuple):
-            return (self.edit_hidden(out[0]),) + tuple(out[1:])
-        return self.edit_hidden(out)
+    def forward(self, output: Any) -> Any:
+        if isinstance(output, tuple):
+            return (self.edit_hidden(output[0]),) + tuple(output[1:])
+        return self.edit_hidden(output)
 
 
-def attach_position_hook(tower_module: nn.Module, wrapper: EditedModule):
-    """Pre-hook on the tower module that computes dynamic output positions from its inputs."""
-    rule = POSITION_RULES[wrapper.positions["rule"]]
-    name = wrapper.positions.get("input", "input_ids")
-    eos = int(wrapper.positions.get("eos_token_id", 0))
+def _run_site_edit(module: nn.Module, args: Any, output: Any) -> Any:
+    return getattr(module, EDIT_ATTR)(output)
+
+
+class InstalledSiteEdit:
+    """A :class:`SiteEdit` installed on a module; :meth:`remove` restores the module exactly."""
+
+    def __init__(self, module: nn.Module, site_edit: SiteEdit, position_module: nn.Module | None = None):
+        if EDIT_ATTR in module._modules:
+            raise ValueError(f"{type(module).__name__} already carries a debias edit")
+        self.module, self.site_edit, self.position_module = module, site_edit, position_module
+        module.add_module(EDIT_ATTR, site_edit)
+        # prepend: run before any hook already on the module (e.g. a hidden-state recorder)
+        self._hooks = [module.register_forward_hook(_run_site_edit, prepend=True)]
+        if position_module is not None:
+            self._hooks.append(attach_position_hook(position_module, site_edit))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        if self.module._modules.get(EDIT_ATTR) is self.site_edit:
+            del self.module._modules[EDIT_ATTR]
+
+
+def attach_position_hook(position_module: nn.Module, site_edit: SiteEdit):
+    """Pre-hook on the tower's input module that computes dynamic output positions from its inputs."""
+    rule = POSITION_RULES[site_edit.positions["rule"]]
+    name = site_edit.positions.get("input", "input_ids")
+    eos = int(site_edit.positions.get("eos_token_id", 0))
 
     def hook(module, args, kwargs):
         ids = kwargs.get(name)
         if ids is None and args:
             ids = args[0]
-        wrapper._dynamic_pos = rule(ids, eos)
+        site_edit._dynamic_pos = rule(ids, eos)
 
-    return tower_module.register_forward_pre_hook(hook, with_kwargs=True)
+    return position_module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def install_patches(model: nn.Module, patches: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> list[EditedModule]:
+def site_edits(model: nn.Module) -> list[tuple[str, SiteEdit]]:
+    """``(path of the patched module, SiteEdit)`` for every installed edit, in module order."""
+    return [(name.rpartition(".")[0], m) for name, m in model.named_modules() if isinstance(m, SiteEdit)]
+
+
+# ----- where sites live (remote code: no adapter available) -----------------------------------------
+# family -> tower -> candidate paths of the block list (first that exists wins: transformers 4.x keeps a
+# CLIPVisionTransformer inside CLIPVisionModel, 5.x flattens it), sub-module per site kind, and the
+# module whose inputs hold the token ids for dynamic positions.
+_CLIP_SUBS = {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"}
+_BERT_SUBS = {"attn_out": "attention.output.dense", "mlp_out": "output.dense"}
+HF_LAYOUTS: dict[str, dict[str, dict[str, Any]]] = {
+    "hf_clip": {
+        "image": {"blocks": ("vision_model.encoder.layers", "vision_model.vision_model.encoder.layers"),
+                  "subs": _CLIP_SUBS, "inputs": ("vision_model",)},
+        "text": {"blocks": ("text_model.encoder.layers",), "subs": _CLIP_SUBS, "inputs": ("text_model",)},
+    },
+    "hf_dual_encoder": {
+        "image": {"blocks": ("vision_model.vision_model.encoder.layers", "vision_model.encoder.layers"),
+                  "subs": _CLIP_SUBS, "inputs": ("vision_model",)},
+        "text": {"blocks": ("text_model.encoder.layer",), "subs": _BERT_SUBS, "inputs": ("text_model",)},
+    },
+    "llava": {
+        "image": {"blocks": ("model.vision_tower.vision_model.encoder.layers", "model.vision_tower.encoder.layers",
+                             "vision_tower.vision_model.encoder.layers", "vision_tower.encoder.layers"),
+                  "subs": _CLIP_SUBS, "inputs": ("model.vision_tower", "vision_tower")},
+    },
+}
+
+
+def _first_path(model: nn.Module, candidates: tuple[str, ...], what: str) -> str:
+    for path in candidates:
+        try:
+            model.get_submodule(path)
+            return path
+        except AttributeError:
+            continue
+    raise LookupError(f"{type(model).__name__} has no {what} (looked for {', '.join(candidates)})")
+
+
+def hf_blocks_path(model: nn.Module, family: str, tower: str) -> str:
+    """Path of the block list of ``tower`` in a Hugging Face model of ``family``, on any transformers major."""
+    layout = HF_LAYOUTS[family][tower]
+    return _first_path(model, layout["blocks"], f"{tower} block list")
+
+
+def hf_resolver(model: nn.Module, family: str) -> Callable[[str], tuple[nn.Module, nn.Module | None]]:
+    """Site name -> (module to patch, module for the position pre-hook) from :data:`HF_LAYOUTS`."""
+
+    def resolve(site: str) -> tuple[nn.Module, nn.Module | None]:
+        tower, layer, kind = site.split(".")
+        layout = HF_LAYOUTS[family][tower]
+        path = f"{hf_blocks_path(model, family, tower)}.{int(layer)}"
+        if kind != "resid_post":
+            path += "." + layout["subs"][kind]
+        inputs = model.get_submodule(_first_path(model, layout["inputs"], f"{tower} input module"))
+        return model.get_submodule(path), inputs
+
+    return resolve
+
+
+def install_patches(model: nn.Module, patches: list[dict[str, Any]], tensors: dict[str, torch.Tensor],
+                    resolve: Callable[[str], tuple[nn.Module, nn.Module | None]]) -> list[InstalledSiteEdit]:
     """Rebuild saved patches on a freshly loaded base model (used by load_patched and remote code).
 
-    ``patches``: ``[{"module": path, "positions": ..., "hook_module": path|None, "edits": [spec...]}]``;
-    tensors are named ``debias_patches.<i>.<j>.<buffer>``.
+    ``patches``: ``[{"site": "image.11.resid_post", "positions": ..., "edits": [spec...]}]``; tensors are
+    named ``debias_patches.<i>.<j>.<buffer>``; ``resolve(site) -> (module, position input module)``.
     """
-    wrappers = []
-    for i, patch in enumerate(patches):
-        edits = []
-        for j, spec in enumerate(patch["edits"]):
-            edit = build_edit(spec)
-            prefix = f"debias_patches.{i}.{j}."
-            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            edit.load_state_dict(state, strict=True)
-            edits.append(edit)
-        parent_name, _, child = patch["module"].rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = EditedModule(getattr(parent, child), edits, patch.get("positions"))
-        setattr(parent, child, wrapper)
-        if patch.get("hook_module") is not None:
-            attach_position_hook(model.get_submodule(patch["hook_module"]), wrapper)
-        wrappers.append(wrapper)
-    return wrappers
+    installed = []
+    try:
+        for i, patch in enumerate(patches):
+            edits = []
+            for j, spec in enumerate(patch["edits"]):
+                edit = build_edit(spec)
+                prefix = f"debias_patches.{i}.{j}."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                edit.load_state_dict(state, strict=True)
+                edits.append(edit)
+            module, inputs = resolve(patch["site"])
+            positions = patch.get("positions")
+            dynamic = positions is not None and "rule" in positions
+            installed.append(InstalledSiteEdit(module, SiteEdit(edits, positions), inputs if dynamic else None))
+    except Exception:
+        for item in reversed(installed):
+            item.remove()
+        raise
+    return installed

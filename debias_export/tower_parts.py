@@ -10,7 +10,7 @@ family registers a builder in :data:`FAMILY_PARTS`:
   ``token_embedding`` / ``position_embedding``; the vision stream starts at ``pre_layrnorm`` (a
   LayerNorm output, which cannot absorb a fold).
 - ``hf_dual_encoder`` (VisionTextDualEncoderModel): the image tower is a CLIP ViT (as above, under
-  ``vision_model.vision_model``). The text tower is BERT: **post-LN** blocks
+  ``vision_model.vision_model`` on transformers 4.57, ``vision_model`` on 5.x). The text tower is BERT: **post-LN** blocks
   (``LayerNorm(x + dense(...))``), so the stream is not a sum of writes: the writes are the
   ``attention.output.dense`` / ``output.dense`` outputs *before* each block's LayerNorm, ablation
   acts there, and every-writer folding does not apply. Readout = ``pooler`` (tanh dense on CLS) +
@@ -78,11 +78,17 @@ def _linear_tail(adapter: ModelAdapter, tower: str, norm: str, proj: str) -> tup
     return (lambda tokens, batch: m.get_submodule(proj)(m.get_submodule(norm)(pool(tokens, batch)))), pool
 
 
-def _clip_vit_parts(adapter: ModelAdapter, tower: str, prefix: str, num_heads: int) -> TowerParts:
-    norm, proj = f"{prefix}vision_model.post_layernorm", "visual_projection"
+def _vit_root(adapter: ModelAdapter, tower: str) -> str:
+    """Path of the CLIP vision transformer (holder of ``encoder``), on either transformers major."""
+    return adapter.blocks_path(tower).removesuffix(".encoder.layers")
+
+
+def _clip_vit_parts(adapter: ModelAdapter, tower: str, num_heads: int) -> TowerParts:
+    root = _vit_root(adapter, tower)
+    norm, proj = f"{root}.post_layernorm", "visual_projection"
     readout, pool = _linear_tail(adapter, tower, norm, proj)
     return TowerParts("self_attn.out_proj", "mlp.fc2", num_heads, readout, pool, final_norm=norm, projection=proj,
-                      stream_start=f"{prefix}vision_model.pre_layrnorm")
+                      stream_start=f"{root}.pre_layrnorm")
 
 
 def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
@@ -90,7 +96,7 @@ def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
     if hasattr(cfg, "vision_config"):
         cfg = cfg.vision_config if tower == "image" else cfg.text_config
     if tower == "image":
-        return _clip_vit_parts(adapter, tower, "", int(cfg.num_attention_heads))
+        return _clip_vit_parts(adapter, tower, int(cfg.num_attention_heads))
     norm, proj, emb = "text_model.final_layer_norm", "text_projection", "text_model.embeddings"
     readout, pool = _linear_tail(adapter, tower, norm, proj)
     return TowerParts("self_attn.out_proj", "mlp.fc2", int(cfg.num_attention_heads), readout, pool, final_norm=norm,
@@ -100,7 +106,7 @@ def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
 def _dual_encoder_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
     cfg = adapter.model.config
     if tower == "image":
-        return _clip_vit_parts(adapter, tower, "vision_model.", int(cfg.vision_config.num_attention_heads))
+        return _clip_vit_parts(adapter, tower, int(cfg.vision_config.num_attention_heads))
     m = adapter.model
     pool = _gather(lambda batch: adapter.output_token_index(tower, batch))
     pooler = m.text_model.pooler
@@ -166,7 +172,7 @@ def _llava_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
         return projector(tokens[:, 1:] if drop_cls else tokens).mean(1)
 
     return TowerParts("self_attn.out_proj", "mlp.fc2", int(adapter.vision_config.num_attention_heads), readout, pool,
-                      stream_start="model.vision_tower.vision_model.pre_layrnorm", retrieval=False)
+                      stream_start=f"{_vit_root(adapter, tower)}.pre_layrnorm", retrieval=False)
 
 
 FAMILY_PARTS: dict[str, Callable[[ModelAdapter, str], TowerParts]] = {

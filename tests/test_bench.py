@@ -146,13 +146,6 @@ def _variants(clip):
     return {m: PatchSet.compile(m, clip, mk(m)) for m in ("reconstruct", "residual")}
 
 
-def test_onnx_scope_names():
-    from debias_export.bench.runners import onnx_scope
-
-    assert onnx_scope("vision_model.encoder.layers.11") == "vision_model/encoder/layers.11"
-    assert onnx_scope("model.vision_tower.vision_model.encoder.layers.22") == "model/vision_tower/vision_model/encoder/layers.22"
-
-
 def test_patch_switch_reproduces_apply_edits_and_restores(clip, clip_inputs):
     inp = clip_inputs["text"]
     with torch.no_grad():

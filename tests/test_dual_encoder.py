@@ -5,6 +5,7 @@ import torch
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.adapters import adapter_for, load_adapter
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
+from debias_export.adapters.transformers_compat import pooled
 from debias_export.edits import reference_hook
 from debias_export.testing import random_sae
 
@@ -34,7 +35,9 @@ def test_structure_and_positions(dual, dual_inputs):
     assert dual.num_layers("text") == 3 and dual.width("text") == W
     assert dual.site_module_path("text.1.attn_out") == "text_model.encoder.layer.1.attention.output.dense"
     assert dual.site_module_path("text.-1.mlp_out") == "text_model.encoder.layer.2.output.dense"
-    assert dual.site_module_path("image.0.mlp_out") == "vision_model.vision_model.encoder.layers.0.mlp.fc2"
+    # the CLIP vision transformer sits at vision_model.vision_model on transformers 4.x, vision_model on 5.x
+    assert dual.site_module_path("image.0.mlp_out") in ("vision_model.vision_model.encoder.layers.0.mlp.fc2",
+                                                        "vision_model.encoder.layers.0.mlp.fc2")
     assert dual.output_positions("text").static_index == 0
     assert dual.output_token_index("text", dual_inputs["text"]).tolist() == [0, 0, 0]
     assert dual_inputs["text"]["attention_mask"][1].sum() < dual_inputs["text"]["attention_mask"][2].sum()
@@ -160,8 +163,8 @@ def test_export_round_trips_and_onnx_parity(tmp_path, dual_inputs):
     with torch.no_grad():
         for tower in ("image", "text"):
             assert torch.equal(loaded.embed(tower, dual_inputs[tower]), want[tower])
-        assert torch.equal(remote.get_image_features(**dual_inputs["image"]), want["image"])
-        assert torch.equal(remote.get_text_features(**dual_inputs["text"]), want["text"])
+        assert torch.equal(pooled(remote.get_image_features(**dual_inputs["image"])), want["image"])
+        assert torch.equal(pooled(remote.get_text_features(**dual_inputs["text"])), want["text"])
     handle.remove()
 
 

@@ -97,6 +97,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         img = model.get_image_features(pixel_values=inp["pixel_values"])
         txt = model.get_text_features(input_ids=inp["input_ids"], attention_mask=inp["attention_mask"])
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))  # transformers 5 returns output objects
     assert "debias_export" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
     save_file({"image": img.contiguous(), "text": txt.contiguous()}, sys.argv[2] + ".out")
     print(type(model).__name__, type(model).__mro__[2].__name__)

@@ -69,7 +69,7 @@ def test_compiled_matches_reference(llava, pixels, site):
         patch.remove()
         assert torch.equal(llava.embed("image", pixels), base)
     assert base.shape == (2, N_IMAGE_TOKENS, 48)
-    assert (out - ref).abs().max() < 1e-6
+    assert (out - ref).abs().max() < 1e-5  # fused (float64-folded) vs literal formula: rounding only
     assert (out - base).abs().max() > 1e-3
 
 
@@ -124,7 +124,8 @@ def test_llava_next_style():
         hook.remove()
         patch = apply_edits(adapter, edit)
         out = adapter.embed("image", x)
-        n = adapter.model.get_image_features(pixel_values=x["pixel_values"][:1], image_sizes=x["image_sizes"][:1])[0].shape[0]
+        feats = adapter.model.get_image_features(pixel_values=x["pixel_values"][:1], image_sizes=x["image_sizes"][:1])
+        n = getattr(feats, "pooler_output", feats)[0].shape[0]  # transformers 5 returns an output object
         ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * n + [7]])
         gen = adapter.model.generate(input_ids=ids, pixel_values=x["pixel_values"][:1], image_sizes=x["image_sizes"][:1],
                                      max_new_tokens=2, do_sample=False)

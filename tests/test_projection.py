@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
+from debias_export.adapters.transformers_compat import pooled
 from debias_export.edits.projection import ProjectionEdit, fold_projection, reference_map
 from debias_export.locate import tower_parts
 from debias_export.testing import random_sae
@@ -156,11 +157,11 @@ def test_combined_with_sae_edits(clip, clip_inputs):
         for h in hooks:
             h.remove()
         patch = apply_edits(clip, [proj, sae_same, proj_mlp, sae_other])
-        kinds = {r["module"]: [e["type"] for e in r["edits"]] for r in patch.records}
+        kinds = {r["site"]: [e["type"] for e in r["edits"]] for r in patch.records}
         out = clip.embed("image", inp)
         patch.remove()
-    assert kinds == {"vision_model.encoder.layers.1": ["lowrank", "sae"], "vision_model.encoder.layers.2.mlp.fc2": ["lowrank"],
-                     "vision_model.encoder.layers.2": ["sae"]}
+    assert kinds == {"image.1.resid_post": ["lowrank", "sae"], "image.2.mlp_out": ["lowrank"],
+                     "image.2.resid_post": ["sae"]}
     assert (out - ref).abs().max() < 1e-5
 
 
@@ -185,6 +186,7 @@ STOCK_CHECK = textwrap.dedent("""
     with torch.no_grad():
         img = m.get_image_features(pixel_values=t["pixel_values"])
         txt = m.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+    img, txt = (getattr(x, "pooler_output", x) for x in (img, txt))  # transformers 5 returns output objects
     print(float((img - t["image"]).abs().max()), float((txt - t["text"]).abs().max()))
 """)
 
@@ -216,7 +218,7 @@ class ImageTower(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values):
-        return self.model.get_image_features(pixel_values=pixel_values)
+        return pooled(self.model.get_image_features(pixel_values=pixel_values))
 
 
 def onnx_ops(model, x, path):
@@ -268,7 +270,8 @@ def test_fitted_edit_erases_the_attribute_inside_the_model(clip):
 
     def cls_after_block1():
         acts = []
-        h = clip.blocks("image")[1].register_forward_hook(lambda m, a, o: acts.append(o[0][:, 0]))
+        h = clip.blocks("image")[1].register_forward_hook(  # a tuple on transformers 4.x, a tensor on 5.x
+                lambda m, a, o: acts.append((o[0] if isinstance(o, tuple) else o)[:, 0]))
         with torch.no_grad():
             clip.embed("image", inp)
         h.remove()

@@ -96,6 +96,7 @@ m = CLIPModel.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
 t = load_file(sys.argv[2])
 with torch.no_grad():
     img = m.get_image_features(pixel_values=t["pixel_values"])
+img = getattr(img, "pooler_output", img)  # transformers 5 returns an output object
 print(float((img - t["image"]).abs().max()), float((img - t["base"]).abs().max()))
 """
 

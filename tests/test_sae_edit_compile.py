@@ -43,7 +43,9 @@ def test_pruned_equals_all_token_application(clip, clip_inputs, tower):
         p = apply_edits(clip, SAEEdit(prune=False, **kw))
         full = clip.embed(tower, inp)
         p.remove()
-    assert torch.equal(pruned, full)
+    # the edit's GEMMs run on [B, 1, d] rows vs [B, T, d]: different shapes may take different BLAS kernels
+    # (MKL does on AMD), so equal up to float rounding, not bit for bit
+    torch.testing.assert_close(pruned, full, rtol=1e-6, atol=1e-6)
 
 
 def test_pruning_only_at_consumed_layer(clip):
@@ -67,12 +69,12 @@ def test_alpha_zero_is_exact_identity(clip, clip_inputs, tower):
 def test_compiled_graph_has_no_masking_of_neurons(clip):
     sae = random_sae(32, 64)
     p = apply_edits(clip, SAEEdit(site="image.1", sae=sae, neurons=[5, 9]))
-    fused = p.wrappers[0].edits[0]
+    fused = p.site_edits[0].edits[0]
     assert fused.W_enc.shape == (32, 62)  # zeroed neurons dropped from the encoder entirely
     assert not hasattr(fused, "select")
     p.remove()
     p = apply_edits(clip, SAEEdit(site="image.1", sae=sae, neurons=[5, 9], mode="residual"))
-    assert p.wrappers[0].edits[0].W_enc.shape == (32, 2)  # O(d * |S|)
+    assert p.site_edits[0].edits[0].W_enc.shape == (32, 2)  # O(d * |S|)
     p.remove()
 
 

@@ -2,7 +2,8 @@
 
 This is the family of the offline bias-lab model (MiniLM text + small ViT), and of public
 checkpoints built the same way. Sites: ``image.L.*`` are blocks of
-``vision_model.vision_model.encoder.layers`` (CLIP layers: ``self_attn.out_proj`` / ``mlp.fc2`` write the
+the CLIP vision model's ``encoder.layers`` (``vision_model.vision_model.encoder.layers`` on transformers 4.57,
+``vision_model.encoder.layers`` on 5.x; CLIP layers: ``self_attn.out_proj`` / ``mlp.fc2`` write the
 attention / MLP outputs); ``text.L.*`` are blocks of ``text_model.encoder.layer`` (BERT layers:
 ``attention.output.dense`` / ``output.dense``; they return tuples, which the runtime handles).
 
@@ -21,14 +22,13 @@ import torch
 from torch import nn
 
 from ..errors import DebiasError
+from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
 from .hf_clip import clip_pixel_values
+from .transformers_compat import pooled, quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 
-_SUB_MODULES = {
-    "image": {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"},
-    "text": {"attn_out": "attention.output.dense", "mlp_out": "output.dense"},
-}
+_LAYOUT = HF_LAYOUTS["hf_dual_encoder"]
 
 
 def _dual_class():
@@ -84,7 +84,8 @@ class DualEncoderAdapter(ModelAdapter):
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DualEncoderAdapter":
         """Load a saved ``VisionTextDualEncoderModel`` directory (plus its tokenizer when present)."""
         try:
-            model = _dual_class().from_pretrained(spec, dtype=dtype, attn_implementation="eager", **kwargs)
+            with quiet_transformers():
+                model = _dual_class().from_pretrained(spec, dtype=dtype, attn_implementation="eager", **kwargs)
         except (OSError, ValueError) as exc:
             raise DebiasError(f"cannot load VisionTextDualEncoderModel from {spec!r}: {str(exc).splitlines()[0]}") from None
         local = spec if Path(spec).is_dir() else None
@@ -96,7 +97,8 @@ class DualEncoderAdapter(ModelAdapter):
         torch.manual_seed(seed)
         config.vision_config._attn_implementation = "eager"
         config.text_config._attn_implementation = "eager"
-        return cls(_dual_class()(config).eval(), source="config")
+        # transformers majors initialise differently: re-draw the weights so a seed means one model everywhere
+        return cls(seeded_init_(_dual_class()(config), seed, ("vision_model",)).eval(), source="config")
 
     # ----- structure ---------------------------------------------------------------------------
     def towers(self) -> tuple[str, ...]:
@@ -104,7 +106,7 @@ class DualEncoderAdapter(ModelAdapter):
 
     def blocks_path(self, tower: str) -> str:
         self.check_tower(tower)
-        return "vision_model.vision_model.encoder.layers" if tower == "image" else "text_model.encoder.layer"
+        return hf_blocks_path(self.model, self.family, tower)
 
     def _tower_config(self, tower: str):
         return self.model.config.vision_config if tower == "image" else self.model.config.text_config
@@ -114,7 +116,7 @@ class DualEncoderAdapter(ModelAdapter):
         return int(self._tower_config(tower).hidden_size)
 
     def sub_module_path(self, site: Site) -> str | None:
-        return _SUB_MODULES.get(site.tower, {}).get(site.kind)
+        return _LAYOUT.get(site.tower, {}).get("subs", {}).get(site.kind)
 
     def output_positions(self, tower: str) -> OutputPositions:
         self.check_tower(tower)
@@ -146,9 +148,9 @@ class DualEncoderAdapter(ModelAdapter):
     def embed(self, tower: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.check_tower(tower)
         if tower == "image":
-            return self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        return self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                            token_type_ids=inputs.get("token_type_ids"))
+            return pooled(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
+        return pooled(self.model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                                   token_type_ids=inputs.get("token_type_ids")))
 
     def describe(self) -> dict:
         info = super().describe()
@@ -180,9 +182,9 @@ def tiny_dual_encoder(seed: int = 0) -> "DualEncoderAdapter":
 
 def save_base(adapter: "DualEncoderAdapter", out: Path) -> None:
     """Unpatched weights + config + tokenizer, as ``save_pretrained`` writes them."""
-    adapter.model.save_pretrained(out, safe_serialization=True)
+    save_pretrained_portable(adapter.model, out, vision_prefixes=("vision_model",))
     if adapter.processor is not None:
-        adapter.processor.save_pretrained(out)
+        save_processor_portable(adapter.processor, out)
 
 
 def base_info(adapter: "DualEncoderAdapter") -> dict[str, Any]:
@@ -204,10 +206,10 @@ class DualTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if self.tower == "image":
-            return {"image_embeds": self.model.get_image_features(pixel_values=pixel_values)}
+            return {"image_embeds": pooled(self.model.get_image_features(pixel_values=pixel_values))}
         # Explicit token_type_ids: BERT otherwise slices a buffer by a Python int, frozen at trace time.
-        return {"text_embeds": self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
-                                                            token_type_ids=torch.zeros_like(input_ids))}
+        return {"text_embeds": pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
+                                                                   token_type_ids=torch.zeros_like(input_ids)))}
 
 
 def _image_inputs(adapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -15,10 +15,12 @@ from torch import nn
 
 from ..errors import DebiasError
 from ..sites import Site
+from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
 from .base import ModelAdapter, OutputPositions, register_adapter
+from .transformers_compat import pooled, quiet_transformers, seeded_init_
 
-_SUB_MODULES = {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"}
+_LAYOUT = HF_LAYOUTS["hf_clip"]
 
 
 def _clip_classes():
@@ -47,7 +49,8 @@ class HFCLIPAdapter(ModelAdapter):
         CLIPModel, Vision, Text = _clip_classes()
         klass = {None: CLIPModel, "image": Vision, "text": Text}[tower]
         try:
-            model = klass.from_pretrained(spec, torch_dtype=dtype, attn_implementation="eager", **kwargs)
+            with quiet_transformers():
+                model = klass.from_pretrained(spec, dtype=dtype, attn_implementation="eager", **kwargs)
         except OSError as exc:
             raise DebiasError(f"cannot load CLIP model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
@@ -66,7 +69,8 @@ class HFCLIPAdapter(ModelAdapter):
         klass = {"clip": CLIPModel, "clip_vision_model": Vision, "clip_text_model": Text}[config.model_type]
         torch.manual_seed(seed)
         config._attn_implementation = "eager"
-        return cls(klass(config).eval(), source="config")
+        # transformers majors initialise differently: re-draw the weights so a seed means one model everywhere
+        return cls(seeded_init_(klass(config), seed).eval(), source="config")
 
     # ----- structure ---------------------------------------------------------------------------
     def _has(self, tower: str) -> bool:
@@ -76,7 +80,8 @@ class HFCLIPAdapter(ModelAdapter):
         return tuple(t for t in ("image", "text") if self._has(t))
 
     def blocks_path(self, tower: str) -> str:
-        return "vision_model.encoder.layers" if tower == "image" else "text_model.encoder.layers"
+        self.check_tower(tower)
+        return hf_blocks_path(self.model, self.family, tower)
 
     def _tower_config(self, tower: str):
         cfg = self.model.config
@@ -89,7 +94,7 @@ class HFCLIPAdapter(ModelAdapter):
         return int(self._tower_config(tower).hidden_size)
 
     def sub_module_path(self, site: Site) -> str | None:
-        return _SUB_MODULES.get(site.kind)
+        return _LAYOUT[site.tower]["subs"].get(site.kind)
 
     def eos_token_id(self) -> int:
         return int(self._tower_config("text").eos_token_id)
@@ -128,11 +133,11 @@ class HFCLIPAdapter(ModelAdapter):
         m = self.model
         if tower == "image":
             if hasattr(m, "get_image_features"):
-                return m.get_image_features(pixel_values=inputs["pixel_values"])
+                return pooled(m.get_image_features(pixel_values=inputs["pixel_values"]))
             return m(pixel_values=inputs["pixel_values"]).image_embeds
         kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask")}
         if hasattr(m, "get_text_features"):
-            return m.get_text_features(**kw)
+            return pooled(m.get_text_features(**kw))
         return m(**kw).text_embeds
 
 

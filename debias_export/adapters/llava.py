@@ -1,7 +1,8 @@
 """LLaVA (``LlavaForConditionalGeneration``, LLaVA-1.5) and LLaVA-NeXT behind the adapter interface.
 
 Only the vision tower is an editable tower (``"image"``); sites are blocks of
-``model.vision_tower.vision_model.encoder.layers`` (CLIP or SigLIP vision encoders).
+the vision tower's encoder layers (CLIP or SigLIP vision encoders): ``model.vision_tower.vision_model.encoder.layers``
+on transformers 4.57, ``model.vision_tower.encoder.layers`` on 5.x (see ``runtime.HF_LAYOUTS``).
 
 Which block the LM reads: HF takes ``vision_tower(..., output_hidden_states=True).hidden_states[k]``
 with ``k = vision_feature_layer``. ``hidden_states`` has ``L + 1`` entries: index 0 is the embedding
@@ -29,11 +30,12 @@ import torch
 from torch import nn
 
 from ..errors import DebiasError, IntegrityError
-from ..runtime import EditedModule
+from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
 from ..sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
+from .transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 
-_SUB_MODULES = {"attn_out": "self_attn.out_proj", "mlp_out": "mlp.fc2"}
+_LAYOUT = HF_LAYOUTS["llava"]["image"]
 MODEL_TYPES = ("llava", "llava_next")
 
 
@@ -69,7 +71,8 @@ class LlavaAdapter(ModelAdapter):
         try:
             config = AutoConfig.from_pretrained(spec)
             klass = _llava_classes()[config.model_type]
-            model = klass.from_pretrained(spec, dtype=dtype, **kwargs)
+            with quiet_transformers():
+                model = klass.from_pretrained(spec, dtype=dtype, **kwargs)
         except (OSError, KeyError, ValueError) as exc:
             raise DebiasError(f"cannot load LLaVA model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
@@ -86,7 +89,9 @@ class LlavaAdapter(ModelAdapter):
         """Random-weight model from a ``LlavaConfig`` / ``LlavaNextConfig`` (tests, export work)."""
         torch.manual_seed(seed)
         config._attn_implementation = "eager"
-        return cls(_llava_classes()[config.model_type](config).eval(), source="config")
+        model = _llava_classes()[config.model_type](config)
+        # transformers majors initialise differently: re-draw the weights so a seed means one model everywhere
+        return cls(seeded_init_(model, seed, _LAYOUT["inputs"]).eval(), source="config")
 
     # ----- structure ---------------------------------------------------------------------------
     @property
@@ -96,18 +101,27 @@ class LlavaAdapter(ModelAdapter):
     def towers(self) -> tuple[str, ...]:
         return ("image",)
 
+    def vision_tower(self) -> nn.Module:
+        for path in _LAYOUT["inputs"]:
+            try:
+                return self.model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise DebiasError(f"{type(self.model).__name__} has no vision tower")
+
     def blocks_path(self, tower: str) -> str:
         self.check_tower(tower)
-        if not hasattr(self.model.model.vision_tower, "vision_model"):
-            raise DebiasError(f"LLaVA vision tower {type(self.model.model.vision_tower).__name__} is not a CLIP/SigLIP vision model")
-        return "model.vision_tower.vision_model.encoder.layers"
+        try:
+            return hf_blocks_path(self.model, self.family, tower)
+        except LookupError:
+            raise DebiasError(f"LLaVA vision tower {type(self.vision_tower()).__name__} is not a CLIP/SigLIP vision model") from None
 
     def width(self, tower: str) -> int:
         self.check_tower(tower)
         return int(self.vision_config.hidden_size)
 
     def sub_module_path(self, site: Site) -> str | None:
-        return _SUB_MODULES.get(site.kind)
+        return _LAYOUT["subs"].get(site.kind)
 
     def feature_layers(self) -> list[int]:
         """``vision_feature_layer`` as a list of ``hidden_states`` indices (one or several)."""
@@ -158,6 +172,7 @@ class LlavaAdapter(ModelAdapter):
         self.check_tower(tower)
         if self.model.config.model_type == "llava_next" and "image_sizes" in inputs:
             feats = self.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+            feats = getattr(feats, "pooler_output", feats)  # transformers 5 returns an output object
             return torch.cat(list(feats), dim=0)
         pixels = inputs["pixel_values"]
         if pixels.dim() != 4:
@@ -170,7 +185,7 @@ class LlavaAdapter(ModelAdapter):
         pixels = inputs["pixel_values"]
         if pixels.dim() == 5:  # LLaVA-NeXT anyres tiles [B, tiles, C, H, W]
             pixels = pixels.flatten(0, 1)
-        self.model.model.vision_tower(pixels)
+        self.vision_tower()(pixels)
 
 
 # ----- tiny builders (tests) -------------------------------------------------------------------
@@ -233,11 +248,11 @@ def tiny_llava_processor(vocab_size: int = 160, image_token_index: int = 159, im
 # ----- export: plug-ins for debias_export.export ---------------------------------------------------
 def save_base(adapter: LlavaAdapter, out: Path) -> None:
     """``save_pretrained`` of the unpatched model (+ processor): loads for generation as-is."""
-    if any(isinstance(m, EditedModule) for m in adapter.model.modules()):
+    if any(isinstance(m, SiteEdit) for m in adapter.model.modules()):
         raise DebiasError("save_base needs the unpatched model (call it inside export.unpatched(handle))")
-    adapter.model.save_pretrained(out, safe_serialization=True)
+    save_pretrained_portable(adapter.model, out, vision_prefixes=_LAYOUT["inputs"])
     if adapter.processor is not None and hasattr(adapter.processor, "save_pretrained"):
-        adapter.processor.save_pretrained(out)
+        save_processor_portable(adapter.processor, out)
 
 
 def base_info(adapter: LlavaAdapter) -> dict[str, Any]:
@@ -255,7 +270,8 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> LlavaAdapter:
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     try:
         config = AutoConfig.from_pretrained(path)
-        model = _llava_classes()[config.model_type].from_pretrained(path, **kwargs)
+        with quiet_transformers():
+            model = _llava_classes()[config.model_type].from_pretrained(path, **kwargs)
     except (OSError, KeyError, ValueError) as exc:
         raise IntegrityError(f"cannot load LLaVA base model from {path}: {str(exc).splitlines()[0]}") from None
     processor = None
@@ -281,13 +297,15 @@ class LlavaImageFeatures(nn.Module):
         layer = cfg.vision_feature_layer
         self.layers = [int(x) for x in (layer if isinstance(layer, (list, tuple)) else [layer])]
         self.drop_cls = cfg.vision_feature_select_strategy == "default"
+        self.vision_tower = LlavaAdapter(model).vision_tower()
+        self.projector = model.model.multi_modal_projector if hasattr(model, "model") else model.multi_modal_projector
 
     def forward(self, pixel_values: torch.Tensor, **_: Any) -> dict[str, torch.Tensor]:
-        hidden = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        hidden = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         feats = torch.cat([hidden[k] for k in self.layers], dim=-1)
         if self.drop_cls:
             feats = feats[:, 1:]
-        return {"image_features": self.model.model.multi_modal_projector(feats)}
+        return {"image_features": self.projector(feats)}
 
 
 def example_inputs(adapter: LlavaAdapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DebiasError, IntegrityError
-from ..runtime import EditedModule, ids_argmax
+from ..runtime import SiteEdit, ids_argmax
 from ..sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
 
@@ -46,25 +45,6 @@ def _open_clip():
     import open_clip
 
     return open_clip
-
-
-def _cast_dtype_through_wrappers(self) -> torch.dtype:
-    first = self.resblocks[0]
-    return getattr(first, "base_layer", first).get_weight_dtype()
-
-
-def _make_cast_dtype_patch_safe(model: nn.Module) -> None:
-    """open_clip asks ``resblocks[0].get_weight_dtype()``; an ``EditedModule`` there has no such method.
-
-    Give each transformer an instance-level ``get_cast_dtype`` that looks through the wrapper, so
-    patching block 0 keeps ``encode_text`` working (in memory, after load, and when tracing to ONNX).
-    A bound method (not a closure) so ``copy.deepcopy(model)`` rebinds it to the copy.
-    """
-    from open_clip.transformer import Transformer
-
-    for mod in model.modules():
-        if isinstance(mod, Transformer) and "get_cast_dtype" not in mod.__dict__:
-            mod.get_cast_dtype = types.MethodType(_cast_dtype_through_wrappers, mod)
 
 
 def _apply_force_kwargs(cfg: dict, kwargs: dict) -> dict:
@@ -94,7 +74,6 @@ class OpenCLIPAdapter(ModelAdapter):
         if model_cfg is not None:
             model._debias_open_clip_cfg = copy.deepcopy(model_cfg)
         self.tokenizer = tokenizer
-        _make_cast_dtype_patch_safe(model)
 
     @property
     def model_cfg(self) -> dict | None:
@@ -325,7 +304,7 @@ def save_base(adapter: OpenCLIPAdapter, out: Path) -> None:
     cfg = adapter.model_cfg
     if cfg is None:
         raise ConfigError("open_clip model has no recorded model_cfg; load it with OpenCLIPAdapter.load/from_config")
-    if any(isinstance(m, EditedModule) for m in adapter.model.modules()):
+    if any(isinstance(m, SiteEdit) for m in adapter.model.modules()):
         raise DebiasError("save_base needs the unpatched model (call it inside export.unpatched(handle))")
     state = {k: v.detach().contiguous().cpu() for k, v in adapter.model.state_dict().items()}
     save_file(state, str(Path(out) / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})

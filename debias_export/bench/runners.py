@@ -1,8 +1,8 @@
 """Runtimes that execute one tower of an unmodified and a patched model side by side.
 
 Variants share one set of base weights: a :class:`PatchSet` holds compiled
-:class:`~debias_export.runtime.EditedModule` wrappers and swaps them in and out of the model (a
-``setattr`` per site, done outside the timed region), so the eager comparison measures exactly the
+:class:`~debias_export.runtime.SiteEdit` modules and installs / removes them on the model's own
+modules (a hook per site, done outside the timed region), so the eager comparison measures exactly the
 edit and not two copies of the model competing for cache. ONNX variants are exported from the same
 in-memory model with the patch installed or not, and run in separate onnxruntime sessions.
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter
 from ..errors import DebiasError
-from ..runtime import EditedModule, attach_position_hook
+from ..runtime import EDIT_ATTR, InstalledSiteEdit, SiteEdit
 
 RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -32,11 +32,11 @@ class PatchSet:
     """Compiled wrappers for one variant, detached from the model until :meth:`install`."""
 
     name: str
-    entries: list[tuple[str, EditedModule, str | None]] = field(default_factory=list)  # (module path, wrapper, hook module)
+    entries: list[tuple[str, SiteEdit, str | None]] = field(default_factory=list)  # (module path, site edit, position module)
     # folded edits: (module path, parent, child name, original module, folded copy), swapped like wrappers
     swaps: list[tuple[str, nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)
     folds: list[dict[str, Any]] = field(default_factory=list)  # fold records (edits.projection.fold_record)
-    _hooks: list[Any] = field(default_factory=list)
+    _installed: list[InstalledSiteEdit] = field(default_factory=list)
 
     @classmethod
     def compile(cls, name: str, adapter: ModelAdapter, edits: list) -> "PatchSet":
@@ -68,7 +68,7 @@ class PatchSet:
         entries = []
         if to_patch or not to_fold:  # apply_edits also gives the error for an empty edit list
             handle = apply_edits(adapter, to_patch)
-            entries = [(rec["module"], w, rec.get("hook_module")) for rec, w in zip(handle.records, handle.wrappers)]
+            entries = _entries(adapter, handle._installed)
             handle.remove()
         clash = {p for p, _, _ in entries} & {s[0] for s in swaps}
         if clash:
@@ -80,45 +80,45 @@ class PatchSet:
         return [p for p, _, _ in self.entries] + [s[0] for s in self.swaps]
 
     @classmethod
-    def discover(cls, name: str, model: nn.Module) -> "PatchSet":
-        """Wrappers already installed in a loaded patched model (their position hooks stay attached)."""
-        entries = [(path, m, None) for path, m in model.named_modules() if isinstance(m, EditedModule)]
-        if not entries:
+    def discover(cls, name: str, adapter: ModelAdapter) -> "PatchSet":
+        """The site edits :func:`~debias_export.export.load_patched` installed (the model stays patched)."""
+        installed = list(getattr(adapter, "installed_patches", []) or [])
+        if not installed:
             raise DebiasError("the loaded model has no debias patches to benchmark")
-        return cls(name, entries)
+        return cls(name, _entries(adapter, installed), _installed=installed)
 
-    def wrappers(self) -> list[EditedModule]:
+    def wrappers(self) -> list[SiteEdit]:
         return [w for _, w, _ in self.entries]
-
-    def _set(self, model: nn.Module, path: str, module: nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, module)
 
     def install(self, model: nn.Module) -> None:
         # parents are held as objects, so a fold inside a block that a wrapper also wraps still lands
         for _, parent, child, _, folded in self.swaps:
             setattr(parent, child, folded)
-        for path, wrapper, hook_module in self.entries:
-            self._set(model, path, wrapper)
-            if hook_module is not None:
-                self._hooks.append(attach_position_hook(model.get_submodule(hook_module), wrapper))
+        for path, site_edit, position_path in self.entries:
+            position = model.get_submodule(position_path) if position_path is not None else None
+            self._installed.append(InstalledSiteEdit(model.get_submodule(path), site_edit, position))
 
     def uninstall(self, model: nn.Module) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
-        for path, wrapper, _ in self.entries:
-            self._set(model, path, wrapper.base_layer)
+        for item in reversed(self._installed):
+            item.remove()
+        self._installed.clear()
         for _, parent, child, original, _ in self.swaps:
             setattr(parent, child, original)
 
     def to(self, **kw: Any) -> "PatchSet":
         for w in self.wrappers():
-            w.edits.to(**kw)  # base layers move with the model
+            w.to(**kw)  # the patched modules move with the model
         for _, _, _, original, folded in self.swaps:  # whichever of the two is outside the model now
             original.to(**kw)
             folded.to(**kw)
         return self
+
+
+def _entries(adapter: ModelAdapter, installed: list[InstalledSiteEdit]) -> list[tuple[str, SiteEdit, str | None]]:
+    """(module path, site edit, position module path) of installed site edits, for re-installing later."""
+    names = {id(m): n for n, m in adapter.model.named_modules()}
+    return [(names[id(item.module)], item.site_edit,
+             names[id(item.position_module)] if item.position_module is not None else None) for item in installed]
 
 
 class VariantSwitch:
@@ -357,30 +357,18 @@ class OrtRunner:
         return {name: torch.from_numpy(call()[0]).float() for name, call in self.calls(inputs).items()}
 
 
-def onnx_scope(module_path: str) -> str:
-    """TorchScript-exporter node-name scope of a module: ``a.b.layers.11`` -> ``a/b/layers.11``."""
-    parts: list[str] = []
-    for p in module_path.split("."):
-        if p.isdigit() and parts:
-            parts[-1] += "." + p
-        else:
-            parts.append(p)
-    return "/".join(parts)
-
-
 def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, threads: int = 1,
                 opt_level: str = "all", patch_modules: list[str] = ()) -> dict[str, Any]:
     """ORT's built-in profiler over ``runs`` calls (after one warm-up): ms per call by op type, and the
-    ms spent in the patch's own nodes (node names inside a patched module's scope, minus its
-    ``base_layer``). ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the
+    ms spent in the patch's own nodes (node names inside a patched module's ``debias_edit`` scope). ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the
     same runs*, so unlike comparing two timed sessions it is insensitive to load drift.
     """
     import json
     import tempfile
 
-    # the last three scope parts ("vision_model/encoder/layers.22"): the exported root differs between
-    # wrappers (TowerModule.model, LLaVA's feature module), the block's own tail does not
-    scopes = ["/" + "/".join(onnx_scope(m).split("/")[-3:]) + "/" for m in patch_modules]
+    # the edit runs as a hook-called child named ``debias_edit``: its nodes carry that scope in their names
+    # (TorchScript puts it under the block list's scope, so every patched site shares it)
+    scope = f"/{EDIT_ATTR}/"
     with tempfile.TemporaryDirectory() as tmp:
         sess = ort_session(path, threads=threads, opt_level=opt_level, profile_prefix=str(Path(tmp) / "prof"))
         feeds = _np(inputs, torch.float32)
@@ -398,11 +386,9 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
             by_op[op] = by_op.get(op, 0.0) + ms
             total += ms
             name = ev["name"]
-            for sc in scopes:
-                if sc in name and not name.split(sc, 1)[1].startswith("base_layer/"):
-                    patch_ms += ms
-                    patch_by_op[op] = patch_by_op.get(op, 0.0) + ms
-                    break
+            if patch_modules and scope in name:
+                patch_ms += ms
+                patch_by_op[op] = patch_by_op.get(op, 0.0) + ms
     return {"ms_by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1])), "ms_total": total, "ms_patch": patch_ms,
             "ms_patch_by_op": dict(sorted(patch_by_op.items(), key=lambda kv: -kv[1])),
             "patch_over_rest": patch_ms / (total - patch_ms) if total > patch_ms else None}

@@ -95,7 +95,7 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
     meta: dict = {"cli_params": dict(click.get_current_context().params)}
     if export_dir:
         adapter = _load_export(export_dir)
-        found = PatchSet.discover("patched", adapter.model)
+        found = PatchSet.discover("patched", adapter)
         found.uninstall(adapter.model)
         variants = {"patched": found}
         meta["export_dir"] = str(export_dir)

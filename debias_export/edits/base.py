@@ -2,23 +2,26 @@
 
 An edit is a config dataclass (saved as ``edit_config.json`` + ``edit.safetensors``) and a
 handler that compiles it, for one adapter and site, into a fused runtime module. Applying an edit
-replaces the site's module with an :class:`~debias_export.runtime.EditedModule` that keeps the
-original as ``base_layer`` (peft-style), so :meth:`PatchHandle.remove` restores the model exactly.
+installs a :class:`~debias_export.runtime.SiteEdit` on the site's own module (a child run as its first
+forward hook; the original module stays where it is), so :meth:`PatchHandle.remove` restores the model
+exactly and every consumer of the module's output sees the edit.
 """
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import ModelAdapter, adapter_for
+from ..adapters import ModelAdapter, OutputPositions, adapter_for
 from ..errors import DebiasError
-from ..runtime import EditedModule, attach_position_hook
+from ..runtime import InstalledSiteEdit, SiteEdit
 from ..sites import Site
 
 EDIT_CONFIG = "edit_config.json"
@@ -118,28 +121,52 @@ def compile_edit(edit: EditConfig, adapter: ModelAdapter) -> tuple[Site, nn.Modu
 
 
 class PatchHandle:
-    """What :func:`apply_edits` returns: the wrappers it installed, their records, and ``remove()``."""
+    """What :func:`apply_edits` returns: the site edits it installed, their records, and ``remove()``.
+
+    ``records`` (one per patched site, saved with exports) name the site, never a module path, so an
+    export loads on any transformers version whose adapter resolves the site.
+    """
 
     def __init__(self, adapter: ModelAdapter):
         self.adapter = adapter
-        self.records: list[dict[str, Any]] = []  # one per wrapped module, for export
+        self.records: list[dict[str, Any]] = []
         self.edits: list[EditConfig] = []
-        self._wrappers: list[tuple[nn.Module, str, EditedModule, Any]] = []
+        self._installed: list[InstalledSiteEdit] = []
+        self._suspended = False
 
     def remove(self) -> nn.Module:
-        """Put every original module back (exact restore) and drop position hooks."""
-        for parent, child, wrapper, hook in reversed(self._wrappers):
-            if hook is not None:
-                hook.remove()
-            setattr(parent, child, wrapper.base_layer)
-        self._wrappers.clear()
+        """Take every edit out again (the model is exactly the unpatched one) and drop position hooks."""
+        for item in reversed(self._installed):
+            item.remove()
+        self._installed.clear()
         self.records.clear()
         self.adapter.model._debias_patch = None
         return self.adapter.model
 
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Temporarily take the edits out (e.g. to save the base weights); they are put back after."""
+        if self._suspended or not self._installed:
+            yield
+            return
+        self._suspended = True
+        for item in reversed(self._installed):
+            item.remove()
+        try:
+            yield
+        finally:
+            self._installed = [InstalledSiteEdit(item.module, item.site_edit, item.position_module)
+                               for item in self._installed]
+            self._suspended = False
+
     @property
-    def wrappers(self) -> list[EditedModule]:
-        return [w for _, _, w, _ in self._wrappers]
+    def site_edits(self) -> list[SiteEdit]:
+        return [item.site_edit for item in self._installed]
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The patched modules, in record order."""
+        return [item.module for item in self._installed]
 
 
 def apply_edits(model: "nn.Module | ModelAdapter", edits: "EditConfig | list[EditConfig]") -> PatchHandle:
@@ -151,47 +178,58 @@ def apply_edits(model: "nn.Module | ModelAdapter", edits: "EditConfig | list[Edi
     if not edits:
         raise DebiasError("no edits to apply")
     handle = PatchHandle(adapter)
-    by_module: dict[str, dict[str, Any]] = {}
+    by_site: dict[str, dict[str, Any]] = {}
     for edit in edits:
         site, fused = compile_edit(edit, adapter)
         if not adapter.site_is_consumed(site):
-            import warnings
-
             warnings.warn(f"site {site.name} lies after the layer the model consumes "
                           f"({adapter.consumed_layer(site.tower)}); this edit does not change the model's output")
-        path = adapter.site_module_path(site)
         positions = adapter.site_positions(site) if edit.prune_positions() else None
-        entry = by_module.setdefault(path, {"site": site, "positions": positions, "fused": [], "edits": []})
+        entry = by_site.setdefault(site.name, {"site": site, "positions": positions, "fused": [], "edits": []})
         if entry["positions"] is not None and positions is None:
-            entry["positions"] = None  # any all-token edit on the module disables pruning for it
+            entry["positions"] = None  # any all-token edit on the site disables pruning for it
         entry["fused"].append(fused)
         entry["edits"].append(edit)
-    for path, entry in by_module.items():
-        pos = entry["positions"]
-        pos_json, hook_module = None, None
-        if pos is not None and pos.is_static:
-            pos_json = {"static": pos.static_index}
-        elif pos is not None:
-            pos_json = dict(pos.rule)
-            hook_module = pos.hook_path
-        parent_name, _, child = path.rpartition(".")
-        parent = adapter.model.get_submodule(parent_name)
-        wrapper = EditedModule(getattr(parent, child), entry["fused"], pos_json)
-        setattr(parent, child, wrapper)
-        hook = attach_position_hook(adapter.model.get_submodule(hook_module), wrapper) if hook_module else None
-        handle._wrappers.append((parent, child, wrapper, hook))
-        handle.records.append({"module": path, "site": entry["site"].name, "positions": pos_json,
-                               "hook_module": hook_module, "edits": [m.spec() for m in entry["fused"]]})
-        handle.edits.extend(entry["edits"])
+    try:
+        for name, entry in by_site.items():
+            module, pos_json, position_module = resolve_patch_site(adapter, entry["site"], entry["positions"])
+            handle._installed.append(InstalledSiteEdit(module, SiteEdit(entry["fused"], pos_json), position_module))
+            handle.records.append({"site": name, "positions": pos_json, "edits": [m.spec() for m in entry["fused"]]})
+            handle.edits.extend(entry["edits"])
+    except Exception:
+        handle.remove()
+        raise
     adapter.model._debias_patch = handle
     return handle
+
+
+def resolve_patch_site(adapter: ModelAdapter, site: Site, positions: OutputPositions | None
+                       ) -> tuple[nn.Module, dict | None, nn.Module | None]:
+    """Module to patch for ``site``, the positions as saved JSON, and the module its position pre-hook goes on."""
+    module = adapter.model.get_submodule(adapter.site_module_path(site))
+    if positions is None:
+        return module, None, None
+    if positions.is_static:
+        return module, {"static": positions.static_index}, None
+    return module, dict(positions.rule), adapter.model.get_submodule(positions.hook_path)
+
+
+def site_resolver(adapter: ModelAdapter):
+    """``site name -> (module, position input module)`` for :func:`runtime.install_patches`, via the adapter."""
+
+    def resolve(name: str) -> tuple[nn.Module, nn.Module | None]:
+        site = adapter.resolve_site(name)
+        module, _, hook = resolve_patch_site(adapter, site, adapter.site_positions(site))
+        return module, hook
+
+    return resolve
 
 
 def patch_tensors(handle: PatchHandle) -> dict[str, torch.Tensor]:
     """Fused buffers of every installed edit, named as :func:`runtime.install_patches` expects."""
     out = {}
-    for i, wrapper in enumerate(handle.wrappers):
-        for j, edit in enumerate(wrapper.edits):
+    for i, site_edit in enumerate(handle.site_edits):
+        for j, edit in enumerate(site_edit.edits):
             for name, buf in edit.state_dict().items():
                 out[f"debias_patches.{i}.{j}.{name}"] = buf.detach().contiguous()
     return out

@@ -43,7 +43,7 @@ from torch import nn
 from ..adapters import ModelAdapter, adapter_for
 from ..errors import ConfigError, DebiasError, ShapeError, check_finite
 from ..leace import ErasureSubspace, fair_directions, fit_eraser
-from ..runtime import EditedModule, LowRankEdit
+from ..runtime import EDIT_ATTR, LowRankEdit
 from ..sites import Site
 from .base import EditConfig, register_edit
 
@@ -249,7 +249,7 @@ class FoldHandle:
 
 def _module(adapter: ModelAdapter, path: str) -> nn.Module:
     mod = adapter.model.get_submodule(path)
-    if isinstance(mod, EditedModule):
+    if EDIT_ATTR in mod._modules:
         raise DebiasError(f"module {path} is patched by apply_edits; fold before patching or remove the patch first")
     return mod
 

@@ -179,4 +179,5 @@ def reference_hook(model: "nn.Module | ModelAdapter", edit: SAEEdit):
                 return (reference_formula(edit, out[0]),) + tuple(out[1:])
             return reference_formula(edit, out)
 
-    return module.register_forward_hook(hook)
+    # prepend: edit before any other hook on the module reads the output (transformers 5 records hidden states with hooks)
+    return module.register_forward_hook(hook, prepend=True)

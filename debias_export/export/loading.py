@@ -7,10 +7,11 @@ from typing import Any
 
 from ..adapters import ModelAdapter
 from ..errors import DebiasError, IntegrityError
+from ..edits.base import site_resolver
 from ..runtime import install_patches
 from ..sae.model import read_safetensors
 from .manifest import verify_manifest
-from .safetensors_export import DEBIAS_CONFIG, DEBIAS_PATCHES, FORMAT, hf_spec
+from .safetensors_export import DEBIAS_CONFIG, DEBIAS_PATCHES, FORMAT, READABLE_FORMATS, hf_spec
 
 
 def read_debias_config(path: str | Path) -> dict[str, Any]:
@@ -22,8 +23,8 @@ def read_debias_config(path: str | Path) -> dict[str, Any]:
         cfg = json.loads(file.read_text())
     except ValueError as exc:
         raise IntegrityError(f"corrupt {file}: {exc}") from None
-    if cfg.get("format") != FORMAT:
-        raise DebiasError(f"{file} has format {cfg.get('format')!r}; this version reads {FORMAT!r}")
+    if cfg.get("format") not in READABLE_FORMATS:
+        raise DebiasError(f"{file} has format {cfg.get('format')!r}; this version reads {', '.join(READABLE_FORMATS)}")
     for key in ("family", "base", "patches"):
         if key not in cfg:
             raise IntegrityError(f"{file} lacks {key!r}")
@@ -34,8 +35,9 @@ def load_patched(path: str | Path, verify: bool = True) -> ModelAdapter:
     """Load an exported directory (or a bundle's ``hf/``): verify its manifest, build the stock model, install the edits.
 
     Uses the family's stock class (e.g. ``transformers.CLIPModel``) and
-    :func:`debias_export.runtime.install_patches` -- the same runtime the remote code carries -- so
-    outputs equal those of the in-memory patched model bit for bit. Returns the adapter (eval mode);
+    :func:`debias_export.runtime.install_patches` -- the same runtime the remote code carries -- with
+    sites resolved by the family's adapter, so outputs equal those of the in-memory patched model bit
+    for bit, on whichever transformers major made the export. Returns the adapter (eval mode);
     the saved configs are on ``adapter.debias_config``.
     """
     path = Path(path)
@@ -50,12 +52,13 @@ def load_patched(path: str | Path, verify: bool = True) -> ModelAdapter:
     # a fully folded export is a stock checkpoint: its edits live in the weights, there are no patches
     tensors = read_safetensors(path / DEBIAS_PATCHES) if cfg["patches"] or (path / DEBIAS_PATCHES).exists() else {}
     try:
-        wrappers = install_patches(adapter.model, cfg["patches"], tensors)
-    except (KeyError, RuntimeError, AttributeError, TypeError) as exc:
+        installed = install_patches(adapter.model, cfg["patches"], tensors, site_resolver(adapter))
+    except (KeyError, RuntimeError, AttributeError, TypeError, ValueError, LookupError, DebiasError) as exc:
         raise IntegrityError(f"{path / DEBIAS_PATCHES} does not fit {path / DEBIAS_CONFIG}: {str(exc).splitlines()[0]}") from None
     ref = next(adapter.model.parameters())
-    for wrapper in wrappers:
-        wrapper.edits.to(device=ref.device, dtype=ref.dtype)
+    for item in installed:
+        item.site_edit.to(device=ref.device, dtype=ref.dtype)
     adapter.model.eval()
     adapter.debias_config = cfg
+    adapter.installed_patches = installed  # what bench takes out and puts back (InstalledSiteEdit.remove)
     return adapter

@@ -3,9 +3,11 @@
 Layout::
 
     config.json                  stock config + "debias" summary + "auto_map" -> modeling_debias
-    model.safetensors            ORIGINAL weights, byte-identical to save_pretrained of the unpatched model
+    model.safetensors            ORIGINAL weights as save_pretrained writes them, in the layout transformers
+                                 4.57 and 5.x both load (5.x's flattened CLIP vision keys are written 4.x-style)
     debias_patches.safetensors   fused edit buffers (debias_patches.<i>.<j>.<buffer>)
-    debias_config.json           patch records, the edits' configs, provenance, base class
+    debias_config.json           patch records (site, positions, fused edit specs), the edits' configs,
+                                 provenance, base class
     modeling_debias.py           generated: Debias<Stock>(stock class) whose from_pretrained installs the edits
     debias_runtime.py            verbatim copy of debias_export/runtime.py (torch only)
     manifest.json                SHA-256 + size of every file, package versions, provenance
@@ -27,6 +29,7 @@ from torch import nn
 
 from .. import runtime
 from ..adapters import ModelAdapter, adapter_for
+from ..adapters.transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable
 from ..edits import PatchHandle, patch_tensors
 from ..errors import DebiasError, ValidationError
 from .manifest import atomic_output_dir, write_manifest
@@ -35,7 +38,8 @@ DEBIAS_CONFIG = "debias_config.json"
 DEBIAS_PATCHES = "debias_patches.safetensors"
 MODELING_FILE = "modeling_debias.py"
 RUNTIME_FILE = "debias_runtime.py"
-FORMAT = "debias-export-hf/1"
+FORMAT = "debias-export-hf/2"  # /2: patches name sites, not module paths
+READABLE_FORMATS = ("debias-export-hf/1", FORMAT)  # /1 records also carry the absolute site name
 TEMPLATE = Path(__file__).parent / "templates" / "hf_modeling.py"
 
 
@@ -66,9 +70,9 @@ def hf_spec(family: str) -> HFDirSpec:
 
 # ----- Hugging Face CLIP -------------------------------------------------------------------------------
 def _hf_save_base(adapter: ModelAdapter, out: Path) -> None:
-    adapter.model.save_pretrained(out, safe_serialization=True)
+    save_pretrained_portable(adapter.model, out)
     if adapter.processor is not None:
-        adapter.processor.save_pretrained(out)
+        save_processor_portable(adapter.processor, out)
 
 
 def _hf_base_info(adapter: ModelAdapter) -> dict[str, Any]:
@@ -86,7 +90,8 @@ def _hf_load_base(path: Path, info: dict[str, Any]) -> ModelAdapter:
     if klass is None:
         raise DebiasError(f"transformers has no class {info['class']!r} named in {path / DEBIAS_CONFIG}")
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
-    model = klass.from_pretrained(path, **kwargs)
+    with quiet_transformers():
+        model = klass.from_pretrained(path, **kwargs)
     processor = None
     if (path / "preprocessor_config.json").is_file():
         from transformers import CLIPProcessor
@@ -111,34 +116,14 @@ def patch_handle(obj: "PatchHandle | ModelAdapter | nn.Module") -> PatchHandle:
     return handle
 
 
-def _locate(model: nn.Module, path: str) -> tuple[nn.Module, str]:
-    parent, _, child = path.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), child
-
-
 @contextlib.contextmanager
 def unpatched(handle: PatchHandle | None) -> Iterator[None]:
-    """Temporarily put the original modules back (the patch stays valid and is restored after).
-
-    Swaps go in reverse record order so a block wrapped after one of its sub-modules is unwrapped
-    first and the sub-module's path resolves again; restores go forward for the same reason.
-    """
+    """Temporarily take the patch's edits out (the patch stays valid and is put back after)."""
     if handle is None:
         yield
         return
-    model = handle.adapter.model
-    pairs = list(zip(handle.records, handle.wrappers))
-    done = []
-    try:
-        for record, wrapper in reversed(pairs):
-            parent, child = _locate(model, record["module"])
-            setattr(parent, child, wrapper.base_layer)
-            done.append((record, wrapper))
+    with handle.suspended():
         yield
-    finally:
-        for record, wrapper in reversed(done):
-            parent, child = _locate(model, record["module"])
-            setattr(parent, child, wrapper)
 
 
 def _edit_summary(edit: Any) -> dict[str, Any]:
@@ -162,7 +147,8 @@ def modeling_code(class_name: str, stock_module: str) -> str:
     text = TEMPLATE.read_text()
     imports = f"from {stock_module} import {class_name}"
     cls = (f"class Debias{class_name}(DebiasPatchedMixin, {class_name}):\n"
-           f'    """{class_name} with this directory\'s debiasing edits installed by ``from_pretrained``."""\n')
+           f'    """{class_name} with this directory\'s debiasing edits installed by ``from_pretrained``."""\n'
+           f"\n\nshare_stock_conversions({class_name}, Debias{class_name})\n")
     for marker in ("# @@STOCK_IMPORTS@@", "# @@CLASSES@@"):
         if marker not in text:
             raise RuntimeError(f"modeling template {TEMPLATE} lost its {marker} marker")

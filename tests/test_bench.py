@@ -174,6 +174,7 @@ def test_run_benchmark_result_structure(clip, tmp_path):
                            dtypes=("fp32", "fp16"), reps=2, warmup=1, timer=TickClock(), work_dir=tmp_path / "w",
                            profile=True)
     assert result["settings"]["variants"] == [BASELINE, "reconstruct", "residual"]
+    assert result["settings"]["onnx_exporter"]["exporter"] == "dynamo"  # the default; the profile below reads its scopes
     # 2 towers x 2 runtimes x 1 dtype x 2 batches x 3 variants; fp16 on CPU skipped with a reason
     assert len(result["latency"]) == 24 and len(result["headline"]) == 16
     assert {(s["runtime"], s["dtype"]) for s in result["skipped"]} == {("torch", "fp16"), ("ort", "fp16")}
@@ -248,8 +249,11 @@ def test_cli_bench_exported_dir(tmp_path, clip):
     from debias_export.cli.main import main
 
     out = tmp_path / "out"
-    assert main(["bench", "--export", str(tmp_path / "exp"), "--batch-sizes", "2", "--runtimes", "torch,ort",
-                 "--reps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    argv = ["bench", "--export", str(tmp_path / "exp"), "--batch-sizes", "2", "--runtimes", "torch,ort",
+            "--reps", "2", "--warmup", "0", "--out", str(out)]
+    assert main(argv + ["--exporter", "optimum"]) == 2  # bench graphs have no optimum OnnxConfig: not a choice
+    assert main(argv + ["--exporter", "torchscript"]) == 0  # the legacy tracer on request (the default is dynamo)
     res = json.loads((out / "bench.json").read_text())
+    assert res["settings"]["onnx_exporter"]["exporter"] == "torchscript"
     assert res["settings"]["towers"] == ["text"] and {h["variant"] for h in res["headline"]} == {"patched"}
     assert all(c["max_abs_diff_vs_unmodified"] > 1e-4 for c in res["checks"])

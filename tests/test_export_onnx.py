@@ -158,6 +158,24 @@ def test_argument_errors(tmp_path, clip):
         export_onnx(clip, tmp_path / "a")
 
 
+def test_large_graph_weights_go_to_external_data(tmp_path, clip, monkeypatch):
+    """Past torch's size limit (1.5 GB; lowered here) dynamo writes weights to <graph>.onnx.data: reported,
+    validated (onnxruntime reads it next to the graph) and covered by the manifest."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    patch(clip)
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 1000)
+    report = export_onnx(clip, tmp_path / "onnx", towers=["image"])
+    g = report["graphs"]["vision_model"]
+    assert set(g["size_bytes"]) == {"vision_model.onnx", "vision_model.onnx.data"}
+    assert g["size_bytes"]["vision_model.onnx.data"] > 100_000
+    graph = onnx.load(str(tmp_path / "onnx" / "vision_model.onnx"), load_external_data=False).graph
+    big = [t for t in graph.initializer if np.prod(t.dims) * 4 > 1000]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert max(g["validation"]["max_abs_diff"].values()) <= 1e-4
+    assert "vision_model.onnx.data" in json.loads((tmp_path / "onnx" / "manifest.json").read_text())["files"]
+
+
 def _exported_dims(path):
     model = onnx.load(str(path))
     return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

@@ -12,7 +12,9 @@ padded to the 77-token context), then:
   for text, on unpadded prompts (a text length other than 77);
 * onnxruntime CPU latency, 1 thread: the four sessions (2 exporters x unmodified/patched) timed
   interleaved in the same rounds (rotating start), batch 1 and 8; patched / unmodified per exporter as
-  ratio of medians and paired median (95% CI), plus dynamo / torchscript per graph.
+  ratio of medians and paired median (95% CI), plus dynamo / torchscript per graph;
+* the same ratio from ORT's profiler within one session's runs: 1 + (time in the patch's own nodes) /
+  (time in the rest), which load drift cannot skew (``bench --profile``'s measure).
 
 Writes ``benchmarks/results/exporter-compare/{results.json,results.md}``::
 
@@ -31,7 +33,7 @@ import torch
 
 from debias_export.adapters.specs import load_model_spec
 from debias_export.bench.runners import (PatchSet, VariantSwitch, bench_inputs, export_variants, machine_info,
-                                         ort_session)
+                                         ort_profile, ort_session)
 from debias_export.bench.timing import paired_ratios, summarize, time_interleaved
 from debias_export.cli.bench import random_sae_edits
 from debias_export.export.onnx_export import DEFAULT_OPSET, exporter_info, graph_ops
@@ -120,6 +122,16 @@ def run_tower(adapter, tower: str, reps: int, warmup: int, work: Path, log) -> d
             row[f"{variant} dynamo/torchscript"] = paired_ratios(samples[f"dynamo/{variant}"],
                                                                  samples[f"torchscript/{variant}"])
         out["latency"][f"b{batch}"] = row
+    # within-run attribution (insensitive to load drift): ORT profiler time in the patch's own nodes / the rest
+    mods = [p for p, _, _ in switch.variants["patched"].entries]
+    out["profile"] = {}
+    for batch in (1, 8):
+        for exporter in EXPORTERS:
+            log(f"[{tower}] profiling {exporter}/patched at batch {batch}")
+            prof = ort_profile(paths[f"{exporter}/patched"], bench_inputs(adapter, tower, batch), runs=3, threads=1,
+                               patch_modules=mods)
+            out["profile"][f"b{batch} {exporter}"] = {k: prof[k] for k in ("ms_total", "ms_patch", "patch_over_rest",
+                                                                            "ms_patch_by_op")}
     return out
 
 
@@ -130,8 +142,8 @@ def markdown(res: dict) -> str:
              f"torch {m['torch']}; load average at start {m.get('loadavg')}. Random weights ({res['model']}); SAE edit "
              f"(reconstruct, F = 8d, 5 neurons, a = 0.6) at the last block. Command: `{res['command']}`.", "",
              "| tower | exporter | opset | nodes (saved -> after ORT opt.) | patched nodes | max abs diff vs PyTorch "
-             "(all graphs, b1 / b8 / other text length) | ORT latency patched/unmodified b1 | b8 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(all graphs, b1 / b8 / other text length) | ORT latency patched/unmodified b1 | b8 | profiler b1 / b8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for tower, t in res["towers"].items():
         for exporter in EXPORTERS:
             u, p = t["graphs"][f"{exporter}/unmodified"], t["graphs"][f"{exporter}/patched"]
@@ -142,8 +154,11 @@ def markdown(res: dict) -> str:
                 ci = r.get("paired_median_ci95")
                 cells.append(f"{r['ratio_of_medians']:.3f} (paired {r['paired_median']:.3f}"
                              + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + ")")
+            prof = [t["profile"][f"{b} {exporter}"]["patch_over_rest"] for b in ("b1", "b8")]
+            prof_cell = " / ".join("-" if x is None else f"{1 + x:.4f}" for x in prof)
             lines.append(f"| {tower} | {exporter} | {p['opset']} | {u['nodes']} -> {u['nodes_after_ort_optimisation']} "
-                         f"| {p['nodes']} -> {p['nodes_after_ort_optimisation']} | {diff:.2g} | {cells[0]} | {cells[1]} |")
+                         f"| {p['nodes']} -> {p['nodes_after_ort_optimisation']} | {diff:.2g} | {cells[0]} | {cells[1]} "
+                         f"| {prof_cell} |")
     lines += ["", "Same graph, dynamo / torchscript latency (paired median over the same rounds):", "",
               "| tower | graph | b1 | b8 | file MB (torchscript / dynamo) | export s, both variants (torchscript / dynamo) |",
               "|---|---|---|---|---|---|"]

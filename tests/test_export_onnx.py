@@ -54,6 +54,9 @@ def test_report_and_graph_structure(exported):
         model = onnx.load(str(out / g["file"]))
         assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
         assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # no custom ops
+        # no Python stack traces (this machine's paths) in a shipped artifact; module scopes stay
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
         assert g["opset"] == 20 and g["exporter"] == "dynamo"
         assert g["size_bytes"] == {g["file"]: (out / g["file"]).stat().st_size}  # small graphs: one file, no .data
         assert sum(g["ops"].values()) == len(model.graph.node) == g["nodes"]

@@ -39,7 +39,8 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
     The model must be unmodified on entry (for a loaded patched model, pass the discovered patch
     set after uninstalling it). ``threads`` fixes both ``torch.set_num_threads`` and ORT's
     intra-op threads. ``exporter`` writes the ONNX graphs the ``ort`` runtimes run and the ONNX
-    FLOPs count reads (:func:`debias_export.export.export_graph`). Returns the result dict (see ``benchmarks/README.md`` for its layout).
+    FLOPs count reads (:func:`debias_export.export.export_graph`). Returns the result dict (see
+    ``benchmarks/README.md`` for its layout).
     """
     if not variants:
         raise DebiasError("nothing to benchmark: no patched variant given")

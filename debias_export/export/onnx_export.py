@@ -186,8 +186,10 @@ def _export_optimum(spec: GraphSpec, module: nn.Module, path: Path, opset: int) 
 def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
     """ValidationError unless every axis ``spec`` names dynamic is a symbolic dim in the saved graph.
 
-    Catches an exporter that froze a batch or sequence axis to the traced size (e.g. through a Python
-    ``int()`` on a shape or a sliced buffer) even where validation shapes would happen to pass.
+    For the dynamo exporter the dims come from ``torch.export``'s symbolic shapes, so this catches an
+    axis frozen to the traced size (a sliced buffer, a shape-dependent branch) even where validation
+    shapes would happen to pass. The TorchScript tracers label every axis they were told is dynamic,
+    frozen or not: for them only validation on other shapes (:data:`VALIDATION_SHAPES`) tells.
     """
     import onnx
 

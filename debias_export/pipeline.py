@@ -188,7 +188,7 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         export_dir = work / "export"
         export_report = steps("export+validate", lambda: export_bundle(
             adapter, export_dir, onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
-            overwrite=True, provenance=provenance, towers=[site.tower]))
+            exporter=recipe.export.exporter, overwrite=True, provenance=provenance, towers=[site.tower]))
         _write_json(work / "validate.json", export_report)
     finally:
         handle.remove()  # the adapter is shared with later variants and the eval/bench steps
@@ -238,7 +238,7 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
         folds = handle.fold_records()
         export_report = steps("export+validate", lambda: export_bundle(
             adapter, work / "export", onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
-            overwrite=True, provenance=provenance, towers=[site.tower], folds=folds))
+            exporter=recipe.export.exporter, overwrite=True, provenance=provenance, towers=[site.tower], folds=folds))
         _write_json(work / "validate.json", export_report)
     finally:
         handle.remove()

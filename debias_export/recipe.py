@@ -19,6 +19,8 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import ConfigError
+from .export.onnx_export import EXPORTERS as ONNX_EXPORTERS
+from .export.onnx_export import MAX_OPSET, MIN_OPSET
 
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
@@ -91,8 +93,9 @@ FOLDS = ("none", "site", "output", "every_writer")
 @dataclass
 class ExportSection:
     onnx: bool = True
-    opset: int = 17
+    opset: int = 20
     atol: float = 1e-4
+    exporter: str = "dynamo"  # dynamo | torchscript | optimum (where optimum-onnx is installed)
 
 
 @dataclass
@@ -228,8 +231,11 @@ def _check_values(r: Recipe, where: str) -> None:
         raise bad("data.limit", f"must be >= 0, got {r.data.limit}")
     if r.export.atol < 0:
         raise bad("export.atol", f"must be >= 0, got {r.export.atol}")
-    if r.export.opset < 17:
-        raise bad("export.opset", f"must be >= 17 (standard ops for LayerNorm), got {r.export.opset}")
+    if r.export.exporter not in ONNX_EXPORTERS:
+        raise bad("export.exporter", f"must be one of {', '.join(ONNX_EXPORTERS)}, got {_show(r.export.exporter)}")
+    lo, hi = MIN_OPSET[r.export.exporter], MAX_OPSET[r.export.exporter]
+    if not lo <= r.export.opset <= hi:
+        raise bad("export.opset", f"must be in [{lo}, {hi}] for the {r.export.exporter} exporter, got {r.export.opset}")
     if r.sae.lr is not None and r.sae.lr <= 0:
         raise bad("sae.lr", f"must be positive, got {r.sae.lr}")
     if r.bench is not None:

@@ -163,10 +163,13 @@ def test_patch_switch_reproduces_apply_edits_and_restores(clip, clip_inputs):
 def test_run_benchmark_result_structure(clip, tmp_path):
     from debias_export.bench.report import markdown, write_report
 
+    # the legacy exporter here (6 graphs: ~5x faster to export); the default (dynamo) runs the same bench code in
+    # the LLaVA test below and in test_command_coverage's bench per family. The profile reads either's node scopes.
     result = run_benchmark(clip, _variants(clip), ["image", "text"], batch_sizes=(1, 2), runtimes=("torch", "ort"),
                            dtypes=("fp32", "fp16"), reps=2, warmup=1, timer=TickClock(), work_dir=tmp_path / "w",
-                           profile=True)
+                           profile=True, exporter="torchscript")
     assert result["settings"]["variants"] == [BASELINE, "reconstruct", "residual"]
+    assert result["settings"]["onnx_exporter"]["exporter"] == "torchscript"
     # 2 towers x 2 runtimes x 1 dtype x 2 batches x 3 variants; fp16 on CPU skipped with a reason
     assert len(result["latency"]) == 24 and len(result["headline"]) == 16
     assert {(s["runtime"], s["dtype"]) for s in result["skipped"]} == {("torch", "fp16"), ("ort", "fp16")}
@@ -196,7 +199,7 @@ def test_run_benchmark_result_structure(clip, tmp_path):
     with pytest.raises(Exception, match="already exists"):
         write_report(result, tmp_path / "r")
     # the model is left unmodified
-    assert not any(type(m).__name__ == "EditedModule" for m in clip.model.modules())
+    assert not any(type(m).__name__ == "SiteEdit" for m in clip.model.modules())
 
 
 def test_cli_bench(tmp_path):
@@ -224,6 +227,7 @@ def test_llava_every_token_site_counts_agree_on_the_edit(tmp_path):
     assert variants["reconstruct"].wrappers()[0].positions is None  # every token reaches the LM: no pruning
     res = run_benchmark(llava, variants, ["image"], batch_sizes=(2,), runtimes=("ort",), reps=1, warmup=0,
                         timer=TickClock(), work_dir=tmp_path, profile=True)
+    assert res["settings"]["onnx_exporter"]["exporter"] == "dynamo"  # the default: the profile maps its node metadata
     assert all((p["ms_patch"] > 0) == (p["variant"] != BASELINE) for p in res["profiles"])
     f = {r["variant"]: r for r in res["flops"]}
     # eager HF computes the unused last block; the traced graph drops it, so totals differ by one block,
@@ -241,8 +245,11 @@ def test_cli_bench_exported_dir(tmp_path, clip):
     from debias_export.cli.main import main
 
     out = tmp_path / "out"
-    assert main(["bench", "--export", str(tmp_path / "exp"), "--batch-sizes", "2", "--runtimes", "torch,ort",
-                 "--reps", "2", "--warmup", "0", "--out", str(out)]) == 0
+    argv = ["bench", "--export", str(tmp_path / "exp"), "--batch-sizes", "2", "--runtimes", "torch,ort",
+            "--reps", "2", "--warmup", "0", "--out", str(out)]
+    assert main(argv + ["--exporter", "optimum"]) == 2  # bench graphs have no optimum OnnxConfig: not a choice
+    assert main(argv + ["--exporter", "torchscript"]) == 0  # the legacy tracer on request (the default is dynamo)
     res = json.loads((out / "bench.json").read_text())
+    assert res["settings"]["onnx_exporter"]["exporter"] == "torchscript"
     assert res["settings"]["towers"] == ["text"] and {h["variant"] for h in res["headline"]} == {"patched"}
     assert all(c["max_abs_diff_vs_unmodified"] > 1e-4 for c in res["checks"])

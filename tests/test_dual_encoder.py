@@ -157,6 +157,8 @@ def test_export_round_trips_and_onnx_parity(tmp_path, dual_inputs):
         want = {t: model.embed(t, dual_inputs[t]) for t in ("image", "text")}
     report = export_bundle(model, tmp_path / "out")
     assert (tmp_path / "out" / "onnx" / "vision_model.onnx").is_file() and (tmp_path / "out" / "onnx" / "text_model.onnx").is_file()
+    for g in report["onnx"]["graphs"].values():  # default exporter, validated on other batch sizes / text lengths
+        assert g["exporter"] == "dynamo" and max(g["validation"]["max_abs_diff"].values()) < 1e-4
     loaded = load_patched(tmp_path / "out")
     remote = transformers.AutoModel.from_pretrained(tmp_path / "out" / "hf", trust_remote_code=True).eval()
     assert type(remote).__name__ == "DebiasVisionTextDualEncoderModel"

@@ -1,7 +1,10 @@
-"""ONNX export: parity with the patched model on unseen shapes, edit present, atomic failures, fallback exporter, CLI."""
-import dataclasses
+"""ONNX export: parity with the patched model on unseen shapes, edit present, atomic failures, each exporter, CLI."""
 import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +14,8 @@ import torch
 
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.errors import ConfigError, ValidationError
-from debias_export.export import check_graph, export_onnx, graph_specs, onnx_export
+from debias_export.export import GraphSpec, check_graph, export_graph, export_onnx, graph_specs, onnx_export
+from debias_export.export.onnx_export import check_symbolic_axes
 from debias_export.export.onnx_specs import example_inputs
 from debias_export.testing import random_sae, tiny_clip
 
@@ -32,7 +36,7 @@ def exported(tmp_path_factory):
     adapter = tiny_clip(seed=0)
     patch(adapter)
     out = tmp_path_factory.mktemp("onnx") / "onnx"
-    report = export_onnx(adapter, out, opset=17)
+    report = export_onnx(adapter, out)  # the default exporter (dynamo) and opset (20)
     return adapter, out, report
 
 
@@ -44,19 +48,31 @@ def run_onnx(path, inputs):
 
 def test_report_and_graph_structure(exported):
     adapter, out, report = exported
-    assert set(report["graphs"]) == {"vision_model", "text_model"} and report["opset"] == 17 and report["patched"]
+    assert set(report["graphs"]) == {"vision_model", "text_model"} and report["patched"]
+    assert report["exporter"] == "dynamo" and report["opset"] == 20 and report["torch"] == torch.__version__
     for name, g in report["graphs"].items():
         model = onnx.load(str(out / g["file"]))
         assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
         assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # no custom ops
-        assert g["opset"] >= 17 and g["exporter"] == "optimum"
-        assert g["size_bytes"][g["file"]] == (out / g["file"]).stat().st_size
-        assert sum(g["ops"].values()) == len(model.graph.node)
+        # no Python stack traces (this machine's paths) in a shipped artifact; module scopes stay
+        keys = {p.key for n in model.graph.node for p in n.metadata_props}
+        assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
+        assert g["opset"] == 20 and g["exporter"] == "dynamo"
+        assert g["size_bytes"] == {g["file"]: (out / g["file"]).stat().st_size}  # small graphs: one file, no .data
+        assert sum(g["ops"].values()) == len(model.graph.node) == g["nodes"]
         assert g["validation"]["edit_effect"] > 1e-2
         assert max(g["validation"]["max_abs_diff"].values()) <= 1e-4
+    # batch and sequence axes stay symbolic through torch.export (named as the spec names them), in and out
     text = onnx.load(str(out / "text_model.onnx"))
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in text.graph.input}
-    assert dims == {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "sequence_length"]}
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in list(text.graph.input) + list(text.graph.output)}
+    assert dims == {"input_ids": ["batch_size", "sequence_length"], "attention_mask": ["batch_size", "sequence_length"],
+                    "text_embeds": ["batch_size", 16], "last_hidden_state": ["batch_size", "sequence_length", 32]}
+    vision = onnx.load(str(out / "vision_model.onnx"))
+    assert [d.dim_param or d.dim_value for d in vision.graph.input[0].type.tensor_type.shape.dim] == ["batch_size", 3, 32, 32]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["provenance"]["onnx"] == {"exporter": "dynamo", "opset": 20, "torch": torch.__version__,
+                                              "onnxscript": report["onnxscript"]}
     # the EOS-position pre-hook was traced: positions come from input_ids, edits are scattered back per row
     assert report["graphs"]["text_model"]["ops"].get("ScatterElements", 0) >= 1
     assert report["graphs"]["text_model"]["ops"].get("ArgMax", 0) >= 2  # hook + CLIP's own pooling
@@ -101,10 +117,10 @@ def test_patched_graph_differs_from_unpatched_graph(exported, tmp_path):
 
 def test_corrupted_graph_fails_validation_and_leaves_nothing(tmp_path, clip, monkeypatch):
     patch(clip)
-    real = onnx_export._trace
+    real = onnx_export.export_graph
 
-    def corrupting(adapter, spec, module, path, opset):
-        exporter = real(adapter, spec, module, path, opset)
+    def corrupting(spec, module, example, path, **kw):
+        exporter = real(spec, module, example, path, **kw)
         model = onnx.load(str(path))
         init = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
         arr = onnx.numpy_helper.to_array(init) * 1.01
@@ -112,18 +128,18 @@ def test_corrupted_graph_fails_validation_and_leaves_nothing(tmp_path, clip, mon
         onnx.save(model, str(path))
         return exporter
 
-    monkeypatch.setattr(onnx_export, "_trace", corrupting)
+    monkeypatch.setattr(onnx_export, "export_graph", corrupting)
     with pytest.raises(ValidationError, match=r"differs from the PyTorch model by .* > atol"):
-        export_onnx(clip, tmp_path / "onnx", towers=["image"])
+        export_onnx(clip, tmp_path / "onnx", towers=["image"], exporter="torchscript")  # the exporter is not under test
     assert list(tmp_path.iterdir()) == []
 
 
 def test_zero_tolerance_failure_keeps_previous_export(tmp_path, clip):
     patch(clip)
-    export_onnx(clip, tmp_path / "onnx", towers=["text"], validate=False)
+    export_onnx(clip, tmp_path / "onnx", towers=["text"], validate=False, exporter="torchscript")
     before = (tmp_path / "onnx" / "text_model.onnx").read_bytes()
     with pytest.raises(ValidationError):
-        export_onnx(clip, tmp_path / "onnx", towers=["text"], atol=0.0, overwrite=True)
+        export_onnx(clip, tmp_path / "onnx", towers=["text"], atol=0.0, overwrite=True, exporter="torchscript")
     assert (tmp_path / "onnx" / "text_model.onnx").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
@@ -132,6 +148,12 @@ def test_argument_errors(tmp_path, clip):
     patch(clip)
     with pytest.raises(ConfigError, match="opset 13 is too old"):
         export_onnx(clip, tmp_path / "a", opset=13)
+    with pytest.raises(ConfigError, match="opset 17 is too old for the dynamo exporter"):
+        export_onnx(clip, tmp_path / "a", opset=17)  # dynamo would silently leave opset 18
+    with pytest.raises(ConfigError, match="writes opset 20 at most"):
+        export_onnx(clip, tmp_path / "a", opset=21, exporter="torchscript")
+    with pytest.raises(ConfigError, match="unknown ONNX exporter 'jit'"):
+        export_onnx(clip, tmp_path / "a", exporter="jit")
     with pytest.raises(DebiasError, match="cannot export tower"):
         export_onnx(clip, tmp_path / "a", towers=["audio"])
     (tmp_path / "a").mkdir()
@@ -139,14 +161,120 @@ def test_argument_errors(tmp_path, clip):
         export_onnx(clip, tmp_path / "a")
 
 
-def test_torch_onnx_fallback_exporter(tmp_path, clip, monkeypatch):
-    """Families without an optimum OnnxConfig go through torch.onnx.export with the same names/axes."""
+def test_large_graph_weights_go_to_external_data(tmp_path, clip, monkeypatch):
+    """Past torch's size limit (1.5 GB; lowered here) dynamo writes weights to <graph>.onnx.data: reported,
+    validated (onnxruntime reads it next to the graph) and covered by the manifest."""
+    from torch.onnx._internal.exporter import _onnx_program
+
     patch(clip)
-    specs = [dataclasses.replace(s, optimum_config=None) for s in graph_specs(clip)]
-    monkeypatch.setattr(onnx_export, "graph_specs", lambda adapter, towers=None: specs)
-    report = export_onnx(clip, tmp_path / "onnx", shapes=[(1, 5), (4, 11)])
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 1000)
+    report = export_onnx(clip, tmp_path / "onnx", towers=["image"])
+    g = report["graphs"]["vision_model"]
+    assert set(g["size_bytes"]) == {"vision_model.onnx", "vision_model.onnx.data"}
+    assert g["size_bytes"]["vision_model.onnx.data"] > 100_000
+    graph = onnx.load(str(tmp_path / "onnx" / "vision_model.onnx"), load_external_data=False).graph
+    big = [t for t in graph.initializer if np.prod(t.dims) * 4 > 1000]
+    assert big and all(t.data_location == onnx.TensorProto.EXTERNAL for t in big)
+    assert max(g["validation"]["max_abs_diff"].values()) <= 1e-4
+    assert "vision_model.onnx.data" in json.loads((tmp_path / "onnx" / "manifest.json").read_text())["files"]
+
+
+def _exported_dims(path):
+    model = onnx.load(str(path))
+    return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(model.graph.input) + list(model.graph.output)}
+
+
+def test_torchscript_exporter(tmp_path, clip):
+    """The legacy tracer on request: same names, symbolic axes and parity, recorded as such."""
+    patch(clip)
+    report = export_onnx(clip, tmp_path / "onnx", exporter="torchscript", opset=17, shapes=[(1, 5), (4, 11)])
+    assert report["exporter"] == "torchscript" and "onnxscript" not in report
     for g in report["graphs"].values():
-        assert g["exporter"] == "torch.onnx" and max(g["validation"]["max_abs_diff"].values()) <= 1e-4
+        assert g["exporter"] == "torchscript" and g["opset"] == 17
+        assert max(g["validation"]["max_abs_diff"].values()) <= 1e-4 and g["validation"]["edit_effect"] > 1e-2
+    assert _exported_dims(tmp_path / "onnx" / "text_model.onnx")["input_ids"] == ["batch_size", "sequence_length"]
+
+
+def test_optimum_exporter(tmp_path, clip):
+    """optimum-onnx's exporter where it is installed (HF CLIP has OnnxConfigs); families without one are refused."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from debias_export.adapters.open_clip_family import tiny_open_clip
+
+    patch(clip)
+    report = export_onnx(clip, tmp_path / "onnx", exporter="optimum", shapes=[(1, 5), (4, 11)])
+    assert report["exporter"] == "optimum" and report["optimum"]
+    for g in report["graphs"].values():
+        assert g["exporter"] == "optimum" and g["opset"] == 20
+        assert max(g["validation"]["max_abs_diff"].values()) <= 1e-4 and g["validation"]["edit_effect"] > 1e-2
+    oc = tiny_open_clip(seed=0)
+    apply_edits(oc, SAEEdit(site="image.-1", sae=random_sae(32, 64, seed=1), neurons=[1]))
+    with pytest.raises(DebiasError, match="optimum exporter has no OnnxConfig for open_clip graphs"):
+        export_onnx(oc, tmp_path / "oc", exporter="optimum")
+    assert not (tmp_path / "oc").exists()
+
+
+class _FrozenBatch(torch.nn.Module):
+    """Reads the batch size in Python: the tracer bakes the traced ``int`` into the reshape, torch.export
+    (which keeps ``int()`` symbolic) has to specialise the batch for the branch."""
+
+    def forward(self, x):
+        y = (x * 2).reshape(int(x.shape[0]), -1)
+        return {"y": y + 1 if x.shape[0] == 2 else y}
+
+
+class _BatchSum(torch.nn.Module):
+    def forward(self, x):
+        return {"y": x.sum(0)}
+
+
+def test_frozen_dynamic_axis_is_caught(tmp_path):
+    """dynamo refuses to specialise a named axis; a constant where the spec names an axis is caught in the
+    saved graph; what the tracer bakes in silently (its dims are just labels) is what validation shapes catch."""
+    spec = GraphSpec("frozen", "image", {"x": {0: "batch_size"}}, {"y": {0: "batch_size"}},
+                     build=lambda a: _FrozenBatch(), example_inputs=None)
+    example = {"x": torch.randn(2, 3, 4)}
+    with pytest.raises(DebiasError, match=r"^the dynamo exporter failed on frozen: .*static shape of 2 .*torchscript") as err:
+        export_graph(spec, _FrozenBatch(), example, tmp_path / "d.onnx")  # Dim.DYNAMIC refuses the specialisation
+    assert "\n" not in str(err.value) and not (tmp_path / "d.onnx").exists()
+    export_graph(spec, _BatchSum(), example, tmp_path / "s.onnx")  # output axis 0 is 3, not the batch
+    with pytest.raises(ValidationError, match=r"axis 0 \(batch_size\) of y is not symbolic \(exported as 3\)"):
+        check_symbolic_axes(spec, tmp_path / "s.onnx")
+    export_graph(spec, _FrozenBatch(), example, tmp_path / "t.onnx", exporter="torchscript")
+    check_symbolic_axes(spec, tmp_path / "t.onnx")  # the tracer labels the axes dynamic regardless ...
+    sess = ort.InferenceSession(str(tmp_path / "t.onnx"), providers=["CPUExecutionProvider"])
+    try:  # ... but the graph only runs at the traced batch
+        shape = sess.run(None, {"x": np.ones((5, 3, 4), np.float32)})[0].shape
+    except Exception:  # noqa: BLE001 - onnxruntime refusing the reshape is the expected outcome
+        shape = None
+    assert shape != (5, 12)
+
+
+def test_optimum_is_never_imported_unless_asked(tmp_path):
+    """With optimum missing (simulated), the default path exports every family; asking for optimum is one line."""
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["optimum"] = None  # import optimum -> ImportError, as on a machine without it
+        from debias_export import SAEEdit, apply_edits
+        from debias_export.errors import DebiasError
+        from debias_export.export import export_onnx
+        from debias_export.testing import random_sae, tiny_clip
+        clip = tiny_clip(seed=0)
+        apply_edits(clip, SAEEdit(site="image.-1", sae=random_sae(32, 64, seed=1), neurons=[1, 2]))
+        report = export_onnx(clip, {str(tmp_path / "d")!r}, towers=["image"])
+        assert report["graphs"]["vision_model"]["exporter"] == "dynamo"
+        try:
+            export_onnx(clip, {str(tmp_path / "o")!r}, towers=["image"], exporter="optimum")
+        except DebiasError as exc:
+            print("ERR", exc)
+        print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "optimum" and sys.modules[m] is not None))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ERR the optimum exporter needs optimum-onnx, which is not installed here (use --exporter dynamo)" in out.stdout
+    assert "LOADED []" in out.stdout
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_patch_export_validate_verify(tmp_path):
@@ -170,8 +298,11 @@ def test_cli_patch_export_validate_verify(tmp_path):
     out = tmp_path / "export"
     args = ["export", "--model", "tiny-clip", "--edit", str(tmp_path / "edit_t"), "--edit", str(tmp_path / "edit_i"),
             "--out", str(out)]
+    assert main(args + ["--opset", "17"]) == 2  # too old for the default (dynamo) exporter: refused before any work
+    assert not out.exists()
     assert main(args) == 0
     assert {p.name for p in out.iterdir()} == {"hf", "onnx", "export_report.json", "manifest.json"}
+    assert json.loads((out / "manifest.json").read_text())["provenance"]["onnx"]["exporter"] == "dynamo"
     assert main(args) == 2  # refuses the existing output
     assert main(["validate", str(out), "--seed", "1"]) == 0
     assert main(["verify", str(out)]) == 0

@@ -153,6 +153,7 @@ def test_export_safetensors_generation_and_onnx(tmp_path, pixels):
     val = report["onnx"]["graphs"]["vision_features"]["validation"]
     assert val["max_abs_diff"]["image_features"] < 1e-4 and val["edit_effect"] > 1e-3
     assert val["shapes"][0][0] != 2  # validated on batch sizes other than the traced one
+    assert report["onnx"]["graphs"]["vision_features"]["exporter"] == "dynamo"  # the default exporter
     reloaded = load_patched(tmp_path / "b")
     assert isinstance(reloaded, LlavaAdapter)
     with torch.no_grad():

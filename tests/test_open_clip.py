@@ -165,6 +165,7 @@ def test_export_bundle_safetensors_and_onnx(tmp_path):
     for name in ("image_encoder", "text_encoder"):
         graph = report["onnx"]["graphs"][name]
         assert graph["validation"]["edit_effect"] > 1e-3  # the graph carries an edit that matters
+        assert graph["exporter"] == "dynamo" and graph["opset"] == 20  # the default exporter
         assert max(graph["validation"]["max_abs_diff"].values()) < 1e-4
     stock = open_clip.create_model(f"local-dir:{tmp_path / 'b' / 'hf'}")  # open_clip alone: base weights
     reloaded = load_patched(tmp_path / "b")

@@ -46,7 +46,7 @@ def valid_recipes(draw) -> dict:
         "edit": st.fixed_dictionaries({}, optional={"alpha": st.floats(min_value=0.0, max_value=1.0), "value": finite,
                                                     "mode": st.sampled_from(["reconstruct", "residual"]),
                                                     "neurons": st.none() | st.lists(st.integers(0, 10**5), max_size=5, unique=True)}),
-        "export": st.fixed_dictionaries({}, optional={"onnx": st.booleans(), "opset": st.integers(17, 21), "atol": st.floats(0.0, 1.0)}),
+        "export": st.fixed_dictionaries({}, optional={"onnx": st.booleans(), "opset": st.integers(18, 21), "atol": st.floats(0.0, 1.0)}),
         "bench": st.none() | st.fixed_dictionaries({}, optional={"batch_sizes": st.lists(pos, min_size=1, max_size=3), "reps": pos,
                                                                  "runtimes": st.lists(st.sampled_from(["torch", "ort"]), max_size=2)}),
         "eval": st.none() | st.fixed_dictionaries({}, optional={"alphas": st.lists(st.floats(0.0, 1.0), max_size=4), "k": pos}),

@@ -17,6 +17,7 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..errors import DebiasError
+from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, exporter_info
 from .flops import count_params, edit_params, onnx_flops, torch_flops
 from .runners import (DTYPES, OrtRunner, PatchSet, TorchRunner, VariantSwitch, available_runtimes, bench_inputs,
                       dtype_skip_reason, export_variants, machine_info, ort_profile)
@@ -31,12 +32,15 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
                   dtypes: Sequence[str] = ("fp32",), reps: int = 20, warmup: int = 3, threads: int = 1,
                   opt_level: str = "all", order: str = "abab", count_flops: bool = True, profile: bool = False,
                   work_dir: Path | None = None, timer: Callable[[], float] = time.perf_counter,
-                  log: Callable[[str], None] = lambda m: None, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] = lambda m: None, meta: dict[str, Any] | None = None,
+                  exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
     """Benchmark ``variants`` (name -> compiled :class:`PatchSet`) against the unmodified model.
 
     The model must be unmodified on entry (for a loaded patched model, pass the discovered patch
     set after uninstalling it). ``threads`` fixes both ``torch.set_num_threads`` and ORT's
-    intra-op threads. Returns the result dict (see ``benchmarks/README.md`` for its layout).
+    intra-op threads. ``exporter`` writes the ONNX graphs the ``ort`` runtimes run and the ONNX
+    FLOPs count reads (:func:`debias_export.export.export_graph`). Returns the result dict (see
+    ``benchmarks/README.md`` for its layout).
     """
     if not variants:
         raise DebiasError("nothing to benchmark: no patched variant given")
@@ -47,6 +51,7 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         raise DebiasError(f"unknown dtype(s) {bad}; known: {', '.join(DTYPES)}")
+    check_exporter(exporter, DEFAULT_OPSET)
     torch.set_num_threads(threads)
     avail = available_runtimes()
     unknown = [r for r in runtimes if r not in avail]
@@ -58,7 +63,8 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
         "machine": machine_info(threads), "model": {**adapter.describe(), **(meta or {})},
         "settings": {"towers": list(towers), "batch_sizes": list(batch_sizes), "runtimes": list(runtimes),
                      "dtypes": list(dtypes), "reps": reps, "warmup": warmup, "threads": threads,
-                     "ort_graph_optimization": opt_level, "order": ("interleaved ABAB per rep, variants in listed order" if order == "abab" else
+                     "ort_graph_optimization": opt_level, "onnx_exporter": exporter_info(exporter, DEFAULT_OPSET),
+                     "order": ("interleaved ABAB per rep, variants in listed order" if order == "abab" else
                                "interleaved, rotating the starting variant each rep (ABC, BCA, CAB, ...)"),
                      "variants": [BASELINE, *variants]},
         "variants": {name: {"records": [{"module": p, "positions": w.positions, "edits": [e.spec() for e in w.edits]}
@@ -75,7 +81,7 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
     try:
         for tower in towers:
             _bench_tower(adapter, tower, switch, result, batch_sizes, runtimes, dtypes, reps, warmup, threads,
-                         opt_level, order, count_flops, profile, Path(work_dir), timer, avail, log)
+                         opt_level, order, count_flops, profile, Path(work_dir), timer, avail, log, exporter)
     finally:
         switch.reset()
         if own_tmp is not None:
@@ -85,7 +91,7 @@ def run_benchmark(adapter: ModelAdapter, variants: dict[str, PatchSet], towers: 
 
 
 def _bench_tower(adapter, tower, switch, result, batch_sizes, runtimes, dtypes, reps, warmup, threads, opt_level, order,
-                 count_flops, profile, work_dir, timer, avail, log) -> None:
+                 count_flops, profile, work_dir, timer, avail, log, exporter=DEFAULT_EXPORTER) -> None:
     names = list(switch.variants)
     onnx_paths: dict[str, dict[str, Path]] = {}
     wanted: set[str] = set()
@@ -98,7 +104,8 @@ def _bench_tower(adapter, tower, switch, result, batch_sizes, runtimes, dtypes, 
     for dtype in sorted(wanted):
         dev = "cuda" if dtype == "fp16" else "cpu"  # fp16 graphs are traced (and only run) on CUDA
         log(f"[{tower}] exporting ONNX ({dtype}) for {', '.join(names)}")
-        onnx_paths[dtype] = export_variants(adapter, tower, switch, work_dir / dtype, dtype=dtype, device=dev)
+        onnx_paths[dtype] = export_variants(adapter, tower, switch, work_dir / dtype, dtype=dtype, device=dev,
+                                            exporter=exporter)
     adapter.model.to(device="cpu", dtype=torch.float32)
     for ps in switch.variants.values():
         if ps is not None:

@@ -20,6 +20,8 @@ from torch import nn
 
 from ..adapters import ModelAdapter
 from ..errors import DebiasError
+from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_graph
+from ..export.onnx_specs import GraphSpec
 from ..runtime import EDIT_ATTR, InstalledSiteEdit, SiteEdit
 
 RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
@@ -206,16 +208,15 @@ def random_llava_vision(seed: int = 0) -> ModelAdapter:
 
 
 class TowerModule(nn.Module):
-    """``pixel_values -> image_embeds`` or ``(input_ids, attention_mask) -> text_embeds`` for export."""
+    """``pixel_values -> embeds`` or ``(input_ids, attention_mask) -> embeds`` for export."""
 
     def __init__(self, adapter: ModelAdapter, tower: str):
         super().__init__()
         self.adapter, self.tower = adapter, tower
         self.model = adapter.model  # registered so .to()/parameters() see the weights
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        names = ("pixel_values",) if self.tower == "image" else ("input_ids", "attention_mask")
-        return self.adapter.embed(self.tower, dict(zip(names, args)))
+    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"embeds": self.adapter.embed(self.tower, inputs)}
 
 
 def input_names(tower: str) -> list[str]:
@@ -223,25 +224,16 @@ def input_names(tower: str) -> list[str]:
 
 
 def export_tower_onnx(adapter: ModelAdapter, tower: str, path: Path, inputs: dict[str, torch.Tensor],
-                      opset: int = 17) -> Path:
-    """Minimal TorchScript-based ONNX export of one tower (batch and sequence axes dynamic).
+                      opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER) -> Path:
+    """ONNX export of one tower's ``embed`` (batch and sequence axes dynamic) with the package's exporter.
 
     Position-pruning pre-hooks on the text tower run during tracing, so they are in the graph.
     """
-    names = input_names(tower)
-    axes = {n: {0: "batch"} for n in names}
-    if tower == "text":
-        axes = {n: {0: "batch", 1: "sequence"} for n in names}
-    axes["embeds"] = {0: "batch"}
+    axes = {0: "batch"} if tower == "image" else {0: "batch", 1: "sequence"}
+    spec = GraphSpec(path.stem, tower, {n: dict(axes) for n in input_names(tower)}, {"embeds": {0: "batch"}},
+                     build=lambda a: TowerModule(a, tower), example_inputs=lambda a, b, s, g: dict(inputs))
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = TowerModule(adapter, tower).eval()
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        # TracerWarnings about Python-side shape checks are expected for HF CLIP; the batch axis stays dynamic.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, tuple(inputs[n] for n in names), str(path), input_names=names, output_names=["embeds"],
-                          dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    export_graph(spec, TowerModule(adapter, tower).eval(), inputs, path, opset=opset, exporter=exporter)
     return path
 
 
@@ -357,11 +349,44 @@ class OrtRunner:
         return {name: torch.from_numpy(call()[0]).float() for name, call in self.calls(inputs).items()}
 
 
+def onnx_scope(module_path: str) -> str:
+    """TorchScript-exporter node-name scope of a module: ``a.b.layers.11`` -> ``a/b/layers.11``."""
+    parts: list[str] = []
+    for p in module_path.split("."):
+        if p.isdigit() and parts:
+            parts[-1] += "." + p
+        else:
+            parts.append(p)
+    return "/".join(parts)
+
+
+def _scoped_node_names(path: Path) -> dict[str, str]:
+    """Node name -> TorchScript-style scoped name (``/a/b/layers.11/Op``) for a dynamo-exported graph.
+
+    The dynamo exporter names nodes ``node_<Op>_<n>`` and records each node's module path in its
+    ``pkg.torch.onnx.name_scopes`` metadata; the TorchScript exporter puts the scope in the name itself.
+    """
+    import ast
+
+    import onnx
+
+    out = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if "pkg.torch.onnx.name_scopes" in meta:
+            scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])  # [root, module paths..., fx node]
+            module = next((s for s in reversed(scopes[:-1]) if s), "")
+            out[node.name] = "/" + (onnx_scope(module) + "/" if module else "") + node.op_type
+    return out
+
+
+
 def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, threads: int = 1,
                 opt_level: str = "all", patch_modules: list[str] = ()) -> dict[str, Any]:
     """ORT's built-in profiler over ``runs`` calls (after one warm-up): ms per call by op type, and the
-    ms spent in the patch's own nodes (node names inside a patched module's ``debias_edit`` scope). ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the
-    same runs*, so unlike comparing two timed sessions it is insensitive to load drift.
+    ms spent in the patch's own nodes (nodes inside a patched module's ``debias_edit`` scope).
+    ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the same runs*, so unlike
+    comparing two timed sessions it is insensitive to load drift.
     """
     import json
     import tempfile
@@ -376,6 +401,7 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
+    scoped = _scoped_node_names(path)
     by_op: dict[str, float] = {}
     patch_by_op: dict[str, float] = {}
     patch_ms = total = 0.0
@@ -385,7 +411,8 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
             op = ev.get("args", {}).get("op_name", "?")
             by_op[op] = by_op.get(op, 0.0) + ms
             total += ms
-            name = ev["name"]
+            name = ev["name"][:-len("_kernel_time")]
+            name = scoped.get(name, name)
             if patch_modules and scope in name:
                 patch_ms += ms
                 patch_by_op[op] = patch_by_op.get(op, 0.0) + ms
@@ -395,7 +422,7 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
 
 
 def export_variants(adapter: ModelAdapter, tower: str, switch: VariantSwitch, out_dir: Path, dtype: str = "fp32",
-                    device: str = "cpu") -> dict[str, Path]:
+                    device: str = "cpu", exporter: str = DEFAULT_EXPORTER) -> dict[str, Path]:
     """Export one ONNX graph per variant (the model is switched to each variant for its trace)."""
     adapter.model.to(device=device, dtype=DTYPES[dtype])
     for ps in switch.variants.values():
@@ -406,7 +433,7 @@ def export_variants(adapter: ModelAdapter, tower: str, switch: VariantSwitch, ou
     paths = {}
     for name in switch.variants:
         switch.activate(name)
-        paths[name] = export_tower_onnx(adapter, tower, out_dir / f"{tower}_{name}_{dtype}.onnx", example)
+        paths[name] = export_tower_onnx(adapter, tower, out_dir / f"{tower}_{name}_{dtype}.onnx", example, exporter=exporter)
     switch.reset()
     return paths
 

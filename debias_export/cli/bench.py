@@ -75,12 +75,14 @@ def _load_export(path: str):
               help="onnxruntime graph optimisation level.")
 @click.option("--order", default="abab", show_default=True, type=click.Choice(["abab", "rotate"]),
               help="Interleaving: same variant order every round, or rotate the starting variant.")
+@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(["dynamo", "torchscript"]),
+              help="ONNX exporter for the ort runtimes: torch.export-based (dynamo) or the legacy TorchScript tracer.")
 @click.option("--no-flops", is_flag=True, help="Skip FLOPs counting.")
 @click.option("--profile", is_flag=True, help="Add an ORT per-op-type profile of each variant.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansion, n_neurons, towers, batch_sizes,
-          runtimes, dtypes, reps, warmup, threads, opt_level, order, no_flops, profile, out_dir, overwrite) -> None:
+          runtimes, dtypes, reps, warmup, threads, opt_level, order, exporter, no_flops, profile, out_dir, overwrite) -> None:
     """Time patched vs unmodified (interleaved ABAB reps) and count FLOPs; write bench.json/.md/.png."""
     from ..bench import PatchSet, run_benchmark
     from ..bench.report import write_report
@@ -142,7 +144,8 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
     rt = ["torch", "ort", "torch-cuda", "ort-cuda"] if runtimes == "all" else _csv(runtimes)
     result = run_benchmark(adapter, variants, tower_list, batch_sizes=_ints(batch_sizes), runtimes=rt,
                            dtypes=_csv(dtypes), reps=reps, warmup=warmup, threads=threads, opt_level=opt_level, order=order,
-                           count_flops=not no_flops, profile=profile, log=lambda m: click.echo(m, err=True), meta=meta)
+                           count_flops=not no_flops, profile=profile, log=lambda m: click.echo(m, err=True), meta=meta,
+                           exporter=exporter)
     write_report(result, Path(out_dir), overwrite=overwrite)
     for h in result["headline"]:
         click.echo(f"{h['tower']:5s} {h['runtime']:9s} {h['dtype']} b={h['batch']:<3d} {h['variant']:12s} "

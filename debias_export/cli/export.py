@@ -21,12 +21,14 @@ def _mb(n: int) -> str:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output dir (gets hf/ and onnx/).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and validate ONNX graphs.")
 @click.option("--tower", "towers", multiple=True, help="Only these towers in ONNX (default: all).")
-@click.option("--opset", default=17, show_default=True, type=int)
+@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(["dynamo", "torchscript", "optimum"]),
+              help="ONNX exporter: torch.export-based (dynamo), the legacy TorchScript tracer, or optimum-onnx (if installed).")
+@click.option("--opset", default=20, show_default=True, type=int)
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="ONNX vs PyTorch tolerance.")
 @click.option("--provenance", "provenance_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="JSON file merged into the recorded provenance (recipe, seed, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new export is complete).")
-def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance_file, overwrite):
+def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, provenance_file, overwrite):
     """Write OUT/hf (original weights + fused edits + remote code) and OUT/onnx, both validated.
 
     Projection edits saved with a fold mode (`debias-export project --fold ...`) are folded into the
@@ -34,10 +36,12 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
     """
     from ..edits import load_edit
     from ..edits.install import install_edits
-    from ..export import export_bundle
+    from ..export import check_exporter, export_bundle
     from .common import refuse_existing
 
     refuse_existing(Path(out_dir), overwrite)  # before the (slow) model load
+    if onnx:
+        check_exporter(exporter, opset)
     provenance = {"model": model_spec, "edit_dirs": [str(Path(d).resolve()) for d in edit_dirs]}
     if provenance_file:
         try:
@@ -53,10 +57,10 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, opset, atol, provenance
     # modules); the rest are patched as fused modules. All folded -> a stock checkpoint.
     folds = install_edits(adapter, edits).fold_records()
     report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,
-                           provenance=provenance, towers=list(towers) or None, folds=folds)
+                           provenance=provenance, towers=list(towers) or None, folds=folds, exporter=exporter)
     kind = "stock checkpoint, edits folded into the weights" if report["stock"] else "reload bit-identical"
     parts = [f"hf {_mb(report['hf']['size_bytes'])} ({kind})"]
     for name, g in report.get("onnx", {}).get("graphs", {}).items():
         diff = max(g["validation"]["max_abs_diff"].values())
         parts.append(f"{name}.onnx {_mb(sum(g['size_bytes'].values()))} max|diff| {diff:.2g}")
-    click.echo(f"exported {out_dir}: " + ", ".join(parts) + (f" (opset {opset}, atol {atol:g})" if onnx else ""))
+    click.echo(f"exported {out_dir}: " + ", ".join(parts) + (f" ({exporter} exporter, opset {opset}, atol {atol:g})" if onnx else ""))

@@ -14,7 +14,8 @@ from ..adapters import ModelAdapter
 from ..errors import DebiasError
 from .loading import load_patched, read_debias_config
 from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
-from .onnx_export import VALIDATION_SHAPES, check_graph, export_onnx, validate_onnx_dir
+from .onnx_export import (DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, VALIDATION_SHAPES, check_exporter, check_graph,
+                          export_graph, export_onnx, exporter_info, validate_onnx_dir)
 from .onnx_specs import GraphSpec, graph_specs, register_onnx_spec
 from .safetensors_export import (HFDirSpec, check_reload, export_folded, export_patched, hf_spec, patch_handle,
                                  register_hf_spec, unpatched)
@@ -24,17 +25,20 @@ BUNDLE_REPORT = "export_report.json"
 __all__ = ["export_patched", "export_folded", "export_onnx", "load_patched", "export_bundle", "validate_bundle", "verify_manifest",
            "write_manifest", "find_artifacts", "atomic_output_dir", "register_onnx_spec", "register_hf_spec", "GraphSpec",
            "HFDirSpec", "graph_specs", "hf_spec", "patch_handle", "unpatched", "check_graph", "check_reload",
-           "validate_onnx_dir", "read_debias_config", "VALIDATION_SHAPES"]
+           "validate_onnx_dir", "read_debias_config", "VALIDATION_SHAPES", "export_graph", "EXPORTERS", "DEFAULT_EXPORTER",
+           "DEFAULT_OPSET"]
 
 
-def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True, opset: int = 17, atol: float = 1e-4,
-                  overwrite: bool = False, provenance: dict[str, Any] | None = None,
-                  towers: Sequence[str] | None = None, folds: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True, opset: int = DEFAULT_OPSET,
+                  atol: float = 1e-4, overwrite: bool = False, provenance: dict[str, Any] | None = None,
+                  towers: Sequence[str] | None = None, folds: Sequence[dict[str, Any]] | None = None,
+                  exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
     """``out_dir/hf`` (reload checked bit-identical) and ``out_dir/onnx`` (checked within ``atol``), atomically.
 
     ``folds``: records (:func:`edits.projection.fold_record`) of edits already folded into the weights.
     With no runtime patch left the ``hf`` directory is a stock checkpoint (:func:`export_folded`);
-    otherwise the patched export records the folds in its provenance.
+    otherwise the patched export records the folds in its provenance. ``exporter``: the ONNX exporter
+    (:func:`export_graph`), recorded with opset and torch version in the provenance.
     """
     out_dir = Path(out_dir)
     folds = list(folds or [])
@@ -42,6 +46,10 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
     stock = bool(folds) and not (handle is not None and handle.records)
     if folds and not stock:
         provenance = {**(provenance or {}), "folds": folds}
+    bundle_provenance = provenance
+    if onnx:
+        check_exporter(exporter, opset)  # before the HF export: a bad choice costs nothing
+        bundle_provenance = {**(provenance or {}), "onnx": exporter_info(exporter, opset)}
     report: dict[str, Any] = {"out": str(out_dir), "stock": stock, "folds": len(folds)}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         t0 = time.perf_counter()
@@ -54,10 +62,10 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
         if onnx:
             t0 = time.perf_counter()
             report["onnx"] = export_onnx(adapter, tmp / "onnx", towers=towers, opset=opset, atol=atol,
-                                         provenance=provenance, allow_unpatched=stock)
+                                         provenance=provenance, allow_unpatched=stock, exporter=exporter)
             report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / BUNDLE_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
-        write_manifest(tmp, kind="bundle", provenance=provenance)
+        write_manifest(tmp, kind="bundle", provenance=bundle_provenance)
     return report
 
 

@@ -1,19 +1,26 @@
-"""ONNX export of (patched) encoders: one graph per tower, validated in onnxruntime.
+"""ONNX export of (patched) encoders: one graph per tower, checked for symbolic axes, validated in onnxruntime.
 
 Graphs come from the family's :mod:`.onnx_specs`. The module exported is the live model itself
-(for a two-tower model, a stock one-tower shell over its real submodules), so the trace runs
-through the :class:`~debias_export.runtime.EditedModule` wrappers and the text tower's position
-pre-hook: the fused edits and the per-row EOS gather/scatter become ordinary ONNX ops
-(MatMul/Greater/ArgMax/GatherElements/ScatterElements), no custom ops.
+(for a two-tower model, a stock one-tower shell over its real submodules), treated as an opaque
+``nn.Module``: the trace runs through whatever the installed edits are (module wrappers, hooks) and
+the text tower's position pre-hook, so the fused edits and the per-row EOS gather/scatter become
+ordinary ONNX ops (MatMul/Greater/ArgMax/GatherElements/ScatterElements), no custom ops.
+
+Exporters (:func:`export_graph`): ``dynamo`` (default; ``torch.export`` + onnxscript, opset
+:data:`DEFAULT_OPSET`), ``torchscript`` (the legacy tracer, deprecated by PyTorch) and ``optimum``
+(optimum-onnx's driver of the legacy tracer, only where that optional package is installed).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 import warnings
 from collections import Counter
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +31,14 @@ from .manifest import atomic_output_dir, write_manifest
 from .onnx_specs import GraphSpec, graph_specs
 
 ONNX_REPORT = "onnx_report.json"
-MIN_OPSET = 17
+EXPORTERS = ("dynamo", "torchscript", "optimum")
+DEFAULT_EXPORTER = "dynamo"
+# Opset 20: torch.onnx's default target, which the dynamo exporter writes natively and onnxruntime >= 1.17
+# runs. Dynamo's translations start at 18 (below, onnx's version converter may silently leave 18); the
+# TorchScript tracers need 17 for LayerNormalization and stop at 20.
+DEFAULT_OPSET = 20
+MIN_OPSET = {"dynamo": 18, "torchscript": 17, "optimum": 17}
+MAX_OPSET = {"dynamo": 23, "torchscript": 20, "optimum": 20}
 # Validation shapes (batch, text length): deliberately unlike each spec's export_shape (2, 7), so a
 # graph whose batch or sequence axis got frozen during tracing fails here.
 VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 11))
@@ -43,37 +57,155 @@ class _NamedIO(nn.Module):
         return tuple(out[name] for name in self.output_names)
 
 
-def _export_graph(adapter: ModelAdapter, spec: GraphSpec, module: nn.Module, path: Path, opset: int) -> str:
-    """Trace ``module`` to ``path``; returns which exporter ran."""
+def check_exporter(exporter: str, opset: int) -> None:
+    """ConfigError for an unknown exporter or an opset it cannot write (before any slow work)."""
+    if exporter not in EXPORTERS:
+        raise ConfigError(f"unknown ONNX exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if opset < MIN_OPSET[exporter]:
+        raise ConfigError(f"opset {opset} is too old for the {exporter} exporter; use {MIN_OPSET[exporter]} or newer")
+    top = MAX_OPSET[exporter]
+    if opset > top:
+        raise ConfigError(f"the {exporter} exporter writes opset {top} at most, got {opset}")
+    if exporter == "optimum":
+        _optimum_export()
+
+
+def _optimum_export() -> Callable[..., Any]:
+    """optimum-onnx's ``export`` function, or a one-line DebiasError where it is not installed."""
+    try:
+        # imported here, never at module level: optimum-onnx is optional (it cannot install next to transformers 5)
+        from optimum.exporters.onnx.convert import export
+    except ImportError:
+        raise DebiasError("the optimum exporter needs optimum-onnx, which is not installed here "
+                          "(use --exporter dynamo)") from None
+    return export
+
+
+def exporter_info(exporter: str, opset: int) -> dict[str, Any]:
+    """What decides the graph's contents, for ``onnx_report.json`` and the manifest's provenance."""
+    info: dict[str, Any] = {"exporter": exporter, "opset": opset, "torch": torch.__version__}
+    for dist in {"dynamo": ("onnxscript",), "optimum": ("optimum", "optimum-onnx")}.get(exporter, ()):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+@contextlib.contextmanager
+def _quiet_exporters():
+    """Silence exporter chatter (warnings, log records) that would break the CLI's one-line output."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
-        # TracerWarnings flag Python-side shape checks that become constants; harmless here because
-        # every graph is then validated on other batch sizes and text lengths.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", message=".*aten::index operator of advanced indexing.*")
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")  # chosen on purpose
-        warnings.filterwarnings("ignore", message="The feature will be removed.*")
-        return _trace(adapter, spec, module, path, opset)
+        # TracerWarnings (TorchScript) flag Python-side shape checks that become constants; harmless here
+        # because every graph is then checked for symbolic axes and validated on other shapes.
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
-def _trace(adapter: ModelAdapter, spec: GraphSpec, module: nn.Module, path: Path, opset: int) -> str:
+def export_graph(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Tensor], path: Path,
+                 opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER) -> str:
+    """Write ``module`` (the graph ``spec`` describes) to ``path`` with ``exporter``; returns the exporter name.
+
+    ``example``: inputs traced at export (their shapes should differ from the validation shapes).
+    ``dynamo`` (default): ``torch.onnx.export(dynamo=True)``, i.e. ``torch.export`` + onnxscript's
+    optimizer; every axis named in ``spec`` becomes ``Dim.DYNAMIC``, so a model that freezes one to a
+    constant fails here instead of exporting a graph that only runs at the traced shape.
+    ``torchscript``: the legacy tracer (``dynamo=False``). ``optimum``: optimum-onnx's exporter with the
+    spec's ``OnnxConfig``, only where optimum is installed. Weights go to ``<path>.data`` only past
+    the exporter's size limit (2 GB protobuf for the tracers, 1.5 GB for dynamo); small graphs are one file.
+    The module must be in eval mode. Exporter failures become one-line :class:`DebiasError`s.
+    """
+    check_exporter(exporter, opset)
+    names, outs = list(spec.inputs), list(spec.outputs)
+    if exporter == "optimum":
+        return _export_optimum(spec, module, path, opset)
+    args = tuple(example[n] for n in names)
+    # eval(): the TorchScript exporter restores the wrapper's train/eval mode afterwards, recursively -- a fresh
+    # wrapper (train mode) would otherwise switch the shared model's dropout on for everyone after export.
+    wrapper = _NamedIO(module, names, outs).eval()
+    try:
+        with torch.no_grad(), _quiet_exporters():
+            if exporter == "dynamo":
+                # strings -> Dim.DYNAMIC, and the ONNX dims get these names (torch.onnx's compat mapping)
+                shapes = (tuple(dict(spec.inputs[n]) or None for n in names),)
+                program = torch.onnx.export(wrapper, args, input_names=names, output_names=outs, dynamic_shapes=shapes,
+                                            opset_version=opset, dynamo=True, optimize=True, verbose=False)
+                _strip_trace_metadata(program.model)
+                # external_data=False: one file unless the weights pass torch's 1.5 GB limit (then <path>.data)
+                program.save(str(path), external_data=False)
+            else:
+                torch.onnx.export(wrapper, args, str(path), input_names=names, output_names=outs,
+                                  dynamic_axes={**spec.inputs, **spec.outputs}, opset_version=opset,
+                                  do_constant_folding=True, dynamo=False)
+    except DebiasError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporters raise many types; the cause stays chained
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        lines = [ln.strip().lstrip("- ") for ln in str(cause).splitlines() if ln.strip()]
+        first = " ".join(lines[:2])[:400] or type(cause).__name__  # torch.export's reason is often on line 2
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        raise DebiasError(f"the {exporter} exporter failed on {spec.name}: {type(cause).__name__}: {first} "
+                          f"(--exporter {other} uses the other exporter)") from exc
+    return exporter
+
+
+# Per-node debugging metadata the dynamo exporter records: Python stack traces (with this machine's file
+# paths) and FX node dumps. Dropped so an artifact does not depend on where it was built; the module
+# scopes (``namespace``, ``pkg.torch.onnx.name_scopes``) stay, for per-module profiling.
+_TRACE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
+
+
+def _strip_trace_metadata(model: Any) -> None:
+    """Remove :data:`_TRACE_METADATA` from every node of an ``onnx_ir`` model (subgraphs and functions too)."""
+    for graph in [model.graph, *model.functions.values()]:
+        for node in graph.all_nodes():
+            for key in _TRACE_METADATA:
+                node.metadata_props.pop(key, None)
+
+
+def _export_optimum(spec: GraphSpec, module: nn.Module, path: Path, opset: int) -> str:
+    if spec.optimum_config is None:
+        raise DebiasError(f"the optimum exporter needs an optimum OnnxConfig; graph {spec.name} has none "
+                          f"(use --exporter dynamo)")
+    optimum_export = _optimum_export()
     batch, seq = spec.export_shape
-    if spec.optimum_config is not None:
-        from optimum.exporters.onnx.convert import export as optimum_export
-
+    with torch.no_grad(), _quiet_exporters():
         optimum_export(module, spec.optimum_config(module), path, opset=opset,
                        input_shapes={"batch_size": batch, "sequence_length": seq})
-        return "optimum"
-    # Families without an optimum OnnxConfig (e.g. open_clip towers): the same TorchScript exporter
-    # optimum drives, called directly with the spec's names and dynamic axes.
-    example = spec.example_inputs(adapter, batch, seq, torch.Generator().manual_seed(0))
-    names = list(spec.inputs)
-    # eval(): torch.onnx.export restores the wrapper's train/eval mode afterwards, recursively -- a fresh
-    # wrapper (train mode) would otherwise switch the shared model's dropout on for everyone after export.
-    with torch.no_grad():
-        torch.onnx.export(_NamedIO(module, names, list(spec.outputs)).eval(), tuple(example[n] for n in names), str(path),
-                          input_names=names, output_names=list(spec.outputs), dynamic_axes={**spec.inputs, **spec.outputs},
-                          opset_version=opset, do_constant_folding=True, dynamo=False)
-    return "torch.onnx"
+    return "optimum"
+
+
+def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
+    """ValidationError unless every axis ``spec`` names dynamic is a symbolic dim in the saved graph.
+
+    For the dynamo exporter the dims come from ``torch.export``'s symbolic shapes, so this catches an
+    axis frozen to the traced size (a sliced buffer, a shape-dependent branch) even where validation
+    shapes would happen to pass. The TorchScript tracers label every axis they were told is dynamic,
+    frozen or not: for them only validation on other shapes (:data:`VALIDATION_SHAPES`) tells.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    values = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for name, axes in {**spec.inputs, **spec.outputs}.items():
+        if name not in values:
+            if name in spec.inputs:
+                continue  # an input the graph does not read (e.g. open_clip text ignores attention_mask) may be dropped
+            raise ValidationError(f"{path.name} has no output {name!r}")
+        dims = values[name].type.tensor_type.shape.dim
+        for axis, axis_name in axes.items():
+            if axis >= len(dims) or not dims[axis].dim_param:
+                got = dims[axis].dim_value if axis < len(dims) else "missing"
+                raise ValidationError(f"{path.name}: axis {axis} ({axis_name}) of {name} is not symbolic "
+                                      f"(exported as {got}); the exporter froze a dynamic dimension")
 
 
 def graph_ops(path: Path) -> tuple[dict[str, int], int]:
@@ -146,19 +278,20 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
 
 
 def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers: Sequence[str] | None = None,
-                opset: int = MIN_OPSET, validate: bool = True, atol: float = 1e-4, overwrite: bool = False,
+                opset: int = DEFAULT_OPSET, validate: bool = True, atol: float = 1e-4, overwrite: bool = False,
                 allow_unpatched: bool = False, shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES,
-                provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+                provenance: dict[str, Any] | None = None, exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
     """Export each tower of the (patched) model to ``out_dir/<graph>.onnx`` and validate it; returns the report.
 
+    ``exporter``: ``dynamo`` (default), ``torchscript`` or ``optimum`` (see :func:`export_graph`).
     An unpatched model is an error unless ``allow_unpatched`` (then the plain model is exported,
-    e.g. as a latency baseline). Atomic: any failure (export, custom op, validation over ``atol``)
-    leaves no ``out_dir`` behind. The report (also ``onnx_report.json``) holds opset, op-type
-    counts, file sizes, max |diff| per output and provider, and the edit's effect size.
+    e.g. as a latency baseline). Atomic: any failure (export, frozen dynamic axis, custom op,
+    validation over ``atol``) leaves no ``out_dir`` behind. The report (also ``onnx_report.json``)
+    holds exporter, torch version, opset, op-type counts, file sizes, max |diff| per output and
+    provider, and the edit's effect size; the manifest's provenance records the exporter too.
     """
     adapter = adapter_for(adapter)
-    if opset < MIN_OPSET:
-        raise ConfigError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    check_exporter(exporter, opset)
     if atol < 0:
         raise ConfigError(f"atol must be >= 0, got {atol}")
     handle = getattr(adapter.model, "_debias_patch", None)
@@ -166,9 +299,13 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     if not patched and not allow_unpatched:
         raise DebiasError("model has no debias patch to export; apply_edits(...) first (or allow_unpatched=True to export the plain model)")
     specs = graph_specs(adapter, list(towers) if towers else None)
+    if exporter == "optimum" and any(s.optimum_config is None for s in specs):
+        raise DebiasError(f"the optimum exporter has no OnnxConfig for {adapter.family} graphs; use --exporter dynamo "
+                          f"or torchscript")
     was_training = adapter.model.training
     adapter.model.eval()
-    report: dict[str, Any] = {"opset": opset, "atol": atol, "patched": patched, "family": adapter.family,
+    info = exporter_info(exporter, opset)
+    report: dict[str, Any] = {**info, "atol": atol, "patched": patched, "family": adapter.family,
                               "source_model": adapter.source, "graphs": {}}
     try:
         with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -176,21 +313,25 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
                 t0 = time.perf_counter()
                 module = spec.build(adapter)
                 path = tmp / f"{spec.name}.onnx"
-                exporter = _export_graph(adapter, spec, module, path, opset)
+                example = spec.example_inputs(adapter, *spec.export_shape, torch.Generator().manual_seed(0))
+                used = export_graph(spec, module, example, path, opset=opset, exporter=exporter)
+                check_symbolic_axes(spec, path)
                 ops, graph_opset = graph_ops(path)
+                if graph_opset != opset:
+                    raise ValidationError(f"{path.name} came out at opset {graph_opset}, not the requested {opset}")
                 files = sorted(p for p in tmp.iterdir() if p.name.startswith(spec.name + ".onnx"))
-                entry = {"tower": spec.tower, "file": path.name, "exporter": exporter, "opset": graph_opset,
+                entry = {"tower": spec.tower, "file": path.name, "exporter": used, "opset": graph_opset,
                          "inputs": {k: {str(a): n for a, n in v.items()} for k, v in spec.inputs.items()},
                          "outputs": {k: {str(a): n for a, n in v.items()} for k, v in spec.outputs.items()},
                          "size_bytes": {p.name: p.stat().st_size for p in files}, "ops": ops,
-                         "export_seconds": round(time.perf_counter() - t0, 2)}
+                         "nodes": sum(ops.values()), "export_seconds": round(time.perf_counter() - t0, 2)}
                 if validate:
                     t1 = time.perf_counter()
                     entry["validation"] = check_graph(adapter, spec, path, atol, module=module, shapes=shapes)
                     entry["validation_seconds"] = round(time.perf_counter() - t1, 2)
                 report["graphs"][spec.name] = entry
             (tmp / ONNX_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-            write_manifest(tmp, kind="onnx", provenance=provenance or {"source_model": adapter.source},
+            write_manifest(tmp, kind="onnx", provenance={**(provenance or {"source_model": adapter.source}), "onnx": info},
                            extra={"family": adapter.family})
     finally:
         adapter.model.train(was_training)

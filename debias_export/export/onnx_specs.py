@@ -3,8 +3,9 @@
 The export machinery (:mod:`.onnx_export`) is family-agnostic; a family plugs in by registering a
 function ``adapter -> list[GraphSpec]`` with :func:`register_onnx_spec`. Each graph is a module
 whose forward takes the named inputs as keywords and returns a mapping (or ``ModelOutput``) holding
-the named outputs. ``optimum_config`` (optional) builds an optimum ``OnnxConfig`` for the module
-so optimum's exporter runs it; without one the exporter falls back to ``torch.onnx.export``.
+the named outputs. ``optimum_config`` (optional) builds an optimum ``OnnxConfig`` for the module,
+used only when the ``optimum`` exporter is requested: nothing here imports optimum (it is an
+optional extra that cannot install next to transformers 5).
 """
 from __future__ import annotations
 
@@ -71,6 +72,19 @@ def optimum_config_class(base: type, inputs: Axes, outputs: Axes) -> type:
     })
 
 
+def _clip_optimum_config(tower: str, inputs: Axes, outputs: Axes) -> Callable[[nn.Module], Any]:
+    """``GraphSpec.optimum_config`` for a CLIP tower; imports optimum only when called."""
+
+    def build(module: nn.Module) -> Any:
+        # optional dependency, imported on request (--exporter optimum) only
+        from optimum.exporters.onnx.model_configs import CLIPTextWithProjectionOnnxConfig, CLIPVisionModelOnnxConfig
+
+        base = CLIPVisionModelOnnxConfig if tower == "image" else CLIPTextWithProjectionOnnxConfig
+        return optimum_config_class(base, inputs, outputs)(module.config, task="feature-extraction")
+
+    return build
+
+
 # ----- Hugging Face CLIP -----------------------------------------------------------------------------
 def _tower_shell(klass: type, config: Any, parts: dict[str, nn.Module]) -> nn.Module:
     """A stock one-tower class (e.g. ``CLIPVisionModelWithProjection``) over the full model's modules.
@@ -128,21 +142,17 @@ def clip_text_inputs(adapter: ModelAdapter, batch: int, seq: int, g: torch.Gener
 
 @register_onnx_spec("hf_clip")
 def hf_clip_graphs(adapter: ModelAdapter) -> list[GraphSpec]:
-    from optimum.exporters.onnx.model_configs import CLIPTextWithProjectionOnnxConfig, CLIPVisionModelOnnxConfig
-
     specs = []
     if "image" in adapter.towers():
         ins = {"pixel_values": {0: "batch_size"}}  # CLIP position embeddings fix the image size
         outs = {"image_embeds": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"}}
-        cls = optimum_config_class(CLIPVisionModelOnnxConfig, ins, outs)
         specs.append(GraphSpec("vision_model", "image", ins, outs, lambda a: _clip_tower(a, "image"), clip_image_inputs,
-                               lambda m, cls=cls: cls(m.config, task="feature-extraction")))
+                               _clip_optimum_config("image", ins, outs)))
     if "text" in adapter.towers():
         ins = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "sequence_length"}}
         outs = {"text_embeds": {0: "batch_size"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
-        cls = optimum_config_class(CLIPTextWithProjectionOnnxConfig, ins, outs)
         specs.append(GraphSpec("text_model", "text", ins, outs, lambda a: _clip_tower(a, "text"), clip_text_inputs,
-                               lambda m, cls=cls: cls(m.config, task="feature-extraction")))
+                               _clip_optimum_config("text", ins, outs)))
     return specs
 
 

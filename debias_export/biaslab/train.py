@@ -117,17 +117,19 @@ def _soft_ce(logits: torch.Tensor, pos: torch.Tensor, smoothing: float = 0.0) ->
 def lab_loss(model, pixels: torch.Tensor, labels: torch.Tensor, pooled: torch.Tensor, table_keys: torch.Tensor,
              s: BiasLabSettings, g: torch.Generator) -> torch.Tensor:
     img = F.normalize(image_embeds(model, pixels), dim=-1)
-    if s.loss == "batch":  # v2: one sampled caption per image, in-batch InfoNCE (kept for comparison runs)
+    txt_all = F.normalize(model.text_projection(pooled), dim=-1)
+    scale = model.logit_scale.exp()
+    loss = img.new_zeros(())
+    if s.loss in ("table", "both"):
+        logits = scale * txt_all @ img.T  # [captions, images]
+        pos = consistent(table_keys, labels)
+        loss = loss + 0.5 * (_soft_ce(logits.T, pos.T, s.label_smoothing) + _soft_ce(logits, pos))
+    if s.loss in ("batch", "both"):  # v2: one sampled caption per image, in-batch InfoNCE
         keys = sample_captions(labels, s.drop_age_p, s.drop_race_p, g)
-        txt = F.normalize(model.text_projection(pooled[caption_index(keys, table_keys)]), dim=-1)
+        logits = scale * txt_all[caption_index(keys, table_keys)] @ img.T
         pos = consistent(keys, labels)
-    else:
-        txt = F.normalize(model.text_projection(pooled), dim=-1)
-        pos = consistent(table_keys, labels)  # [captions, images]
-    logits = model.logit_scale.exp() * txt @ img.T
-    if s.loss == "batch":
-        return 0.5 * (_soft_ce(logits, pos) + _soft_ce(logits.T, pos.T))
-    return 0.5 * (_soft_ce(logits.T, pos.T, s.label_smoothing) + _soft_ce(logits, pos))
+        loss = loss + 0.5 * (_soft_ce(logits, pos) + _soft_ce(logits.T, pos.T))
+    return loss
 
 
 @torch.no_grad()

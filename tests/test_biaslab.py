@@ -135,6 +135,30 @@ def test_shipped_weights_load_and_match_fingerprint():
     assert math.isclose(float(model.logit_scale.detach()), float(tensors["logit_scale"].float()), rel_tol=1e-6)
 
 
+def test_weights_load_into_the_transformers_5_layout():
+    """transformers 5's CLIPVisionModel holds embeddings / encoder / post_layernorm itself (no inner
+    ``vision_model``). Emulate that layout here (4.x's CLIPVisionTransformer in its place) and load the same
+    file: the portable ``vision.*`` keys land in the same weights. (benchmarks/experiments/lab_v4_v5_check.py
+    runs the real 5.x.)"""
+    from safetensors.torch import load_file
+
+    from debias_export.biaslab.model import load_trained_state
+
+    settings = BiasLabSettings.from_dict(read_recipe()["settings"])
+    tensors = load_file(str(lab_mod.ASSETS / lab_mod.WEIGHTS))
+    v4 = build_model(settings, init=False).eval()
+    v5 = build_model(settings, init=False).eval()
+    if hasattr(v5.vision_model, "vision_model"):
+        v5.vision_model = v5.vision_model.vision_model  # flatten to the 5.x layout
+    load_trained_state(v4, tensors)
+    load_trained_state(v5, tensors)
+    px = lab_mod.fingerprint_pixels(settings.image_size)
+    with torch.no_grad():
+        a, b = v4.get_image_features(pixel_values=px), v5.get_image_features(pixel_values=px)
+    a, b = (x if torch.is_tensor(x) else x.pooler_output for x in (a, b))
+    assert torch.equal(a, b)
+
+
 def test_load_model_spec_biaslab_uses_shipped_weights_and_real_minilm():
     from transformers import BertModel
 

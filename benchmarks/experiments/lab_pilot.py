@@ -2,6 +2,7 @@
 fixed UTKFace validation split only (FairFace / PAIRS are never touched here).
 
     PYTHONPATH=$PWD nice python benchmarks/experiments/lab_pilot.py NAME key=value ... [--val-every N]
+    PYTHONPATH=$PWD python benchmarks/experiments/lab_pilot.py --table   # markdown summary of all pilots
 
 Writes benchmarks/experiments/results/lab_pilot_NAME.json (settings, loss, validation metrics per checkpoint,
 seconds). Decoded images are cached under $LAB_PILOT_CACHE (default /tmp/lab-pilot).
@@ -36,8 +37,26 @@ def parse(value: str):
     return None if value == "None" else value
 
 
+def table() -> str:
+    """Markdown table of every pilot's last checkpoint (validation split; tight / zoomed-out framing)."""
+    base = BiasLabSettings().to_dict()
+    lines = ["| pilot | differs from the shipped recipe | gender acc | age acc | race acc | caption R@10 | s |",
+             "|---|---|---|---|---|---|---|"]
+    for f in sorted(OUT.glob("lab_pilot_*.json")):
+        r = json.loads(f.read_text())
+        c = r["checkpoints"][-1]
+        diff = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if base.get(k) != v and k != "version")
+        cell = lambda m: f"{c['tight'][m]:.3f} / {c['zoom'][m]:.3f}"  # noqa: E731
+        lines.append(f"| {r['name']} | {diff} | {cell('gender_acc')} | {cell('age_acc')} | {cell('race_acc')} | "
+                     f"{cell('caption_recall@10')} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     args = sys.argv[1:]
+    if args == ["--table"]:
+        print(table())
+        return
     val_every = 0
     if "--val-every" in args:
         i = args.index("--val-every")

@@ -20,12 +20,14 @@ training record (time, CPU, torch/transformers versions) and the measured metric
 from the recipe (:func:`ensure_trained`, cached): identical weights on the same CPU kind, within float noise
 elsewhere.
 
-Recipe v3 (see :mod:`.train` and ``benchmarks/results/biaslab/``): 64 px images, a 6-layer CLIP ViT with
-mimetic attention initialisation, every image scored against the whole caption table (~800 captions the lab
-can write), label smoothing, zoom / rotation / colour augmentation from one seeded generator, one thread,
-deterministic algorithms. Data discipline: training uses the UTKFace training split only; a fixed UTKFace
-validation split (``sha256(name) % 10 == 0``, :func:`validation_split`) is never trained on and is the only
-data recipe choices were made on; FairFace 540 and PAIRS are evaluation sets, measured once at the end.
+Recipe v3 (``benchmarks/results/biaslab/``; chosen by 6-epoch pilots scored on the UTKFace validation split
+only): the v2 tower size (48 px, patch 8, 4 layers, width 128) with mimetic attention initialisation, 40
+epochs instead of 16, and a loss that adds to v2's in-batch multi-positive InfoNCE a term that scores every
+image against the whole caption table (~800 captions the lab can write, incl. "a girl", "a teenager", "a
+young person"); zoom-out / shift / flip augmentation from one seeded generator; one thread; deterministic
+algorithms. Data discipline: training uses the UTKFace training split only; a fixed UTKFace validation split
+(``sha256(name) % 10 == 0``, :func:`validation_split`) is never trained on and is the only data recipe
+choices were made on; FairFace 540 and PAIRS are evaluation sets, measured once at the end.
 
 Modules: :mod:`.captions` (label captions, multi-positive targets), :mod:`.data` (UTKFace, split,
 fingerprints), :mod:`.model` (build, portable weights for transformers 4.x and 5.x), :mod:`.train` (loss,

@@ -38,7 +38,7 @@ TINY_BUILDERS = {"tiny-clip": _tiny_clip, "tiny-open-clip": _tiny_open_clip, "ti
 
 
 def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, trained on first use); ``arch:<name>`` (real
+    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, shipped weights); ``arch:<name>`` (real
     architecture config from :mod:`debias_export.real_configs` with random weights, for latency/export work)."""
     name, _, seed_text = spec.partition(":")
     if name in TINY_BUILDERS:
@@ -48,11 +48,10 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Mode
             raise DebiasError(f"bad model spec {spec!r}: seed {seed_text!r} is not an integer") from None
         adapter = TINY_BUILDERS[name](seed)
     elif spec == "biaslab":
-        # The offline real-bias reference model: trained once (cached, reproducible), then reused.
-        from ..biaslab import ensure_trained
-        from .dual_encoder import DualEncoderAdapter
+        # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
+        from ..biaslab import lab_adapter
 
-        adapter = DualEncoderAdapter.load(str(ensure_trained()))
+        adapter = lab_adapter()
     elif spec.startswith("arch:"):
         from ..real_configs import random_clip
 

@@ -21,7 +21,6 @@ crops are tight while FairFace crops ("1.25 padding") show the face at ~60% of t
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -35,6 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .data import load_rgb, read_csv_table
 from .errors import DebiasError
 
 # UTKFace integer ages -> caption words. Children get "girl"/"boy" nouns, adults an adjective.
@@ -107,8 +107,7 @@ def load_utkface(data_dir: str | Path, max_images: int | None = None, seed: int 
     labels = root / "labels.csv"
     if not labels.is_file():
         raise DebiasError(f"UTKFace labels not found at {labels}; point --data / DEBIAS_EXPORT_DATA at the shared data")
-    with open(labels, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("race") in RACE_WORDS and r.get("gender") in GENDERS]
+    rows = [r for r in read_csv_table(labels, "UTKFace label file")[1] if r.get("race") in RACE_WORDS and r.get("gender") in GENDERS]
     for r in rows:
         r["age"] = int(r["age"])
         r["path"] = str(root / "images" / r["file"])
@@ -134,7 +133,7 @@ def preload_images(paths: list[str], size: int, cache_file: Path | None = None) 
             return t
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(paths):
-        img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
+        img = load_rgb(p).resize((size, size), Image.BICUBIC)
         out[i] = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
-from .common import refuse_existing
+from .common import NON_NEGATIVE_INT, POSITIVE_INT, SEED, refuse_existing
 
 
 @click.command("bias-lab")
@@ -19,12 +19,12 @@ from .common import refuse_existing
               help="Shared data directory (default: $DEBIAS_EXPORT_DATA or ../shared/data).")
 @click.option("--cache", "cache_root", type=click.Path(path_type=Path), default=None,
               help="Cache root (default: $DEBIAS_EXPORT_CACHE/biaslab or ~/.cache/debias-export/biaslab).")
-@click.option("--epochs", type=int, default=None, help="Override the training epochs (changes the cache key).")
-@click.option("--seed", type=int, default=None, help="Override the seed (changes the cache key).")
-@click.option("--max-images", type=int, default=None, help="Train on a random subset of UTKFace (smoke runs).")
-@click.option("-k", "--k", "k", default=50, show_default=True, help="Top-k for MaxSkew.")
-@click.option("--shuffles", default=20, show_default=True, help="Shuffled-label repeats for the noise floor.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--epochs", type=POSITIVE_INT, default=None, help="Override the training epochs (changes the cache key).")
+@click.option("--seed", type=SEED, default=None, help="Override the seed (changes the cache key).")
+@click.option("--max-images", type=POSITIVE_INT, default=None, help="Train on a random subset of UTKFace (smoke runs).")
+@click.option("-k", "--k", "k", default=50, show_default=True, type=POSITIVE_INT, help="Top-k for MaxSkew.")
+@click.option("--shuffles", default=20, show_default=True, type=NON_NEGATIVE_INT, help="Shuffled-label repeats for the noise floor.")
+@click.option("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def bias_lab(out_dir: Path, data_dir: Path | None, cache_root: Path | None, epochs: int | None, seed: int | None,

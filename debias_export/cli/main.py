@@ -12,6 +12,7 @@ import sys
 import click
 
 from ..errors import DebiasError
+from ..fileio import disk_full
 
 # (module, command attribute) pairs; a module per command keeps files small and imports lazy-ish.
 COMMANDS = [
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions...: the user's environment, not a bug
         if debug:
             raise
+        if disk_full(exc):  # outside an atomic output dir (those say "nothing was changed" themselves)
+            click.echo(f"error: no space left on device while writing {exc.filename or 'the output'}", err=True)
+            return 2
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         click.echo(f"error: {exc.strerror or exc}{where}", err=True)
         return 2
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
         if debug:
             raise
+        if disk_full(exc):  # safetensors reports ENOSPC as its own SafetensorError
+            click.echo("error: no space left on device while writing a safetensors file", err=True)
+            return 2
         first = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
         return 1

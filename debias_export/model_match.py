@@ -32,7 +32,7 @@ from .errors import ConfigError, DebiasError
 FINGERPRINT_KEY = "model_fingerprint"
 log = logging.getLogger("debias_export.model_match")
 _ALLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("debias_export_allow_mismatch", default=False)
-_WARNED: set[str] = set()  # one warning per distinct mismatch and process (an alpha sweep re-applies the edit)
+_WARNED: set[str] = set()  # one warning per distinct difference and process (an alpha sweep re-applies the edit)
 
 
 def arch_fingerprint(adapter: Any) -> str:
@@ -117,7 +117,8 @@ def check_made_for(what: str, record: Mapping[str, Any], adapter: Any, site: Any
     msg = f"{what} was made for another model or site: {'; '.join(diffs)} (recorded vs in use)"
     if not _ALLOW.get():
         raise ConfigError(f"{msg}; pass --allow-mismatch to use it anyway")
-    if msg not in _WARNED:
-        _WARNED.add(msg)
+    key = "; ".join(diffs)  # the same difference found twice (capture, then the edit fitted on it): one warning
+    if key not in _WARNED:
+        _WARNED.add(key)
         log.warning("warning: %s; used anyway (--allow-mismatch)", msg)
     return diffs

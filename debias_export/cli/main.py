@@ -6,6 +6,7 @@ Errors: a :class:`~debias_export.errors.DebiasError` (or click usage error) prin
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -53,9 +54,27 @@ for _module, _attr in COMMANDS:
     cli.add_command(getattr(_mod, _attr))
 
 
+class _StderrHandler(logging.Handler):
+    """Library warnings (``warning: ...`` lines from the ``debias_export`` loggers) on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("debias_export")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to one line + exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _show_library_warnings()
     try:
         cli.main(args=argv, prog_name="debias-export", standalone_mode=False)
         return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
-from ..model_match import allow_mismatch as mismatch_allowed
+from ..model_match import allow_mismatch as mismatch_allowed, check_made_for, record_of
 from .common import FiniteFloat, allow_mismatch_option
 
 METHODS = {"leace": "leace", "mean-diff": "mean_diff"}
@@ -75,6 +75,9 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     store = ActivationStore(capture_dir)
     fair = read_fair_directions(fair_from) if fair_from else None
     adapter = load_model_spec(model_spec) if model_spec else None
+    if adapter is not None:
+        with mismatch_allowed(allow_mismatch):  # the model the capture was made with against --model, before fitting
+            check_made_for(f"the capture {capture_dir}", record_of(store.model_record), adapter, adapter.resolve_site(store.site))
     edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
                             strength=strength, amplify=amplify, center=not no_center, model=model_spec)
     if adapter is not None:

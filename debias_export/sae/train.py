@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, DebiasError, IntegrityError, ShapeError, check_finite
+from ..fileio import apply_default_modes
 from .model import SAEConfig, SparseAutoencoder, read_safetensors
 
 DEFAULT_GROUPS = [0.0625, 0.125, 0.25, 0.5625]
@@ -351,6 +352,7 @@ def _save_checkpoint(folder: Path, trainer: MatryoshkaTrainer) -> Path:
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # written last
+    apply_default_modes(tmp)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in folder.glob("step-*"):  # keep only the newest complete checkpoint
@@ -384,7 +386,8 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
 
     With ``checkpoint_dir`` the state is saved every ``cfg.checkpoint_every`` steps (and at the end)
     and a rerun resumes from the newest checkpoint. ``max_steps_this_call`` stops early (after a
-    checkpoint) for time-limited jobs. Same data + seed give byte-identical weights.
+    checkpoint) for time-limited jobs. Same data + seed give byte-identical weights on the same machine and
+    library versions (another CPU may round differently: equal up to float rounding there).
     """
     from tqdm.auto import tqdm
 

@@ -32,7 +32,8 @@ from .errors import ConfigError, DebiasError
 FINGERPRINT_KEY = "model_fingerprint"
 log = logging.getLogger("debias_export.model_match")
 _ALLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("debias_export_allow_mismatch", default=False)
-_WARNED: set[str] = set()  # one warning per distinct difference and process (an alpha sweep re-applies the edit)
+# differences already warned about within the current allow_mismatch() block (an alpha sweep re-applies the edit)
+_WARNED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("debias_export_mismatch_warned", default=None)
 
 
 def arch_fingerprint(adapter: Any) -> str:
@@ -53,12 +54,13 @@ def model_fingerprint(adapter: Any) -> dict[str, str]:
 
 @contextlib.contextmanager
 def allow_mismatch(allowed: bool = True) -> Iterator[None]:
-    """Within the block, :func:`check_made_for` warns instead of refusing (``--allow-mismatch``)."""
-    token = _ALLOW.set(bool(allowed))
+    """Within the block, :func:`check_made_for` warns (once per difference) instead of refusing (``--allow-mismatch``)."""
+    token, warned = _ALLOW.set(bool(allowed)), _WARNED.set(set())
     try:
         yield
     finally:
         _ALLOW.reset(token)
+        _WARNED.reset(warned)
 
 
 def record_of(meta: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -118,7 +120,9 @@ def check_made_for(what: str, record: Mapping[str, Any], adapter: Any, site: Any
     if not _ALLOW.get():
         raise ConfigError(f"{msg}; pass --allow-mismatch to use it anyway")
     key = "; ".join(diffs)  # the same difference found twice (capture, then the edit fitted on it): one warning
-    if key not in _WARNED:
-        _WARNED.add(key)
+    warned = _WARNED.get()
+    if warned is None or key not in warned:
+        if warned is not None:
+            warned.add(key)
         log.warning("warning: %s; used anyway (--allow-mismatch)", msg)
     return diffs

@@ -80,9 +80,9 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
         edit = load_edit(edit_dir)
         if alpha_list is not None and not hasattr(edit, "alpha"):
             raise DebiasError(f"edit kind {edit.kind!r} has no alpha to sweep")
-        with mismatch_allowed(allow_mismatch):
+    with torch.no_grad(), mismatch_allowed(allow_mismatch):  # one block: a mismatch is said once, not per alpha
+        if edit is not None:
             edit.validate(adapter)  # site, width and recorded model: now, not after minutes of embedding
-    with torch.no_grad(), mismatch_allowed(allow_mismatch):
         if adapter.family == "llava":
             _refuse_options(ctx, RETRIEVAL_ONLY, adapter.family)
             result = _llava(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, faces, correction, batch_size)

@@ -75,17 +75,16 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     store = ActivationStore(capture_dir)
     fair = read_fair_directions(fair_from) if fair_from else None
     adapter = load_model_spec(model_spec) if model_spec else None
-    if adapter is not None:
-        with mismatch_allowed(allow_mismatch):  # the model the capture was made with against --model, before fitting
+    with mismatch_allowed(allow_mismatch):  # the model the capture was made with against --model (said once)
+        if adapter is not None:  # before fitting
             check_made_for(f"the capture {capture_dir}", record_of(store.model_record), adapter, adapter.resolve_site(store.site))
-    edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
-                            strength=strength, amplify=amplify, center=not no_center, model=model_spec)
-    if adapter is not None:
-        # dry run on the model: a fold that cannot apply (bias-free projection with a mean term, a block
-        # output for fold=site, a width mismatch) fails here, before anything is written
-        with mismatch_allowed(allow_mismatch):  # the capture's model against --model
+        edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
+                                strength=strength, amplify=amplify, center=not no_center, model=model_spec)
+        if adapter is not None:
+            # dry run on the model: a fold that cannot apply (bias-free projection with a mean term, a block
+            # output for fold=site, a width mismatch) fails here, before anything is written
             handle = fold_projection(adapter, edit, mode=edit.fold) if edit.fold != "none" else apply_edits(adapter, edit)
-        handle.remove()
+            handle.remove()
     with atomic_output_dir(out_dir, overwrite) as tmp:
         edit.save(tmp)
     rank = 0 if edit.in_dirs is None else edit.in_dirs.shape[1]

@@ -141,6 +141,11 @@ def recipe(t: Path, ws: Path, **sections: str) -> list[str]:
     return ["run", str(t / "r.yaml"), "--no-progress"]
 
 
+def _append(argv: list[str], path: Path, text: str) -> list[str]:
+    path.write_text(path.read_text() + text)
+    return argv
+
+
 def write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -360,23 +365,23 @@ CLI_CASES = [
                                                       "--tower", "image"], ("hf_clip vs open_clip",)),
     CliCase("eval-edit-other-family", lambda t, w: ["eval", "--model", "tiny-open-clip", "--edit", str(w / "tedit"), "--out", "ev"],
             ("hf_clip vs open_clip",)),
-    CliCase("project-capture-other-family", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--model",
+    CliCase("project-capture-other-family", lambda t, w: ["project", "--capture", str(w / "capblank"), "--column", "gender", "--model",
                                                           "tiny-open-clip", "--out", "e"], ("hf_clip vs open_clip",)),
-    CliCase("recipe-sae-path-other-site", lambda t, w: recipe(t, w, site="image.1", sae=f"{{path: {w / 'tsae'}}}"),
+    CliCase("recipe-sae-path-other-site", lambda t, w: recipe(t, w, site="image.1", sae=f"{{path: {w / 'tsae'}}}", edit="{neurons: [1]}"),
             ("sae.path", "image.2.resid_post vs image.1.resid_post")),
     # ----- issue 14: recipes, CSVs, images -----------------------------------------------------------------
-    CliCase("recipe-duplicate-key", lambda t, w: ["run", write(t / "r.yaml", "name: x\nsite: image.-1\nname: y\n")],
-            ("r.yaml line 3", "duplicate key 'name'", "line 1")),
-    CliCase("recipe-duplicate-nested-key", lambda t, w: ["run", write(t / "r.yaml", "name: x\nedit:\n  alpha: 0.5\n  mode: residual\n"
-                                                                      "  alpha: 0.9\n")], ("line 5", "'edit.alpha'")),
-    CliCase("csv-row-extra-field", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png,Male\nb.png,Female,extra\n")),
-            ("labels.csv line 3", "3 field(s)", "header has 2")),
-    CliCase("csv-row-missing-field", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png\nb.png,Female\n")),
+    CliCase("recipe-duplicate-key", lambda t, w: _append(recipe(t, w), t / "r.yaml", "name: y\n"),
+            ("r.yaml line 8", "duplicate key 'name'", "first at line 1")),
+    CliCase("recipe-duplicate-nested-key", lambda t, w: recipe(t, w, edit="{alpha: 0.5, mode: residual, alpha: 0.9}"),
+            ("line 8", "duplicate key 'edit.alpha'")),
+    CliCase("csv-row-extra-field", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png,Male\nb.png,Female,extra\n"),
+                                                             site="image.1"), ("labels.csv line 3", "3 field(s)", "header has 2")),
+    CliCase("csv-row-missing-field", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png\nb.png,Female\n"), site="image.1"),
             ("labels.csv line 2", "1 field(s)")),
-    CliCase("csv-duplicate-column", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png,Male,x\n", header="file,gender,gender")),
-            ("'gender'", "repeated")),
-    CliCase("probe-labels-ragged", lambda t, w: probe_argv(w, "--column", "gender", "--labels",
-                                                           write(t / "l.csv", "file,gender\n0.png,Male,x\n")), ("l.csv line 2",)),
+    CliCase("csv-duplicate-column", lambda t, w: capture_argv(t, "--images", csv_with(t, "a.png,Male,x\n", header="file,gender,gender"),
+                                                              site="image.1"), ("'gender'", "repeated")),
+    CliCase("probe-labels-ragged", lambda t, w: probe_argv(w, "--column", "gender", "--labels", write(
+        t / "l.csv", "file,gender\n0.png,Female\n1.png,Male,Female\n2.png,Female\n3.png,Male\n")), ("l.csv line 3",)),
     CliCase("image-float-pixels", lambda t, w: capture_argv(t, "--images", float_tiff_csv(t), site="image.1"),
             ("cannot read image", "f.tiff", "no known range")),
     # ----- issue 14: options checked when parsed (a model that does not exist is never reached) ---------

@@ -30,6 +30,7 @@ import torch
 from .adapters.base import ModelAdapter
 from .data import LabelledImages, TextPrompts
 from .errors import DebiasError, IntegrityError
+from .model_match import FINGERPRINT_KEY, model_fingerprint as family_fingerprint
 from .sae.model import read_safetensors
 from .sites import Site
 
@@ -225,8 +226,10 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
     if old is not None and old.get("status") == "complete" and len(shards) == n_shards:
         # Same settings, already complete: nothing to do (the manifest keeps the original timing).
         return CaptureResult(out, n, old["counts"]["tokens"], n_shards, n_shards, 0.0, 0, settings)
+    # what SAEs trained on this capture are made for (outside ``settings``: not part of the cache key, so
+    # captures made before it existed still resume)
     manifest = {"format": FORMAT, "version": VERSION, "cache_key": key, "status": "running", "settings": settings,
-                "shards": shards}
+                "shards": shards, FINGERPRINT_KEY: family_fingerprint(adapter)}
     resumed = len(shards)
     start_time = time.perf_counter()
     computed = 0
@@ -342,6 +345,14 @@ class ActivationStore:
     @property
     def shards(self) -> list[dict]:
         return self.manifest["shards"]
+
+    @property
+    def model_record(self) -> dict:
+        """What the capture was made with, for :func:`debias_export.model_match.check_made_for`: model family and
+        architecture fingerprint (captures older than fingerprints: the family only), tower and site."""
+        model = self.settings.get("model") or {}
+        fp = self.manifest.get(FINGERPRINT_KEY) or ({"family": model["family"]} if model.get("family") else None)
+        return {**({FINGERPRINT_KEY: fp} if fp else {}), "tower": self.settings.get("tower"), "site": self.site}
 
     @property
     def site(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -50,19 +51,87 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     return alt if alt.exists() else p
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+def read_csv_table(path: str | os.PathLike, what: str = "CSV file") -> tuple[list[str], list[dict[str, str]]]:
+    """``(header, rows)`` of a CSV, strictly: a row with more or fewer fields than the header, or a repeated
+    column name, is an error naming the file and line (``csv.DictReader`` would drop extra fields or fill
+    missing ones with None, silently). Blank lines are skipped; a UTF-8 BOM is accepted.
+    """
+    path = Path(path)
     if not path.is_file():
-        raise DebiasError(f"CSV file not found: {path}")
+        raise DebiasError(f"{what} not found: {path}")
+    rows: list[dict[str, str]] = []
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = list(reader.fieldnames or [])
-            rows = [dict(r) for r in reader]
+            reader = csv.reader(fh)
+            header = next((r for r in reader if r), [])
+            dup = sorted({c for c in header if header.count(c) > 1})
+            if dup:
+                raise DebiasError(f"{path} line {reader.line_num}: column name(s) {', '.join(map(repr, dup))} repeated in the header")
+            for fields in reader:
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DebiasError(f"{path} line {reader.line_num}: {len(fields)} field(s) but the header has "
+                                      f"{len(header)} ({', '.join(header)}); quote values that contain commas")
+                rows.append(dict(zip(header, fields)))
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DebiasError(f"cannot parse CSV {path}: {exc}") from None
     if not header:
         raise DebiasError(f"CSV {path} is empty (no header row)")
     return header, rows
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    return read_csv_table(path, "CSV file")
+
+
+def is_missing_label(label: Any) -> bool:
+    """The one rule for a missing label, everywhere labels group rows: None, NaN or a blank string."""
+    return label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == ""
+
+
+def labelled_indices(labels: Sequence[Any]) -> list[int]:
+    """Indices of the rows whose label is present (see :func:`is_missing_label`); the rest are skipped."""
+    return [i for i, lab in enumerate(labels) if not is_missing_label(lab)]
+
+
+# 16-bit grayscale PNGs open in these modes; PIL's convert("RGB") clips them at 255 instead of scaling
+_WIDE_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(img: Any, source: Any = "image") -> Any:
+    """An RGB PIL image with 8 bits per channel; 16-bit grayscale is scaled (``round(v / 257)``), not clipped.
+
+    Pillow opens 16-bit RGB(A) PNGs as 8-bit already; 16-bit grayscale stays ``I;16`` and ``convert("RGB")``
+    would saturate every value above 255 (99.6% of a natural 16-bit image). 32-bit integer and float
+    images have no known range and are refused.
+    """
+    import numpy as np
+    from PIL import Image
+
+    mode = img.mode
+    if mode in _WIDE_GRAY_MODES or (mode == "I" and getattr(img, "format", None) == "PNG"):
+        arr = np.asarray(img).astype(np.uint32)  # PNG stores at most 16 bits per sample
+        if arr.size and int(arr.max()) > 65535:
+            raise DebiasError(f"cannot read image {source}: values above 65535 in a {mode} image")
+        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if mode in ("I", "F") or mode.startswith("I;") or mode.startswith("F;"):
+        raise DebiasError(f"cannot read image {source}: {mode} ({'float' if mode.startswith('F') else '32-bit integer'}) "
+                          "pixels have no known range; convert it to 8 or 16 bits per channel")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str | os.PathLike) -> Any:
+    """Open an image file as 8-bit RGB (see :func:`to_rgb`); an unreadable file is one error naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img, path)  # converting forces the full decode inside the try
+    except FileNotFoundError:
+        raise DebiasError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DebiasError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def _make_filter(filter: Any, header: Sequence[str], path: Path) -> Callable[[dict], bool] | None:
@@ -143,19 +212,18 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def drop_unlabelled(self, columns: Sequence[str]) -> int:
+        """Skip the rows whose label is missing in any of ``columns`` (:func:`is_missing_label`); return how many."""
+        before = len(self.rows)
+        self.rows = [r for r in self.rows if not any(is_missing_label(r.get(c)) for c in columns)]
+        return before - len(self.rows)
+
     def path(self, i: int) -> Path:
         return self.image_dir / self.rows[i][self.file_column]
 
     def load(self, i: int):
-        """Image ``i`` as an RGB PIL image (unreadable file -> DebiasError naming it)."""
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.path(i)
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # convert() forces the full decode inside the try
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            raise DebiasError(f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        """Image ``i`` as an 8-bit RGB PIL image (16-bit scaled; unreadable file -> DebiasError naming it)."""
+        return load_rgb(self.path(i))
 
     def batches(self, batch_size: int = 32, start: int = 0, stop: int | None = None) -> Iterator[tuple[list, list[dict]]]:
         """Yield ``(PIL images, row dicts)`` for rows ``start..stop`` in batches."""

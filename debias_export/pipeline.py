@@ -20,7 +20,10 @@ from typing import Any, Callable
 import torch
 
 from .adapters.specs import load_model_spec
+from .data import read_csv_table
 from .errors import DebiasError
+from .fileio import apply_default_modes
+from .model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
 from .recipe import Recipe, expand_variants
 
 
@@ -56,9 +59,8 @@ def _caption_csv(src: Path, dst: Path) -> Path:
     """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
     from .data import label_caption
 
-    with open(src, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or "gender" not in rows[0]:
+    header, rows = read_csv_table(src, "data.captions_from file")
+    if not rows or "gender" not in header:
         raise DebiasError(f"data.captions_from {src}: needs a 'gender' column")
     out = [{"text": text, **{k: row.get(k, "") for k in ("gender", "race", "age")}}
            for row in rows if (text := label_caption(row)) is not None]
@@ -145,12 +147,15 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         if recipe.sae.path:
             from .sae.importers import load_any
 
-            return load_any(recipe.sae.path, d_in=adapter.width(site.tower))
+            sae = load_any(recipe.sae.path, d_in=adapter.width(site.tower))
+            check_made_for(f"the SAE {recipe.sae.path} (sae.path)", record_of(sae.cfg.metadata), adapter, site)
+            return sae
         if (sae_dir / "sae.safetensors").is_file():
             return SparseAutoencoder.load(sae_dir)
         cfg = TrainConfig(d_in=adapter.width(site.tower), expansion=recipe.sae.expansion, k=recipe.sae.k,
                           batch_size=recipe.sae.batch_size, lr=recipe.sae.lr, steps=recipe.sae.steps, seed=recipe.seed,
-                          metadata={"model": recipe.model.spec, "tower": site.tower, "site": site.name, "layer": site.layer})
+                          metadata={"model": recipe.model.spec, "tower": site.tower, "site": site.name, "layer": site.layer,
+                                    FINGERPRINT_KEY: model_fingerprint(adapter)})
         sae = train_sae(store.activations(), cfg, checkpoint_dir=cache / f"{sae_dir.name}-checkpoints", progress=progress)
         sae.save(sae_dir)
         return sae
@@ -167,6 +172,8 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         report["sources"] = {"capture": str(capture_dir), "sae": str(work / "sae"), "column": recipe.probe.column,
                              "activations": recipe.probe.activations}
         _write_json(work / "probe.json", report)
+        if report["num_unlabelled"]:
+            _log(f"{recipe.name}: skipped {report['num_unlabelled']} input(s) with a blank {recipe.probe.column!r} label")
         return report
 
     report = steps("probe", probe)
@@ -175,7 +182,8 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
         raise DebiasError(f"probing found no social neurons for column {recipe.probe.column!r} at tau={recipe.probe.tau}; "
                           "lower probe.tau, train the SAE longer, or give edit.neurons")
     provenance = {"recipe": recipe.source, "recipe_name": recipe.name, "seed": recipe.seed, "model": recipe.model.spec,
-                  "site": site.name, "sae": dict(sae.cfg.metadata), "probe_column": recipe.probe.column}
+                  "site": site.name, "sae": dict(sae.cfg.metadata), "probe_column": recipe.probe.column,
+                  FINGERPRINT_KEY: model_fingerprint(adapter)}
 
     def make_edit(alpha: float) -> SAEEdit:
         return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=recipe.edit.value, alpha=alpha,
@@ -226,6 +234,8 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
     edit = steps("fit-projection", lambda: fit_from_capture(
         store, recipe.probe.column, method=e.method, fold=e.fold, adapter=adapter, fair=fair, strength=e.strength,
         amplify=e.amplify, center=e.center, model=recipe.model.spec, provenance=dict(provenance)))
+    if edit.provenance.get("unlabelled_skipped"):
+        _log(f"{recipe.name}: skipped {edit.provenance['unlabelled_skipped']} input(s) with a blank {recipe.probe.column!r} label")
     edit.save(work / "edit")
 
     def make_edit(b: float) -> "ProjectionEdit":
@@ -293,6 +303,7 @@ def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
 def _finish(work: Path, out: Path) -> None:
     """Swap the finished partial dir into place; the previous artifact survives until the swap."""
     shutil.rmtree(work / "cache", ignore_errors=True)  # resumption state, not part of the artifact
+    apply_default_modes(work)  # safetensors writes 0600 files; publish with the umask's mode like everything else
     old = None
     if out.exists():
         old = out.with_name(out.name + ".old")

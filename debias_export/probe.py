@@ -7,20 +7,15 @@ Per-image latents are ``SAE.encode`` of the per-image mean activation over token
 """
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .data import labelled_indices, read_csv_table
 from .errors import DebiasError, ShapeError
 
 METHOD = "debiaslens-social-neurons"
-
-
-def _is_missing(label: Any) -> bool:
-    return label is None or (isinstance(label, float) and math.isnan(label)) or str(label).strip() == ""
 
 
 def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: float = 0.1, top_n: int = 1,
@@ -44,7 +39,7 @@ def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: floa
         raise DebiasError(f"top_n and min_group_size must be >= 1 (got {top_n}, {min_group_size})")
     if not bool(torch.isfinite(latents).all()):
         raise DebiasError("latents contain NaN or Inf values")
-    keep = [i for i, lab in enumerate(labels) if not _is_missing(lab)]
+    keep = labelled_indices(labels)
     names = [str(labels[i]) for i in keep]
     lat = latents[keep].float()
     present = sorted(set(names))
@@ -98,16 +93,7 @@ def neurons_from_report(report: dict[str, Any], groups: Sequence[str] | None = N
 
 def read_label_csv(path: str | Path, column: str) -> tuple[list[str | None], list[str | None]]:
     """``(file names or None, labels)`` from a CSV with a ``column`` (and optionally ``file``) header."""
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            fields = reader.fieldnames or []
-    except FileNotFoundError:
-        raise DebiasError(f"label file not found: {path}") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DebiasError(f"cannot read label CSV {path}: {exc}") from None
+    fields, rows = read_csv_table(path, "label file")
     if column not in fields:
         raise DebiasError(f"label CSV {path} has no column {column!r}; columns: {', '.join(fields)}")
     files = [r.get("file") for r in rows] if "file" in fields else [None] * len(rows)

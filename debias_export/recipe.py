@@ -328,11 +328,31 @@ def expand_variants(recipe: Recipe) -> list[Recipe]:
     return out
 
 
+def _check_duplicate_keys(node: Any, path: str, file: Path) -> None:
+    """Refuse a mapping that repeats a key (YAML's last value would win silently), naming key path and line."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            where = f"{path}.{key}" if path else str(key)
+            if key is not None and key != "<<":  # "<<" merge keys may repeat
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{file} line {line}: duplicate key {where!r} (first at line {seen[key]})")
+                seen[key] = line
+            _check_duplicate_keys(value_node, where, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", file)
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", path)  # nodes only: nothing is constructed
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {path}") from None
     except IsADirectoryError:
@@ -343,6 +363,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer past Python's int-string digit limit
         raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0][:80]})") from None
     recipe = parse_recipe(raw, where=str(path))

@@ -1,289 +1,36 @@
 """Table-driven bad inputs: every user mistake is ONE line ``error: ...`` naming the problem, exit code 2.
 
-CLI cases run in-process through ``debias_export.cli.main.main(argv)`` (stderr via capsys); two run as a real
-subprocess (exit status, ``--debug`` traceback). API cases check the exception type and its one-line message.
+The tables live in ``tests/bad_input_cases.py``. CLI cases run in-process through
+``debias_export.cli.main.main(argv)`` (stderr via capsys); two run as a real subprocess (exit status, ``--debug``
+traceback, SIGKILL). API cases check the exception type and its one-line message. Handled cases are bad inputs
+that are processed correctly instead (blank labels skipped and counted, 16-bit images scaled, ...). Below the
+tables: exports interrupted or out of disk, stale temp dirs, file modes.
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import stat
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
-from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
-from debias_export.adapters.base import adapter_for, load_adapter
-from debias_export.errors import ConfigError, IntegrityError, ShapeError
-from debias_export.export import export_onnx, export_patched, load_patched
-from debias_export.sae.importers import load_any
-from debias_export.sae.model import SparseAutoencoder
-from debias_export.testing import random_sae, tiny_clip
-
-ROOT = Path(__file__).resolve().parents[1]
+from bad_input_cases import (API_CASES, CLI_CASES, ENOSPC_SAFETENSORS, HANDLED_CASES, ROOT, CliCase, HandledCase, _fail_with,
+                             _patched, _snapshot, build_workspace, capture_argv, copy_bundle, existing_capture, image_csv,
+                             prompts)
+from debias_export import DebiasError
+from debias_export.export import export_onnx, export_patched
 
 
-# ----- small input builders ------------------------------------------------------------------------------
-def prompts(tmp: Path) -> Path:
-    p = tmp / "prompts.txt"
-    p.write_text("a photo of a nurse\na photo of an engineer\n")
-    return p
-
-
-def image_csv(tmp: Path, rows: list[tuple[str, str]] | None = None, header: str = "file,gender",
-              broken: str | None = None) -> Path:
-    """A labelled-image CSV next to real PNGs; ``broken`` names a listed file holding garbage bytes."""
-    from PIL import Image
-
-    rows = rows if rows is not None else [("a.png", "Male"), ("b.png", "Female")]
-    for name, _ in rows:
-        if name != broken and not name.startswith("missing"):
-            Image.new("RGB", (32, 32), (120, 30, 200)).save(tmp / name)
-    if broken:
-        (tmp / broken).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    csv = tmp / "labels.csv"
-    csv.write_text(header + "\n" + "".join(f"{f},{g}\n" for f, g in rows))
-    return csv
-
-
-def existing_capture(tmp: Path) -> Path:
-    """A finished capture at ``tmp/o`` (so a second capture with other settings must be refused)."""
-    from debias_export.cli.main import main
-
-    out = tmp / "o"
-    assert main(["capture", "--model", "tiny-clip", "--site", "text.1", "--texts", str(prompts(tmp)),
-                 "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-def bert_dir(tmp: Path) -> Path:
-    """A local model directory of a family no adapter handles."""
-    d = tmp / "bert"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
-                                               "num_attention_heads": 2, "intermediate_size": 16, "vocab_size": 30}))
-    return d
-
-
-def capture_argv(tmp: Path, *extra: str, site: str = "text.1", model: str = "tiny-clip") -> list[str]:
-    return ["capture", "--model", model, "--site", site, "--out", str(tmp / "o"), "--no-progress", *extra]
-
-
-# ----- CLI cases ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
-    """Read-only inputs shared by the cases: SAEs, an edit, a labelled capture, an exported bundle."""
-    from debias_export.cli.main import main
-
-    w = tmp_path_factory.mktemp("ws")
-    random_sae(32, 64).save(w / "sae")
-    random_sae(48, 64).save(w / "sae48")
-    _sae_dir(w / "nan", _nan("W_dec"))
-    _truncate(_sae_dir(w / "trunc") / "sae.safetensors")
-    (w / "notsae").mkdir()
-    (w / "notsae" / "weights.bin").write_bytes(b"\0" * 16)
-    SAEEdit(site="image.-1", sae=random_sae(32, 64), neurons=[1, 2], alpha=0.8).save(w / "edit")
-    _edit_dir(w / "nanedit", _nan("sae.b_enc"))
-    (w / "imgs").mkdir()
-    csv = image_csv(w / "imgs", [(f"{i}.png", "Male" if i % 2 else "Female") for i in range(4)])
-    assert main(["capture", "--model", "tiny-clip", "--site", "image.-1", "--images", str(csv), "--out", str(w / "cap"),
-                 "--no-progress"]) == 0
-    assert main(["export", "--model", "tiny-clip", "--edit", str(w / "edit"), "--out", str(w / "bundle"), "--tower", "image"]) == 0
-    return w
-
-
-def copy_bundle(t: Path, ws: Path) -> Path:
-    import shutil
-
-    return Path(shutil.copytree(ws / "bundle", t / "bundle"))
-
-
-def mismatched_bundle(t: Path, ws: Path) -> Path:
-    """A bundle whose ONNX graph comes from a different edit (alpha 0.1), manifests rewritten to match:
-    consistent files, wrong numbers -- only the numerical validation can catch it."""
-    import shutil
-
-    from debias_export.export import write_manifest
-
-    b = copy_bundle(t, ws)
-    export_onnx(_other_alpha(), t / "o2", towers=["image"])
-    shutil.copyfile(t / "o2" / "vision_model.onnx", b / "onnx" / "vision_model.onnx")
-    write_manifest(b / "onnx", kind="onnx")
-    write_manifest(b, kind="bundle")
-    return b
-
-
-def recipe(t: Path, ws: Path, **sections: str) -> list[str]:
-    """``run`` argv for a tiny recipe over the workspace images; ``sections`` replace/add YAML lines."""
-    lines = {"name": "x", "model": "{spec: tiny-clip}", "site": "image.-1", "data": f"{{dir: {ws}, images: imgs/labels.csv}}",
-             "sae": "{steps: 2, batch_size: 4, expansion: 2, k: 2}", "export": "{onnx: false}", "output": f"{{dir: {t / 'out'}}}"}
-    lines.update(sections)
-    (t / "r.yaml").write_text("".join(f"{k}: {v}\n" for k, v in lines.items() if v is not None))
-    return ["run", str(t / "r.yaml"), "--no-progress"]
-
-
-def write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
-
-
-def tampered_capture(t: Path, ws: Path) -> Path:
-    import shutil
-
-    cap = Path(shutil.copytree(ws / "cap", t / "cap"))
-    tamper_file(cap / "shard-00000.safetensors")
-    return cap
-
-
-def patch_argv(ws: Path, *extra: str, sae: str = "sae") -> list[str]:
-    return ["patch", "--model", "tiny-clip", "--sae", str(ws / sae), "--site", "image.-1", "--out", "e", *extra]
-
-
-def probe_argv(ws: Path, *extra: str, sae: str = "sae") -> list[str]:
-    return ["probe", "--capture", str(ws / "cap"), "--sae", str(ws / sae), "--out", "p.json", *extra]
-
-
-def tamper_file(path: Path) -> Path:
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    return path
-
-
-@dataclass
-class CliCase:
-    id: str
-    argv: Callable[[Path, Path], list[str]]  # (tmp dir = cwd, shared workspace) -> argv
-    words: tuple[str, ...]  # all must appear in the error line (case-insensitive)
-
-
-T = lambda t: str(prompts(t))  # noqa: E731 - keeps the table readable
-CLI_CASES = [
-    # capture: sites, inputs, labels, outputs, model families
-    CliCase("unknown-layer", lambda t, w: capture_argv(t, "--texts", T(t), site="text.9"), ("layer 9 out of range", "3 blocks")),
-    CliCase("unknown-tower", lambda t, w: capture_argv(t, "--texts", T(t), site="audio.1"), ("no tower 'audio'",)),
-    CliCase("bad-site-syntax", lambda t, w: capture_argv(t, "--texts", T(t), site="image"), ("bad site 'image'",)),
-    CliCase("unknown-site-kind", lambda t, w: capture_argv(t, "--texts", T(t), site="text.1.resid_pre"), ("unknown site kind 'resid_pre'",)),
-    CliCase("tower-vs-inputs", lambda t, w: capture_argv(t, "--texts", T(t), site="image.1"), ("image tower", "text inputs")),
-    CliCase("missing-image-file", lambda t, w: capture_argv(t, "--images", str(image_csv(t, [("a.png", "Male"), ("missing.png", "Female")]))),
-            ("image file not found", "missing.png")),
-    CliCase("unreadable-image", lambda t, w: capture_argv(t, "--images", str(image_csv(t, broken="b.png")), site="image.1"),
-            ("cannot read image", "b.png")),
-    CliCase("label-column-absent", lambda t, w: capture_argv(t, "--images", str(image_csv(t)), "--columns", "race"),
-            ("label column 'race'", "columns: file, gender")),
-    CliCase("file-column-absent", lambda t, w: capture_argv(t, "--images", str(image_csv(t, header="path,gender"))), ("file column 'file'",)),
-    CliCase("empty-group-after-filter", lambda t, w: capture_argv(t, "--images", str(image_csv(t)), "--where", "gender=Nonbinary",
-                                                                  site="image.1"), ("no inputs",)),
-    CliCase("filter-column-absent", lambda t, w: capture_argv(t, "--images", str(image_csv(t)), "--where", "race=White"),
-            ("filter column 'race'",)),
-    CliCase("bad-where-syntax", lambda t, w: capture_argv(t, "--images", str(image_csv(t)), "--where", "gender"), ("bad --where 'gender'",)),
-    CliCase("csv-not-found", lambda t, w: capture_argv(t, "--images", str(t / "nope.csv")), ("csv file not found", "nope.csv")),
-    CliCase("both-inputs", lambda t, w: capture_argv(t, "--images", "a.csv", "--texts", "b.txt"), ("exactly one of",)),
-    CliCase("capture-output-exists", lambda t, w: [*capture_argv(existing_capture(t).parent, "--texts", T(t)), "--k", "3"],
-            ("different settings", "--overwrite")),
-    CliCase("capture-output-is-a-file", lambda t, w: (t / "o").write_text("x") and capture_argv(t, "--texts", T(t)),
-            ("o", "--overwrite")),
-    CliCase("model-family-unsupported", lambda t, w: capture_argv(t, "--texts", T(t), model=str(bert_dir(t))), ("'bert'", "not supported")),
-    CliCase("model-not-found", lambda t, w: capture_argv(t, "--texts", T(t), model=str(t / "no-such-model")),
-            ("cannot read a model config", "no-such-model")),
-    CliCase("non-utf8-prompts", lambda t, w: (t / "p.txt").write_bytes(b"\xff\xfe\x80 bad") and capture_argv(t, "--texts", str(t / "p.txt")),
-            ("utf-8",)),
-    CliCase("bad-option-type", lambda t, w: capture_argv(t, "--texts", T(t), "--k", "many"), ("'many'", "integer")),
-    CliCase("zero-batch-size", lambda t, w: capture_argv(t, "--texts", T(t), "--batch-size", "0"), ("batch size", ">= 1")),
-    # probe / train-sae
-    CliCase("probe-label-column-absent", lambda t, w: probe_argv(w, "--column", "race"), ("no label column 'race'", "gender")),
-    CliCase("probe-empty-group", lambda t, w: probe_argv(w, "--column", "gender", "--groups", "Male,Nonbinary"),
-            ("'nonbinary' has no samples",)),
-    CliCase("probe-sae-width", lambda t, w: probe_argv(w, "--column", "gender", sae="sae48"), ("width 48", "32")),
-    CliCase("probe-not-a-capture", lambda t, w: ["probe", "--capture", str(w / "sae"), "--sae", str(w / "sae"), "--column", "gender",
-                                                 "--out", "p.json"], ("not a capture directory",)),
-    CliCase("train-sae-output-exists", lambda t, w: ["train-sae", "--activations", str(w / "cap"), "--out", str(w / "sae"), "--steps", "1"],
-            ("already exists", "--overwrite")),
-    CliCase("train-sae-tampered-capture", lambda t, w: ["train-sae", "--activations", str(tampered_capture(t, w)), "--out", "s",
-                                                        "--steps", "1"], ("shard-00000.safetensors", "checksum")),
-    # patch: SAE vs site, neurons, alpha, SAE files
-    CliCase("patch-probe-report-no-groups", lambda t, w: patch_argv(w, "--probe-report", write(t / "r.json", "[1, 2]")), ("groups",)),
-    CliCase("patch-probe-report-no-index", lambda t, w: patch_argv(w, "--probe-report", write(t / "r.json", '{"groups": {"Male": '
-                                                                   '{"neurons": [{"idx": 3}]}}}')), ("r.json", "index")),
-    CliCase("patch-probe-report-bad-neuron", lambda t, w: patch_argv(w, "--probe-report", write(t / "r.json", '{"groups": {"Male": '
-                                                                     '{"neurons": ["x"]}}}')), ("r.json", "'x'")),
-    CliCase("patch-sae-width", lambda t, w: patch_argv(w, "--neurons", "1", sae="sae48"), ("width 48", "width 32")),
-    CliCase("patch-neuron-out-of-range", lambda t, w: patch_argv(w, "--neurons", "1,64"), ("[64] out of range", "64 latents")),
-    CliCase("patch-neuron-duplicated", lambda t, w: patch_argv(w, "--neurons", "3,3"), ("duplicated", "[3]")),
-    CliCase("patch-neurons-not-ints", lambda t, w: patch_argv(w, "--neurons", "3,x"), ("--neurons", "integers")),
-    CliCase("patch-alpha", lambda t, w: patch_argv(w, "--neurons", "1", "--alpha", "1.5"), ("alpha", "[0, 1]")),
-    CliCase("patch-sae-nan", lambda t, w: patch_argv(w, "--neurons", "1", sae="nan/sae"), ("W_dec", "NaN or Inf")),
-    CliCase("patch-sae-truncated", lambda t, w: patch_argv(w, "--neurons", "1", sae="trunc/sae"), ("corrupt or truncated", "sae.safetensors")),
-    CliCase("patch-sae-wrong-format", lambda t, w: patch_argv(w, "--neurons", "1", sae="notsae"), ("not a known SAE layout",)),
-    CliCase("patch-sae-missing", lambda t, w: patch_argv(w, "--neurons", "1", sae="nowhere"), ("--sae", "does not exist")),
-    CliCase("patch-site-layer", lambda t, w: [*patch_argv(w, "--neurons", "1"), "--site", "image.7"], ("layer 7 out of range",)),
-    # export / verify / validate
-    CliCase("export-edit-nan", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "nanedit" / "edit"), "--out", "b"], ("b_enc", "NaN")),
-    CliCase("export-not-an-edit", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "sae"), "--out", "b"],
-            ("not an edit folder",)),
-    CliCase("export-output-exists", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "edit"), "--out", str(w)],
-            ("already exists", "--overwrite")),
-    CliCase("export-provenance-not-object", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "edit"), "--out", "b",
-                                                          "--provenance", write(t / "p.json", "[1]")], ("--provenance", "json object")),
-    CliCase("export-bad-atol", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "edit"), "--out", "b", "--atol", "-1"],
-            ("atol",)),
-    CliCase("verify-tampered", lambda t, w: ["verify", str(tamper_file(copy_bundle(t, w) / "hf" / "debias_patches.safetensors").parent)],
-            ("debias_patches.safetensors", "sha-256")),
-    CliCase("verify-smuggled-code", lambda t, w: ["verify", str(_smuggle(copy_bundle(t, w) / "hf"))], ("evil.py", "not listed")),
-    CliCase("verify-no-manifest", lambda t, w: ["verify", str(w / "sae")], ("manifest.json",)),
-    CliCase("validate-over-tolerance", lambda t, w: ["validate", str(mismatched_bundle(t, w)), "--seed", "0"],
-            ("vision_model.onnx", "> atol 0.0001")),
-    CliCase("validate-truncated-onnx", lambda t, w: ["validate", str(_truncate(copy_bundle(t, w) / "onnx" / "vision_model.onnx").parents[1])],
-            ("vision_model.onnx", "truncated")),
-    # recipes through ``run``
-    CliCase("recipe-missing-key", lambda t, w: recipe(t, w, site=None), ("missing key 'site'",)),
-    CliCase("recipe-extra-key", lambda t, w: recipe(t, w, edit="{alpha: 0.5, gamma: 2}"), ("unknown key 'edit.gamma'",)),
-    CliCase("recipe-alpha", lambda t, w: recipe(t, w, edit="{alpha: 1.5}"), ("edit.alpha", "[0, 1]")),
-    CliCase("recipe-output-exists", lambda t, w: (t / "out").mkdir() or recipe(t, w), ("already exists", "overwrite")),
-    CliCase("recipe-model-family", lambda t, w: recipe(t, w, model=f"{{spec: {bert_dir(t)}}}"), ("'bert'", "not supported")),
-    CliCase("recipe-tower-vs-data", lambda t, w: recipe(t, w, site="text.1"), ("text tower", "data.images")),
-    CliCase("recipe-missing-images", lambda t, w: recipe(t, w, data=f"{{dir: {t}, images: nope.csv}}"), ("not found", "nope.csv")),
-    CliCase("recipe-label-column", lambda t, w: recipe(t, w, probe="{column: hair}"), ("no label column 'hair'",)),
-    CliCase("recipe-not-found", lambda t, w: ["run", str(t / "missing.yaml")], ("recipe not found",)),
-    CliCase("recipe-not-utf8", lambda t, w: (t / "r.yaml").write_bytes(b"name: \x80\n") and ["run", str(t / "r.yaml")], ("r.yaml",)),
-    CliCase("recipe-huge-number", lambda t, w: recipe(t, w, edit="{alpha: 1%s}" % ("0" * 400)), ("edit.alpha",)),
-    CliCase("recipe-edit-kind", lambda t, w: recipe(t, w, edit="{kind: lasso}"), ("edit.kind", "sae or projection")),
-    CliCase("recipe-fold-mode", lambda t, w: recipe(t, w, edit="{kind: projection, fold: all}"), ("edit.fold", "every_writer")),
-    CliCase("recipe-fold-on-sae", lambda t, w: recipe(t, w, edit="{fold: site}"), ("edit.fold", "kind: projection")),
-    CliCase("recipe-projection-amplify", lambda t, w: recipe(t, w, edit="{kind: projection, amplify: 0.5}"),
-            ("edit.amplify", "fair_from")),
-    CliCase("recipe-fold-output-centered", lambda t, w: recipe(t, w, edit="{kind: projection, fold: output}"),
-            ("visual_projection", "no bias", "center")),
-    # project: fitting a projection edit from a capture
-    CliCase("project-unknown-fold", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--fold", "all",
-                                                  "--out", "e"], ("--fold", "all")),
-    CliCase("project-label-column", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "race", "--out", "e"],
-            ("no label column 'race'",)),
-    CliCase("project-fold-output-centered", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--fold",
-                                                          "output", "--model", "tiny-clip", "--out", "e"], ("no bias", "center")),
-    CliCase("project-fold-site-on-block", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--fold",
-                                                        "site", "--out", "e"], ("fold=site", "attn_out/mlp_out")),
-    CliCase("project-amplify-no-fair", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--amplify",
-                                                     "0.5", "--out", "e"], ("--amplify", "--fair-from")),
-    CliCase("project-output-exists", lambda t, w: ["project", "--capture", str(w / "cap"), "--column", "gender", "--out", str(w)],
-            ("already exists", "--overwrite")),
-    # bench / eval / locate / bias-lab option checks
-    CliCase("bench-no-model", lambda t, w: ["bench", "--out", "bb"], ("exactly one of --model, --arch or --export",)),
-    CliCase("bench-unknown-runtime", lambda t, w: ["bench", "--model", "tiny-clip", "--random-sae", "reconstruct", "--runtimes",
-                                                   "tensorflow", "--out", "bb"], ("unknown runtime", "tensorflow")),
-    CliCase("bench-unknown-arch", lambda t, w: ["bench", "--arch", "clip-vit-huge", "--out", "bb"], ("'clip-vit-huge'",)),
-    CliCase("eval-alphas-not-numbers", lambda t, w: ["eval", "--model", "tiny-clip", "--edit", str(w / "edit"), "--alphas", "a,b",
-                                                     "--out", "ev"], ("--alphas", "numbers")),
-    CliCase("locate-label-column", lambda t, w: ["locate", "--model", "tiny-clip", "--data", str(w / "imgs"), "--column", "race",
-                                                 "--out", "lo"], ("label column 'race'",)),
-    CliCase("locate-test-fraction", lambda t, w: ["locate", "--model", "tiny-clip", "--data", str(w / "imgs"), "--column", "gender",
-                                                  "--test-fraction", "1.5", "--out", "lo"], ("--test-fraction", "(0, 1)")),
-    CliCase("bias-lab-no-data", lambda t, w: ["bias-lab", "--data", str(t / "nope"), "--out", "bl"], ("nope", "does not exist")),
-]
+    return build_workspace(tmp_path_factory.mktemp("ws"))
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -307,8 +54,25 @@ def assert_one_line_error(code: int, err: str, words: tuple[str, ...]) -> None:
 def test_cli_bad_input(case: CliCase, ws, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = case.argv(tmp_path, ws)
+    if case.setup is not None:
+        case.setup(monkeypatch)
     code, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, case.words)
+
+
+@pytest.mark.parametrize("case", HANDLED_CASES, ids=[c.id for c in HANDLED_CASES])
+def test_bad_input_handled(case: HandledCase, ws, tmp_path, capsys, monkeypatch):
+    from debias_export.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def cli(argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(argv)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    case.check(tmp_path, ws, cli)
 
 
 def test_cli_output_exists_leaves_previous_capture_intact(tmp_path, capsys):
@@ -319,10 +83,13 @@ def test_cli_output_exists_leaves_previous_capture_intact(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def _env() -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
 def _subprocess(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "debias_export.cli.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
-                                                       "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=300, env=_env())
 
 
 def test_subprocess_exit_code_and_debug_traceback(tmp_path):
@@ -332,148 +99,6 @@ def test_subprocess_exit_code_and_debug_traceback(tmp_path):
     debug = _subprocess(["--debug", *capture_argv(tmp_path, "--images", str(csv))], tmp_path)
     assert debug.returncode != 0
     assert "Traceback" in debug.stderr and "image file not found" in debug.stderr
-
-
-# ----- Python API cases ---------------------------------------------------------------------------------
-def _sae_dir(tmp: Path, mutate: Callable[[dict], None] | None = None, cfg: Any = None) -> Path:
-    d = random_sae(32, 64).save(tmp / "sae")
-    if mutate is not None:
-        tensors = load_file(str(d / "sae.safetensors"))
-        mutate(tensors)
-        save_file(tensors, str(d / "sae.safetensors"))
-    if cfg is not None:
-        (d / "cfg.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
-    return d
-
-
-def _edit_dir(tmp: Path, mutate: Callable[[dict], None] | None = None, cfg_patch: dict | None = None) -> Path:
-    d = SAEEdit(site="image.1", sae=random_sae(32, 64), neurons=[1, 2]).save(tmp / "edit")
-    if mutate is not None:
-        tensors = load_file(str(d / "edit.safetensors"))
-        mutate(tensors)
-        save_file(tensors, str(d / "edit.safetensors"))
-    if cfg_patch is not None:
-        cfg = json.loads((d / "edit_config.json").read_text())
-        cfg.update(cfg_patch)
-        (d / "edit_config.json").write_text(json.dumps(cfg))
-    return d
-
-
-def _truncate(path: Path, keep: float = 0.5) -> Path:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-    return path
-
-
-def _nan(name: str):
-    def mutate(t: dict) -> None:
-        t[name] = t[name].clone()
-        t[name].view(-1)[0] = float("nan")
-    return mutate
-
-
-def _apply(clip, **kw):
-    return apply_edits(clip, SAEEdit(**{"site": "image.1", "sae": random_sae(32, 64), "neurons": [1], **kw}))
-
-
-def _proj(clip, d: int = 32, scale: float = 1.0, **kw):
-    """A projection (RES-FAIR) edit with orthonormal directions unless ``kw`` overrides them."""
-    from debias_export.edits.projection import ProjectionEdit
-
-    q = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(0)))[0]
-    args = {"in_dirs": q * scale, "out_dirs": q * scale, "mu": torch.zeros(d), **kw}
-    handle = apply_edits(clip, ProjectionEdit(site="image.-1", **args))
-    out = clip.embed("image", {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))})
-    handle.remove()
-    return out
-
-
-def _patched(clip):
-    _apply(clip, site="image.-1", neurons=[1, 2], alpha=0.8)
-    return clip
-
-
-def _smuggle(d: Path) -> Path:
-    (d / "evil.py").write_text("import os\n")
-    return d
-
-
-def _rewrite(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path.parent
-
-
-def _unlink(path: Path) -> Path:
-    path.unlink()
-    return path.parent
-
-
-_load_sae = SparseAutoencoder.load
-API_CASES: list[tuple[str, Callable[[Path, Any, Path], Any], type, tuple[str, ...]]] = [  # call(tmp, tiny clip, workspace)
-    ("sae-width-vs-site", lambda t, c, w: _apply(c, sae=random_sae(48, 64)), ShapeError, ("width 48", "width 32")),
-    ("site-layer-out-of-range", lambda t, c, w: _apply(c, site="text.5"), DebiasError, ("layer 5 out of range",)),
-    ("site-unknown-tower", lambda t, c, w: _apply(c, site="audio.0"), DebiasError, ("no tower 'audio'",)),
-    ("neuron-out-of-range", lambda t, c, w: _apply(c, neurons=[64]), ConfigError, ("neurons [64] out of range", "64 latents")),
-    ("neuron-negative", lambda t, c, w: _apply(c, neurons=[-1]), ConfigError, ("out of range",)),
-    ("neuron-duplicated", lambda t, c, w: _apply(c, neurons=[3, 3]), ConfigError, ("duplicated", "[3]")),
-    ("neurons-empty", lambda t, c, w: _apply(c, neurons=[]), ConfigError, ("at least one neuron",)),
-    ("alpha-above-1", lambda t, c, w: _apply(c, alpha=1.5), ConfigError, ("alpha", "[0, 1]", "1.5")),
-    ("alpha-negative", lambda t, c, w: _apply(c, alpha=-0.1), ConfigError, ("alpha", "[0, 1]")),
-    ("alpha-nan", lambda t, c, w: _apply(c, alpha=float("nan")), ConfigError, ("alpha", "nan")),
-    ("value-inf", lambda t, c, w: _apply(c, value=float("inf")), ConfigError, ("value", "finite")),
-    ("edit-mode-unknown", lambda t, c, w: _apply(c, mode="subtract"), ConfigError, ("mode 'subtract'",)),
-    ("sae-nan-weights", lambda t, c, w: _load_sae(_sae_dir(t, _nan("W_enc"))), DebiasError, ("W_enc", "NaN or Inf")),
-    ("sae-inf-bias", lambda t, c, w: _load_sae(_sae_dir(t, lambda x: x.update(b_dec=torch.full_like(x["b_dec"], float("inf"))))),
-     DebiasError, ("b_dec", "NaN or Inf")),
-    ("edit-nan-tensors", lambda t, c, w: load_edit(_edit_dir(t, _nan("sae.W_dec"))), DebiasError, ("W_dec", "NaN or Inf")),
-    ("sae-truncated", lambda t, c, w: _load_sae(_truncate(_sae_dir(t) / "sae.safetensors").parent), IntegrityError,
-     ("corrupt or truncated", "sae.safetensors")),
-    ("sae-garbage-bytes", lambda t, c, w: (_sae_dir(t) / "sae.safetensors").write_bytes(b"\x00" * 64) and _load_sae(t / "sae"),
-     IntegrityError, ("corrupt or truncated",)),
-    ("edit-truncated", lambda t, c, w: load_edit(_truncate(_edit_dir(t) / "edit.safetensors", 0.9).parent), IntegrityError,
-     ("corrupt or truncated", "edit.safetensors")),
-    ("sae-wrong-shape", lambda t, c, w: _load_sae(_sae_dir(t, lambda x: x.update(W_enc=x["W_enc"].t().contiguous()))),
-     ShapeError, ("W_enc", "(64, 32)", "expected (32, 64)")),
-    ("sae-missing-tensor", lambda t, c, w: _load_sae(_sae_dir(t, lambda x: x.pop("W_dec"))), DebiasError, ("lack", "W_dec")),
-    ("sae-cfg-wrong-format", lambda t, c, w: _load_sae(_sae_dir(t, cfg={"hidden": 32})), DebiasError, ("bad sae config", "cfg.json")),
-    ("sae-cfg-not-json", lambda t, c, w: _load_sae(_sae_dir(t, cfg="{nope")), DebiasError, ("bad sae config",)),
-    ("sae-cfg-width-mismatch", lambda t, c, w: _load_sae(_sae_dir(t, cfg={"d_in": 48, "num_latents": 64})), ShapeError,
-     ("W_enc", "expected (48, 64)")),
-    ("sae-cfg-bad-activation", lambda t, c, w: _load_sae(_sae_dir(t, cfg={"d_in": 32, "num_latents": 64, "activation": "gelu"})),
-     DebiasError, ("activation 'gelu'",)),
-    ("sae-not-a-folder", lambda t, c, w: _load_sae(t), DebiasError, ("not a debias-export sae folder",)),
-    ("import-width-vs-site", lambda t, c, w: load_any(w / "sae48", d_in=32), ShapeError, ("width 48", "site width is 32")),
-    ("edit-unknown-kind", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"kind": "bogus"})), DebiasError, ("unknown edit kind 'bogus'",)),
-    ("edit-bad-alpha-on-disk", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"alpha": 7})), ConfigError, ("alpha", "[0, 1]")),
-    ("edit-alpha-string-on-disk", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"alpha": "x"})), ConfigError, ("alpha", "'x'")),
-    ("edit-neurons-string-on-disk", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"neurons": "x"})), ConfigError, ("neurons",)),
-    ("edit-kind-not-string", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"kind": []})), DebiasError, ("unknown edit kind",)),
-    ("edit-config-not-object", lambda t, c, w: load_edit(_rewrite(_edit_dir(t) / "edit_config.json", "[1, 2]")), DebiasError,
-     ("edit_config.json",)),
-    ("edit-extra-key-on-disk", lambda t, c, w: load_edit(_edit_dir(t, cfg_patch={"gamma": 1})), ConfigError, ("gamma",)),
-    ("projection-width-vs-site", lambda t, c, w: _proj(c, d=48), ShapeError, ("width 48", "width 32")),
-    ("projection-nan-dirs", lambda t, c, w: _proj(c, in_dirs=torch.full((32, 2), float("nan"))), DebiasError, ("in_dirs", "NaN")),
-    ("projection-rank-mismatch", lambda t, c, w: _proj(c, out_dirs=torch.ones(32, 1)), ShapeError, ("in_dirs", "out_dirs")),
-    ("projection-fair-not-orthonormal", lambda t, c, w: _proj(c, fair=torch.ones(32, 2)), ConfigError, ("not orthonormal",)),
-    ("projection-strength-inf", lambda t, c, w: _proj(c, strength=float("inf")), ConfigError, ("strength", "finite")),
-    # directions that are not a projection (|A| ~ 1e60) overflow at run time: must be refused, not exported
-    ("projection-overflowing-dirs", lambda t, c, w: _proj(c, scale=1e30), DebiasError, ("projection",)),
-    ("model-family-unknown", lambda t, c, w: adapter_for(torch.nn.Linear(2, 2)), DebiasError, ("no model family handles linear",)),
-    ("model-family-name-unknown", lambda t, c, w: load_adapter("x", family="mamba"), DebiasError, ("unknown model family 'mamba'",)),
-    # exported artifacts
-    ("load-tampered-patch-file", lambda t, c, w: load_patched(tamper_file(copy_bundle(t, w) / "hf" / "debias_patches.safetensors").parent),
-     IntegrityError, ("debias_patches.safetensors", "sha-256")),
-    ("load-truncated-weights", lambda t, c, w: load_patched(_truncate(copy_bundle(t, w) / "hf" / "model.safetensors", 0.7).parent),
-     IntegrityError, ("model.safetensors", "truncated")),
-    ("load-smuggled-python-file", lambda t, c, w: load_patched(_smuggle(copy_bundle(t, w) / "hf")), IntegrityError,
-     ("evil.py", "not listed")),
-    ("load-missing-manifest", lambda t, c, w: load_patched(_unlink(copy_bundle(t, w) / "hf" / "manifest.json")), DebiasError,
-     ("manifest",)),
-    ("export-unpatched", lambda t, c, w: export_onnx(c, t / "o"), DebiasError, ("no debias patch",)),
-    ("export-opset-too-old", lambda t, c, w: export_onnx(_patched(c), t / "o", opset=9), ConfigError, ("opset 9",)),
-    ("export-output-exists", lambda t, c, w: (t / "o").mkdir() or export_patched(_patched(c), t / "o"), DebiasError,
-     ("already exists", "--overwrite")),
-]
 
 
 @pytest.mark.parametrize("case_id,call,exc_type,words", API_CASES, ids=[c[0] for c in API_CASES])
@@ -487,16 +112,6 @@ def test_api_bad_input(case_id, call, exc_type, words, tmp_path, clip, ws):
 
 
 # ----- disk full / interrupted exports: one-line error, previous artifact intact, no partial directory ----
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _fail_with(exc: BaseException):
-    def boom(*a, **k):
-        raise exc
-    return boom
-
-
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), KeyboardInterrupt()], ids=["disk-full", "interrupt"])
 def test_failed_export_keeps_previous_artifact_and_leaves_no_partial_dir(clip, tmp_path, monkeypatch, exc):
     from debias_export.export import safetensors_export
@@ -519,20 +134,100 @@ def test_failed_onnx_export_leaves_nothing(clip, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_disk_full_is_one_line_exit_2_and_keeps_previous_bundle(ws, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), ENOSPC_SAFETENSORS], ids=["oserror", "safetensors"])
+def test_cli_disk_full_is_one_line_exit_2_and_keeps_previous_bundle(ws, tmp_path, capsys, monkeypatch, exc):
     from debias_export.export import safetensors_export
 
     bundle = copy_bundle(tmp_path, ws)
     before = _snapshot(bundle)
-    monkeypatch.setattr(safetensors_export, "save_file", _fail_with(OSError(28, "No space left on device")))
+    monkeypatch.setattr(safetensors_export, "save_file", _fail_with(exc))
     code, err = run_cli(["export", "--model", "tiny-clip", "--edit", str(ws / "edit"), "--out", str(bundle), "--tower", "image",
                          "--overwrite"], capsys)
     assert _snapshot(bundle) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
-    assert_one_line_error(code, err, ("no space left",))
+    assert_one_line_error(code, err, (f"no space left on device while writing {bundle}; nothing was changed",))
 
 
-def _other_alpha():
-    other = tiny_clip(seed=0)
-    _apply(other, site="image.-1", neurons=[1, 2], alpha=0.1)
-    return other
+def test_api_disk_full_from_safetensors_is_a_debias_error(clip, tmp_path, monkeypatch):
+    from debias_export.export import safetensors_export
+
+    monkeypatch.setattr(safetensors_export, "save_file", _fail_with(SafetensorError("IoError: No space left on device (os error 28)")))
+    with pytest.raises(DebiasError, match="no space left on device while writing .*hf; nothing was changed"):
+        export_patched(_patched(clip), tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----- temp dirs left by a killed export are removed by the next run (only ours, only stale) -------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _temp_dir(parent: Path, name: str, pid: int, tag: str, host: str | None = None) -> Path:
+    d = parent / f".{name}.tmp-{pid}-{tag}"
+    (d / "hf").mkdir(parents=True)
+    (d / "hf" / "model.safetensors").write_bytes(b"x" * 1000)
+    (parent / f".{name}.owner-{pid}-{tag}").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname()}))
+    return d
+
+
+def test_stale_temp_dirs_are_removed_and_live_or_foreign_ones_kept(ws, tmp_path, capsys):
+    dead = _temp_dir(tmp_path, "b", _dead_pid(), "0123abcd")
+    live = _temp_dir(tmp_path, "b", os.getppid(), "4567cdef")  # a running process (pytest's parent) is writing it
+    remote = _temp_dir(tmp_path, "b", _dead_pid(), "89abcdef", host="another-machine")  # cannot be checked from here
+    legacy = tmp_path / ".b.tmp-deadbeef"  # older format, no owner: only removed after a day untouched
+    legacy.mkdir()
+    other = _temp_dir(tmp_path, "c", _dead_pid(), "0123abcd")  # another output's temp dir: not ours to touch
+    code, err = run_cli(["export", "--model", "tiny-clip", "--edit", str(ws / "edit"), "--out", str(tmp_path / "b"),
+                         "--no-onnx"], capsys)
+    assert code == 0, err
+    assert not dead.exists() and not (tmp_path / f".b.owner-{dead.name.split('-', 1)[1]}").exists()
+    assert live.exists() and remote.exists() and legacy.exists() and other.exists()
+    old = time.time() - 2 * 24 * 3600
+    os.utime(legacy, (old, old))
+    code, err = run_cli(["export", "--model", "tiny-clip", "--edit", str(ws / "edit"), "--out", str(tmp_path / "b"),
+                         "--no-onnx", "--overwrite"], capsys)
+    assert code == 0, err
+    assert not legacy.exists() and live.exists()
+
+
+def test_sigkilled_export_leaves_a_temp_dir_that_the_next_run_removes(ws, tmp_path):
+    """A real ``kill -9`` in the middle of an export, then the same command again."""
+    argv = ["export", "--model", "tiny-clip", "--edit", str(ws / "edit"), "--out", "b", "--tower", "image"]
+    proc = subprocess.Popen([sys.executable, "-m", "debias_export.cli.main", *argv], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 240
+    while not list(tmp_path.glob(".b.tmp-*/hf")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    left = list(tmp_path.glob(".b.tmp-*"))
+    assert left and not (tmp_path / "b").exists(), "the export finished before it could be killed"
+    again = _subprocess(argv, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+# ----- exported files get the umask's mode (safetensors writes 0600 on its own) ----------------------------
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_every_written_file_gets_the_umask_default_mode(ws, tmp_path, capsys, umask, mode):
+    from debias_export.cli.main import main
+
+    old = os.umask(umask)
+    try:
+        assert main(["export", "--model", "tiny-clip", "--edit", str(ws / "edit"), "--out", str(tmp_path / "b"),
+                     "--tower", "image"]) == 0
+        assert main(["patch", "--model", "tiny-clip", "--sae", str(ws / "tsae"), "--neurons", "1", "--out", str(tmp_path / "e")]) == 0
+        assert main(["train-sae", "--activations", str(ws / "cap"), "--out", str(tmp_path / "s"), "--steps", "1", "--batch-size", "4",
+                     "--expansion", "2", "--k", "2", "--no-progress"]) == 0
+        assert main(["project", "--capture", str(ws / "capblank"), "--column", "gender", "--out", str(tmp_path / "p")]) == 0
+    finally:
+        os.umask(old)
+    files = [p for d in ("b", "e", "s", "p") for p in (tmp_path / d).rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "debias_patches.safetensors", "edit.safetensors", "sae.safetensors", "manifest.json"} <= names
+    wrong = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != mode}
+    assert not wrong, wrong
+
+

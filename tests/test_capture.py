@@ -92,7 +92,9 @@ def test_random_k_deterministic_with_replacement(clip, images, texts, tmp_path):
     capture_activations(clip, "image.2", images, tmp_path / "b", k=40, batch_size=7, progress=False)
     capture_activations(clip, "image.2", images, tmp_path / "c", k=40, seed=1, progress=False)
     A, B, C = (ActivationStore(tmp_path / d) for d in "abc")
-    assert torch.equal(A.token_index(), B.token_index()) and torch.equal(A.activations(), B.activations())
+    assert torch.equal(A.token_index(), B.token_index())  # integer draws: exact
+    # batches of 3 vs 7 images are GEMMs of other shapes (BLAS may pick other kernels): equal up to float rounding
+    torch.testing.assert_close(A.activations(), B.activations(), rtol=1e-6, atol=1e-6 * float(A.activations().abs().max()))
     assert not torch.equal(A.token_index(), C.token_index())
     pos = A.token_index().reshape(a.num_inputs, 40)
     assert all(len(set(p.tolist())) < 40 for p in pos)  # 40 draws from 17 positions: repeats (with replacement)

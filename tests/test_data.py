@@ -3,10 +3,11 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from debias_export.data import LabelledImages, TextPrompts, default_data_dir, parse_where, resolve_data_path
+from debias_export.data import LabelledImages, TextPrompts, default_data_dir, load_rgb, parse_where, resolve_data_path
 from debias_export.errors import DebiasError
 
 
@@ -146,3 +147,17 @@ def test_shared_fairface_pairs_and_prompts(shared_data):
     assert len(pairs) == 80 and pairs.load(0).mode == "RGB"
     occ = TextPrompts(os.path.join(shared_data, "prompts", "occupations.csv"))
     assert len(occ) == 7 * 41 and occ.rows[0]["concept"] == "doctor"
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    """Every 16-bit value maps to round(v / 257); PIL's own convert("RGB") clips everything above 255."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(values).save(tmp_path / "all.png")
+    with Image.open(tmp_path / "all.png") as img:
+        assert img.mode == "I;16"
+        assert (np.asarray(img.convert("RGB")) == 255).mean() > 0.99  # the bug this guards against
+    rgb = np.asarray(load_rgb(tmp_path / "all.png"))
+    want = (values.astype(np.int64) * 255 + 32767) // 65535  # round(v * 255 / 65535) in integers
+    assert rgb.dtype == np.uint8 and rgb.shape == (256, 256, 3)
+    assert np.array_equal(rgb[..., 0], want) and np.array_equal(rgb[..., 1], want) and np.array_equal(rgb[..., 2], want)
+    assert np.array_equal(want, np.rint(values / 257.0))  # the same thing as v / 257, rounded

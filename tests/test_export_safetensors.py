@@ -145,9 +145,9 @@ def test_disk_full_leaves_previous_artifact_intact(tmp_path, clip, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors_export, "save_file", full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DebiasError, match=f"no space left on device while writing {out}; nothing was changed"):
         export_patched(clip, out, overwrite=True)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DebiasError, match="no space left on device while writing .*fresh; nothing was changed"):
         export_patched(clip, tmp_path / "fresh")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temp or partial directories

@@ -1,4 +1,5 @@
 """Bias / utility metrics against hand-computed values; evaluation pipeline on the shared data."""
+import dataclasses
 import json
 import math
 
@@ -175,3 +176,16 @@ def test_paired_bootstrap_change_by_hand():
     assert out["ci_low"] == pytest.approx(-0.5) and out["ci_high"] == pytest.approx(0.5)
     with pytest.raises(DebiasError):
         paired_bootstrap_change([1.0], [1.0, 2.0], ["a"])
+
+
+def test_blank_labels_are_skipped_not_a_group(eval_setup):
+    """The one missing-label rule: a face with a blank label leaves the pool instead of forming a third group."""
+    from debias_export.eval.retrieval import bias_metrics, embed
+
+    clip, data = eval_setup
+    emb = embed(clip, data)
+    blanked = dataclasses.replace(data, fairface=[dict(r, gender="" if i % 10 == 0 else r["gender"])
+                                                  for i, r in enumerate(data.fairface)])
+    gender = bias_metrics(emb, blanked, k=10)["occupations"]["gender"]
+    assert gender["classes"] == 2 and gender["pool"] == 81 and gender["unlabelled_skipped"] == 9
+    assert "unlabelled_skipped" not in bias_metrics(emb, data, k=10)["occupations"]["gender"]

@@ -33,10 +33,25 @@ def _case(name: str):
     return meta, ROOT / name / load.pop("path"), load, load_file(str(ROOT / name / "expected.safetensors"))
 
 
-def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+def _close(got: torch.Tensor, want: torch.Tensor, what: str, skip: torch.Tensor | None = None) -> None:
     scale = max(want.abs().max().item(), 1.0)
-    err = (got - want).abs().max().item()
+    diff = (got - want).abs() if skip is None else (got - want).abs()[~skip]
+    err = diff.max().item() if diff.numel() else 0.0
     assert err <= TOL * scale, f"{what}: max abs diff {err:.3g} (scale {scale:.3g})"
+
+
+def _near_boundary(sae, x: torch.Tensor, tol: float) -> torch.Tensor:
+    """Latents whose pre-activation lies within ``tol`` of where they start or stop firing: float rounding of
+    another CPU or library may put them on either side (the fixtures have none closer than ~95x the rounding)."""
+    lin = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    if sae.cfg.activation == "relu":
+        return lin.abs() < tol
+    if sae.cfg.activation == "threshold":
+        return (lin - sae.threshold).abs() < tol
+    pre = torch.relu(lin)
+    v = pre.topk(sae.cfg.k + 1, dim=-1).values
+    cut = (v[:, -2:-1] + v[:, -1:]) / 2  # between the k-th and the (k+1)-th value of each row
+    return ((pre - cut).abs() < tol) | (pre < tol)
 
 
 def test_fixture_set_is_complete_and_small():
@@ -62,8 +77,13 @@ def test_library_fixture_imports_exactly(name, caplog):
         f, r = sae.encode(x), sae(x)
     active = lat != 0
     assert active.any() and not active.all(), "fixture latents are all zero or all active: the check would be vacuous"
-    assert torch.equal(f != 0, active), f"active sets differ in {int(((f != 0) != active).sum())} places"
-    _close(f, lat, "latents")
+    # The active sets must be identical, except where a latent sits within float rounding of its firing boundary
+    # (a discrete decision on rounded numbers: another CPU may round it to the other side). A wrong import flips
+    # latents far from any boundary (thousands of them in the bugs this guards against).
+    flips = (f != 0) != active
+    near = _near_boundary(sae, x, TOL * max(lat.abs().max().item(), 1.0))
+    assert not (flips & ~near).any(), f"active sets differ in {int((flips & ~near).sum())} places away from any boundary"
+    _close(f, lat, "latents", skip=flips)
     _close(r, rec, "reconstruction")
 
 

@@ -6,12 +6,12 @@ steps (selecting edit settings) can use it as their selection split.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 from pathlib import Path
 
 import torch
 
+from ..data import load_rgb, read_csv_table
 from ..errors import DebiasError
 from .captions import GENDERS, RACE_WORDS, age_group
 
@@ -22,8 +22,7 @@ def load_utkface(data_dir: str | Path) -> list[dict]:
     labels = root / "labels.csv"
     if not labels.is_file():
         raise DebiasError(f"UTKFace labels not found at {labels}; point --data / DEBIAS_EXPORT_DATA at the shared data")
-    with open(labels, newline="") as fh:
-        rows = [dict(r) for r in csv.DictReader(fh) if r.get("race") in RACE_WORDS and r.get("gender") in GENDERS]
+    rows = [r for r in read_csv_table(labels, "UTKFace label file")[1] if r.get("race") in RACE_WORDS and r.get("gender") in GENDERS]
     if not rows:
         raise DebiasError(f"{labels} has no usable rows (need file, age, gender in {GENDERS}, race in {list(RACE_WORDS)})")
     for r in rows:
@@ -95,10 +94,7 @@ def preload_images(paths: list[str], size: int, cache_file: Path | None = None) 
             return t
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(paths):
-        try:
-            img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
-        except OSError as exc:
-            raise DebiasError(f"cannot read image {p}: {exc}") from None
+        img = load_rgb(p).resize((size, size), Image.BICUBIC)  # load_rgb: one error naming an unreadable file
         out[i] = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
-from .common import model_option
+from .common import POSITIVE_INT, SEED, model_option
 
 
 @click.command("capture")
@@ -23,13 +23,13 @@ from .common import model_option
 @click.option("--where", multiple=True, metavar="COL=V1[,V2]", help="Keep only rows whose COL is one of the values (repeatable).")
 @click.option("--tokens", type=click.Choice(["random-k", "output", "all"]), default="random-k", show_default=True,
               help="Which token positions to store per input.")
-@click.option("--k", default=2, show_default=True, type=int, help="Positions per input for random-k (with replacement).")
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option("--shard-size", default=None, type=int, help="Inputs per shard (default 4096; 128 with --tokens all).")
+@click.option("--k", default=2, show_default=True, type=POSITIVE_INT, help="Positions per input for random-k (with replacement).")
+@click.option("--batch-size", default=32, show_default=True, type=POSITIVE_INT)
+@click.option("--shard-size", default=None, type=POSITIVE_INT, help="Inputs per shard (default 4096; 128 with --tokens all).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
               help="Storage dtype of the activations.")
-@click.option("--limit", default=None, type=int, help="Capture only the first N inputs (after --where).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random-k draws.")
+@click.option("--limit", default=None, type=POSITIVE_INT, help="Capture only the first N inputs (after --where).")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random-k draws.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Capture directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a capture with different settings in --out.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -12,20 +12,13 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
-from .common import load_model_spec, model_option, refuse_existing
+from ..model_match import allow_mismatch as mismatch_allowed
+from .common import (NON_NEGATIVE_INT, POSITIVE_INT, FiniteFloat, FloatList, allow_mismatch_option, load_model_spec,
+                     model_option, refuse_existing)
 
 # options read by only one kind of metric: given explicitly for the other, they are an error, not ignored
 RETRIEVAL_ONLY = ("k", "shuffles")
 LLAVA_ONLY = ("faces", "correction", "batch_size")
-
-
-def _floats(text: str | None) -> list[float] | None:
-    if not text:
-        return None
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DebiasError(f"--alphas must be comma-separated numbers, got {text!r}") from None
 
 
 def _refuse_options(ctx: click.Context, names: tuple[str, ...], family: str) -> None:
@@ -43,26 +36,28 @@ def _refuse_options(ctx: click.Context, names: tuple[str, ...], family: str) -> 
               help="Exported patched model directory to compare against --model.")
 @click.option("--edit", "edit_dir", type=click.Path(path_type=Path), default=None,
               help="Edit folder applied to --model for the comparison.")
-@click.option("--alphas", default=None, help="With --edit: sweep the edit's alpha over these values, e.g. 0,0.25,0.5,1.")
+@click.option("--alphas", default=None, type=FloatList(FiniteFloat(0.0, 1.0)), help="With --edit: sweep the edit's alpha over these values, e.g. 0,0.25,0.5,1.")
 @click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
               help="Shared data directory (default: $DEBIAS_EXPORT_DATA or ../shared/data).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Report directory to create.")
-@click.option("-k", "--k", "k", default=50, show_default=True, help="Top-k for MaxSkew / NDKL (CLIP-style families).")
-@click.option("--shuffles", default=10, show_default=True, help="Shuffled-label noise-floor repeats (CLIP-style families).")
+@click.option("-k", "--k", "k", default=50, show_default=True, type=POSITIVE_INT, help="Top-k for MaxSkew / NDKL (CLIP-style families).")
+@click.option("--shuffles", default=10, show_default=True, type=NON_NEGATIVE_INT,
+              help="Shuffled-label noise-floor repeats (CLIP-style families).")
 @click.option("--prompt-sets", default=None,
               help="Comma-separated subset of adjectives,occupations,activities,stereotypes (llava: the first three).")
-@click.option("--limit", "--max-images", "limit", type=int, default=None,
+@click.option("--limit", "--max-images", "limit", type=click.IntRange(min=2), default=None,
               help="Quick runs: the first N FairFace images (CLIP-style); a gender-balanced sample of N faces (llava).")
 @click.option("--faces", default="fairface540", show_default=True,
               help="llava: labelled face set under the data dir (a folder with labels.csv: file,gender).")
 @click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True,
               help="llava: multiple-testing correction of the per-question Mann-Whitney U p-values.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="llava: prompts per forward pass.")
+@click.option("--batch-size", default=8, show_default=True, type=POSITIVE_INT, help="llava: prompts per forward pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@allow_mismatch_option
 @click.pass_context
-def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit_dir: Path | None, alphas: str | None,
+def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit_dir: Path | None, alphas: list[float] | None,
              data_dir: Path | None, out_dir: Path, k: int, shuffles: int, prompt_sets: str | None, limit: int | None,
-             faces: str, correction: str, batch_size: int, overwrite: bool) -> None:
+             faces: str, correction: str, batch_size: int, overwrite: bool, allow_mismatch: bool) -> None:
     """Evaluate a model's bias (and utility); with --patched/--edit, before vs after; with --alphas, a sweep."""
     import torch
 
@@ -70,14 +65,14 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
 
     if patched_dir is not None and edit_dir is not None:
         raise DebiasError("give either --patched or --edit, not both")
-    alpha_list = _floats(alphas)
+    alpha_list = alphas
     if alpha_list is not None and edit_dir is None:
         raise DebiasError("--alphas needs --edit (the edit whose alpha is swept)")
-    if batch_size < 1:
-        raise DebiasError(f"--batch-size must be >= 1, got {batch_size}")
     refuse_existing(out_dir, overwrite)
     sets = [s.strip() for s in prompt_sets.split(",")] if prompt_sets else None
     adapter = load_model_spec(model_spec)
+    if adapter.family != "llava" and limit is not None and k > limit:  # before minutes of embedding
+        raise DebiasError(f"--k {k} is larger than the image pool of --limit {limit} images")
     edit = None
     if edit_dir is not None:
         from ..edits import load_edit
@@ -85,7 +80,9 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
         edit = load_edit(edit_dir)
         if alpha_list is not None and not hasattr(edit, "alpha"):
             raise DebiasError(f"edit kind {edit.kind!r} has no alpha to sweep")
-    with torch.no_grad():
+    with torch.no_grad(), mismatch_allowed(allow_mismatch):  # one block: a mismatch is said once, not per alpha
+        if edit is not None:
+            edit.validate(adapter)  # site, width and recorded model: now, not after minutes of embedding
         if adapter.family == "llava":
             _refuse_options(ctx, RETRIEVAL_ONLY, adapter.family)
             result = _llava(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, faces, correction, batch_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
-from .common import model_option
+from .common import POSITIVE_INT, SEED, FiniteFloat, model_option
 
 
 def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
@@ -58,17 +58,17 @@ def _default_prompts(labels_csv: Path) -> Path:
 @click.option("--data", "data", required=True, help="Folder with labels.csv + images/ (e.g. fairface540), or the CSV.")
 @click.option("--column", "columns", multiple=True, required=True, help="Attribute column (repeatable); the first is ablated.")
 @click.option("--prompts", "prompts_path", default=None, help="Neutral prompts (.txt or template,concept CSV) for MaxSkew@k.")
-@click.option("--k", default=10, show_default=True, type=int, help="Retrieval depth of MaxSkew@k.")
-@click.option("--limit", default=None, type=int, help="Use only the first N images.")
+@click.option("--k", default=10, show_default=True, type=POSITIVE_INT, help="Retrieval depth of MaxSkew@k.")
+@click.option("--limit", default=None, type=POSITIVE_INT, help="Use only the first N images.")
 @click.option("--heads/--no-heads", default=True, show_default=True, help="Also ablate each attention head separately.")
 @click.option("--attribution/--no-attribution", default=True, show_default=True, help="Run component attribution.")
 @click.option("--direction", type=click.Choice(["write", "stream"]), default="write", show_default=True,
               help="Attribute subspace ablated per component: its own write's group-mean differences, or the stream's.")
 @click.option("--pairs/--no-pairs", "use_pairs", default=True, show_default=True,
               help="Per-layer PAIRS gender confidence gap (needs pairs/ in the shared data and a text tower).")
-@click.option("--test-fraction", default=0.3, show_default=True, type=float, help="Held-out share for the probes.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--test-fraction", default=0.3, show_default=True, type=FiniteFloat(0.0, 1.0, min_open=True, max_open=True), help="Held-out share for the probes.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--batch-size", default=64, show_default=True, type=POSITIVE_INT)
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder (locate.json, locate.png).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], prompts_path: str | None, k: int,
@@ -88,6 +88,9 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     refuse_existing(out_dir, overwrite)
     start = time.time()
     images = LabelledImages(_labels_csv(data), columns=list(columns), limit=limit)
+    skipped = images.drop_unlabelled(columns)  # a blank label is not a group: the rows are skipped, as probe does
+    if skipped:
+        click.echo(f"skipped {skipped} image(s) with a blank {'/'.join(columns)} label", err=True)
     if len(images) < 4:
         raise DebiasError(f"locate needs at least 4 labelled images, got {len(images)}")
     adapter = load_model_spec(model_spec)
@@ -114,7 +117,7 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
                          direction=direction, progress=lambda msg: click.echo(msg, err=True), captions=captions,
                          pairs=pairs)
     report.update(model=model_spec, data=str(images.csv_path), prompts=str(prompts.path) if prompts else None,
-                  seconds=round(time.time() - start, 2))
+                  unlabelled_skipped=skipped, seconds=round(time.time() - start, 2))
     from ..export.manifest import atomic_output_dir
 
     directions = report.pop("directions", None)

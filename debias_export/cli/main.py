@@ -6,12 +6,14 @@ Errors: a :class:`~debias_export.errors.DebiasError` (or click usage error) prin
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
 import click
 
 from ..errors import DebiasError
+from ..fileio import disk_full
 
 # (module, command attribute) pairs; a module per command keeps files small and imports lazy-ish.
 COMMANDS = [
@@ -52,9 +54,27 @@ for _module, _attr in COMMANDS:
     cli.add_command(getattr(_mod, _attr))
 
 
+class _StderrHandler(logging.Handler):
+    """Library warnings (``warning: ...`` lines from the ``debias_export`` loggers) on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _show_library_warnings() -> None:
+    logger = logging.getLogger("debias_export")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to one line + exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _show_library_warnings()
     try:
         cli.main(args=argv, prog_name="debias-export", standalone_mode=False)
         return 0
@@ -74,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # disk full, permissions...: the user's environment, not a bug
         if debug:
             raise
+        if disk_full(exc):  # outside an atomic output dir (those say "nothing was changed" themselves)
+            click.echo(f"error: no space left on device while writing {exc.filename or 'the output'}", err=True)
+            return 2
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         click.echo(f"error: {exc.strerror or exc}{where}", err=True)
         return 2
@@ -83,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a bug: still one line unless --debug
         if debug:
             raise
+        if disk_full(exc):  # safetensors reports ENOSPC as its own SafetensorError
+            click.echo("error: no space left on device while writing a safetensors file", err=True)
+            return 2
         first = str(exc).splitlines()[0] if str(exc) else ""
         click.echo(f"error: internal error {type(exc).__name__}: {first} (rerun with --debug for the traceback)", err=True)
         return 1

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, DebiasError
-from .common import load_model_spec, model_option
+from ..model_match import FINGERPRINT_KEY, allow_mismatch as mismatch_allowed, model_fingerprint
+from .common import FiniteFloat, allow_mismatch_option, load_model_spec, model_option
 
 
 def load_sae(path: str, hookpoint: str | None = None):
@@ -58,13 +59,15 @@ def parse_neurons(text: str) -> list[int]:
 @click.option("--neurons", default=None, help="Comma-separated SAE latents to zero, e.g. 3,7.")
 @click.option("--probe-report", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Take the neurons of every group of a probe report instead of --neurons.")
-@click.option("--alpha", default=0.6, show_default=True, type=float, help="Mixing weight a.")
-@click.option("--value", default=0.0, show_default=True, type=float, help="Value v the neurons are set to.")
+@click.option("--alpha", default=0.6, show_default=True, type=FiniteFloat(0.0, 1.0), help="Mixing weight a.")
+@click.option("--value", default=0.0, show_default=True, type=FiniteFloat(), help="Value v the neurons are set to.")
 @click.option("--mode", default="reconstruct", show_default=True, type=click.Choice(["reconstruct", "residual"]))
 @click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite):
+@allow_mismatch_option
+def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite,
+          allow_mismatch):
     """Build an SAE edit, check it compiles into the model, save it (edit_config.json + edit.safetensors)."""
     from ..edits import SAEEdit, apply_edits
     from ..export.manifest import atomic_output_dir
@@ -79,8 +82,9 @@ def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, va
     adapter = load_model_spec(model_spec)
     edit = SAEEdit(site=site, sae=sae, neurons=chosen, value=value, alpha=alpha, mode=mode, prune=not no_prune,
                    model=model_spec, provenance={"sae_dir": str(sae_dir), "hookpoint": hookpoint,
-                                                         "probe_report": probe_report})
-    apply_edits(adapter, edit).remove()  # fail now (width, site, layer) rather than at export time
+                                                 "probe_report": probe_report, FINGERPRINT_KEY: model_fingerprint(adapter)})
+    with mismatch_allowed(allow_mismatch):  # the SAE's recorded model / site against this model and --site
+        apply_edits(adapter, edit).remove()  # fail now (width, site, layer) rather than at export time
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         edit.save(tmp)
     click.echo(f"saved {mode} edit of {len(chosen)} neuron(s) at {adapter.resolve_site(site).name} (alpha {alpha}, value {value}) to {out_dir}")

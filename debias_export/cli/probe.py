@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
+from .common import POSITIVE_INT, FiniteFloat
 
 
 @click.command("probe")
@@ -20,9 +21,9 @@ from ..errors import DebiasError
 @click.option("--groups", default=None, help="Comma-separated groups to compare (default: every label present).")
 @click.option("--activations", "which", type=click.Choice(["mean", "output"]), default="mean", show_default=True,
               help="Per-input mean over tokens (DeBiasLens) or the pooled output token.")
-@click.option("--tau", default=0.1, show_default=True, type=float, help="A latent is frequent in a group when active on >= tau of it.")
-@click.option("--top-n", default=1, show_default=True, type=int, help="Neurons kept per group.")
-@click.option("--min-group-size", default=1, show_default=True, type=int)
+@click.option("--tau", default=0.1, show_default=True, type=FiniteFloat(0.0, 1.0), help="A latent is frequent in a group when active on >= tau of it.")
+@click.option("--top-n", default=1, show_default=True, type=POSITIVE_INT, help="Neurons kept per group.")
+@click.option("--min-group-size", default=1, show_default=True, type=POSITIVE_INT)
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Report JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing report.")
 def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, labels_csv: Path | None,
@@ -50,4 +51,6 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
     for g, info in report["groups"].items():
         picked = ", ".join(f"{n['index']} (mean {n['mean_activation']:.3g})" for n in info["neurons"]) or "none"
         click.echo(f"{column}={g}: n={info['n']} frequent={info['num_frequent']} specific={info['num_specific']} -> {picked}")
+    if report["num_unlabelled"]:
+        click.echo(f"skipped {report['num_unlabelled']} input(s) with a blank {column!r} label")
     click.echo(f"report written to {out_path}")

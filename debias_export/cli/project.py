@@ -6,6 +6,8 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from ..model_match import allow_mismatch as mismatch_allowed, check_made_for, record_of
+from .common import FiniteFloat, allow_mismatch_option
 
 METHODS = {"leace": "leace", "mean-diff": "mean_diff"}
 
@@ -37,8 +39,8 @@ def read_fair_directions(path: Path):
 @click.option("--column", required=True, help="Label column whose linear information is erased, e.g. gender.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="leace", show_default=True,
               help="LEACE (least-squares optimal, oblique) or the orthogonal span of group-mean differences.")
-@click.option("--strength", default=1.0, show_default=True, type=float, help="b: 1 erases exactly, 0 is the identity.")
-@click.option("--amplify", default=0.0, show_default=True, type=float, help="g: amplification of the --fair-from directions.")
+@click.option("--strength", default=1.0, show_default=True, type=FiniteFloat(0.0, 1.0), help="b: 1 erases exactly, 0 is the identity.")
+@click.option("--amplify", default=0.0, show_default=True, type=FiniteFloat(), help="g: amplification of the --fair-from directions.")
 @click.option("--fair-from", "fair_from", default=None, type=click.Path(path_type=Path, dir_okay=False),
               help="safetensors with raw fair directions [d, m]; orthonormalised against the bias subspace.")
 @click.option("--no-center", is_flag=True,
@@ -51,8 +53,9 @@ def read_fair_directions(path: Path):
               help="Model the capture came from: checks the edit folds/patches cleanly (required for --fold output).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Edit folder.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing edit folder.")
+@allow_mismatch_option
 def project(capture_dir: Path, column: str, method: str, strength: float, amplify: float, fair_from: Path | None,
-            no_center: bool, fold: str, model_spec: str | None, out_dir: Path, overwrite: bool) -> None:
+            no_center: bool, fold: str, model_spec: str | None, out_dir: Path, overwrite: bool, allow_mismatch: bool) -> None:
     """Fit a projection edit o' = o - b*A(o - mu) + g*F F^T o on CAPTURE labelled by COLUMN; write OUT."""
     import torch
 
@@ -72,20 +75,25 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     store = ActivationStore(capture_dir)
     fair = read_fair_directions(fair_from) if fair_from else None
     adapter = load_model_spec(model_spec) if model_spec else None
-    edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
-                            strength=strength, amplify=amplify, center=not no_center, model=model_spec)
-    if adapter is not None:
-        # dry run on the model: a fold that cannot apply (bias-free projection with a mean term, a block
-        # output for fold=site, a width mismatch) fails here, before anything is written
-        handle = fold_projection(adapter, edit, mode=edit.fold) if edit.fold != "none" else apply_edits(adapter, edit)
-        handle.remove()
+    with mismatch_allowed(allow_mismatch):  # the model the capture was made with against --model (said once)
+        if adapter is not None:  # before fitting
+            check_made_for(f"the capture {capture_dir}", record_of(store.model_record), adapter, adapter.resolve_site(store.site))
+        edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
+                                strength=strength, amplify=amplify, center=not no_center, model=model_spec)
+        if adapter is not None:
+            # dry run on the model: a fold that cannot apply (bias-free projection with a mean term, a block
+            # output for fold=site, a width mismatch) fails here, before anything is written
+            handle = fold_projection(adapter, edit, mode=edit.fold) if edit.fold != "none" else apply_edits(adapter, edit)
+            handle.remove()
     with atomic_output_dir(out_dir, overwrite) as tmp:
         edit.save(tmp)
     rank = 0 if edit.in_dirs is None else edit.in_dirs.shape[1]
     fair_rank = 0 if edit.fair is None else edit.fair.shape[1]
     with torch.no_grad():
         moved = float((edit.matrix() - torch.eye(edit.width, dtype=torch.float64)).norm())
+    skipped = edit.provenance.get("unlabelled_skipped", 0)
     click.echo(f"fitted {edit.method} projection at {edit.site} on {edit.provenance['inputs']} inputs "
+               + (f"({skipped} row(s) with a blank {column!r} label skipped) " if skipped else "") +
                f"({edit.provenance['activations']} activations, column {column}): rank {rank}, fair rank {fair_rank}, "
                f"b={edit.strength:g} g={edit.amplify:g} center={edit.center} fold={edit.fold}, |M - I|_F={moved:.3g} "
                f"-> {out_dir}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..recipe import load_recipe
+from .common import allow_mismatch_option
 
 
 @click.command("run")
@@ -11,12 +12,15 @@ from ..recipe import load_recipe
 @click.option("--out", default=None, help="Override output.dir of the recipe.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def run(recipe_path: str, out: str | None, overwrite: bool | None, no_progress: bool) -> None:
+@allow_mismatch_option
+def run(recipe_path: str, out: str | None, overwrite: bool | None, no_progress: bool, allow_mismatch: bool) -> None:
     """Run a recipe end to end: capture, train-sae, probe, patch, export, validate (bench, eval)."""
+    from ..model_match import allow_mismatch as mismatch_allowed
     from ..pipeline import run_recipe
 
     recipe = load_recipe(recipe_path)
     if out:
         recipe.output.dir = out
-    path = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
+    with mismatch_allowed(allow_mismatch):  # a recipe's sae.path recorded for another model or site
+        path = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
     click.echo(f"wrote {path}")

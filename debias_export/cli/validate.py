@@ -5,11 +5,13 @@ import random
 
 import click
 
+from .common import SEED, FiniteFloat
+
 
 @click.command("validate")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--atol", default=1e-4, show_default=True, type=float)
-@click.option("--seed", default=None, type=int, help="Input seed (default: random, printed).")
+@click.option("--atol", default=1e-4, show_default=True, type=FiniteFloat(min=0.0))
+@click.option("--seed", default=None, type=SEED, help="Input seed (default: random, printed).")
 def validate(path, atol, seed):
     """Verify manifests, load PATH/hf with load_patched, compare every PATH/onnx graph on new shapes."""
     from ..export import validate_bundle

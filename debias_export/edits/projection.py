@@ -41,7 +41,9 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
+from ..data import labelled_indices
 from ..errors import ConfigError, DebiasError, ShapeError, check_finite
+from ..model_match import FINGERPRINT_KEY, check_made_for, fingerprint_record
 from ..leace import ErasureSubspace, fair_directions, fit_eraser
 from ..runtime import EDIT_ATTR, LowRankEdit
 from ..sites import Site
@@ -164,6 +166,7 @@ class ProjectionEdit(EditConfig):
         width = adapter.width(site.tower)
         if self.width != width:
             raise ShapeError(f"projection edit width {self.width} does not match site {site.name} width {width}")
+        check_made_for("the projection edit", fingerprint_record(self.provenance), adapter)
         return site
 
     # ----- serialisation -------------------------------------------------------------------------
@@ -320,6 +323,7 @@ def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mod
     adapter = adapter_for(model)
     if mode not in FOLD_MODES:
         raise ConfigError(f"unknown fold mode {mode!r}; expected one of {', '.join(FOLD_MODES)}")
+    check_made_for("the projection edit", fingerprint_record(edit.provenance), adapter)
     site = Site.parse(edit.site)
     adapter.check_tower(site.tower)
     handle = FoldHandle(adapter, mode)
@@ -388,6 +392,10 @@ def fit_from_capture(store, column: str, method: str = "leace", fold: str = "non
         raise ConfigError(f"fold=site needs an attn_out/mlp_out capture (a Linear's output); {store.path} is at {store.site}")
     labels = store.labels(column)
     acts, which = capture_fit_activations(store)
+    # rows without a label are skipped, as probing does (a blank is not a third group) and counted
+    keep, n_rows = labelled_indices(labels), len(labels)
+    if len(keep) < n_rows:
+        acts, labels = acts[keep], [labels[i] for i in keep]
     if fold == "output":
         if adapter is None:
             raise ConfigError("fold=output fits in the embedding space and needs the model (--model)")
@@ -410,7 +418,8 @@ def fit_from_capture(store, column: str, method: str = "leace", fold: str = "non
         which = "embedding"
     edit = ProjectionEdit.fit(site.name, acts, labels, method=method, fair=fair, fold=fold, **kwargs)
     edit.provenance = {"capture": str(store.path), "column": column, "activations": which,
-                       "inputs": int(acts.shape[0]), **edit.provenance}
+                       "inputs": int(acts.shape[0]), "unlabelled_skipped": n_rows - len(keep),
+                       FINGERPRINT_KEY: store.model_record.get(FINGERPRINT_KEY), **edit.provenance}
     return edit
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
 from ..errors import ConfigError, ShapeError
+from ..model_match import check_made_for, fingerprint_record, record_of
 from ..runtime import FusedSAEEdit
 from ..sae.model import SAEConfig, SparseAutoencoder
 from ..sites import Site
@@ -76,6 +77,9 @@ class SAEEdit(EditConfig):
         width = adapter.width(site.tower)
         if self.sae.d_in != width:
             raise ShapeError(f"SAE width {self.sae.d_in} does not match site {site.name} width {width}")
+        # same width is not the same place: an SAE trained at another site, tower or model family computes nonsense
+        check_made_for("the SAE", record_of(self.sae.cfg.metadata), adapter, site)
+        check_made_for("the edit", fingerprint_record(self.provenance), adapter)
         return site
 
     # ----- serialisation -----------------------------------------------------------------------

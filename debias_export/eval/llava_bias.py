@@ -15,7 +15,6 @@ default) or Bonferroni at ``alpha = 0.05``. Reported:
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data import load_rgb, read_csv_table
 from ..errors import ConfigError, DebiasError
 
 LLAVA15_TEMPLATE = ("USER: <image>\n{question}\nA. Yes\nB. No\n"
@@ -54,8 +54,7 @@ def questions_from_prompts(data_dir: str | Path) -> list[Question]:
         path = data_dir / "prompts" / f"{stem}.csv"
         if not path.is_file():
             raise DebiasError(f"prompt file {path} not found (set DEBIAS_EXPORT_DATA or pass the data dir)")
-        with path.open(newline="") as f:
-            concepts = list(dict.fromkeys(row["concept"].strip() for row in csv.DictReader(f)))
+        concepts = list(dict.fromkeys(row["concept"].strip() for row in read_csv_table(path, "prompt file")[1]))
         out += [Question(form.format(c=c, a=_article(c)), category, c) for c in concepts if c]
     return out
 
@@ -67,8 +66,7 @@ def load_labelled_faces(data_dir: str | Path, dataset: str = "fairface540", per_
     labels = root / "labels.csv"
     if not labels.is_file():
         raise DebiasError(f"labelled face set {labels} not found (set DEBIAS_EXPORT_DATA or pass the data dir)")
-    with labels.open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("gender", "").strip().lower() in GENDER_NAMES]
+    rows = [r for r in read_csv_table(labels, "label file")[1] if r.get("gender", "").strip().lower() in GENDER_NAMES]
     image_dir = root / "images" if (root / "images").is_dir() else root
     groups: dict[str, list[Path]] = {"female": [], "male": []}
     for r in rows:
@@ -223,8 +221,6 @@ def evaluate_gender_bias(model: Any, processor: Any, image_paths: Sequence[str |
                          questions: Sequence[Question], alpha: float = 0.05, correction: str = "bh",
                          template: str = LLAVA15_TEMPLATE, batch_size: int = 8) -> dict[str, Any]:
     """End to end: open the images, compute P(yes) with the (patched or not) model, report."""
-    from PIL import Image
-
-    images = [Image.open(p).convert("RGB") for p in image_paths]
+    images = [load_rgb(p) for p in image_paths]
     p_yes = yes_probabilities(model, processor, images, questions, template=template, batch_size=batch_size)
     return gender_bias_report(p_yes, genders, questions, alpha=alpha, correction=correction)

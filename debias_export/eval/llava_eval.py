@@ -36,8 +36,7 @@ class LlavaEvalData:
     def load(cls, data_dir: str | Path | None = None, dataset: str = "fairface540", limit: int | None = None,
              prompt_sets: Sequence[str] | None = None, seed: int = 0) -> "LlavaEvalData":
         """``limit``: a gender-balanced random sample of that many faces (``limit // 2`` per gender, seeded)."""
-        from PIL import Image
-
+        from ..data import load_rgb
         from .retrieval import resolve_data_dir
 
         root = resolve_data_dir(data_dir)
@@ -55,7 +54,7 @@ class LlavaEvalData:
         for p in paths:
             if not p.is_file():
                 raise DebiasError(f"image file not found: {p} (listed in {root / dataset / 'labels.csv'})")
-        images = [Image.open(p).convert("RGB") for p in paths]
+        images = [load_rgb(p) for p in paths]
         return cls(dataset, paths, genders, questions, images)
 
     def describe(self) -> dict[str, Any]:

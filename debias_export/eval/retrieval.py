@@ -6,7 +6,6 @@ the neutral prompt sets in ``prompts/*.csv`` plus :data:`STEREOTYPE_CONCEPTS`.
 """
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..data import is_missing_label, load_rgb, read_csv_table
 from ..errors import DebiasError
 
 # Occupations with strong gender stereotypes in both directions (our own set, see the report).
@@ -55,10 +55,7 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DebiasError(f"missing data file {path}")
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    return read_csv_table(path, "data file")[1]
 
 
 def load_prompt_sets(data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
@@ -95,8 +92,6 @@ class EvalData:
     @classmethod
     def load(cls, adapter, data_dir: str | Path | None = None, prompt_sets: Sequence[str] | None = None,
              max_images: int | None = None, fairface: bool = True) -> "EvalData":
-        from PIL import Image
-
         root = resolve_data_dir(data_dir)
         ff = _read_csv(root / "fairface540" / "labels.csv")[:max_images] if fairface else []  # False: PAIRS only
         pairs = _read_csv(root / "pairs" / "labels.csv")
@@ -114,7 +109,7 @@ class EvalData:
             if key not in _PIXEL_CACHE:
                 chunks = []
                 for i in range(0, len(paths), 64):
-                    imgs = [Image.open(p).convert("RGB") for p in paths[i:i + 64]]
+                    imgs = [load_rgb(p) for p in paths[i:i + 64]]
                     chunks.append(adapter.prepare_images(imgs)["pixel_values"])
                 if len(_PIXEL_CACHE) >= 8:
                     _PIXEL_CACHE.pop(next(iter(_PIXEL_CACHE)))
@@ -169,12 +164,17 @@ def bias_metrics(emb: dict[str, torch.Tensor], data: EvalData, k: int = 50, shuf
         per_attr = {}
         for attr in ATTRIBUTES:
             labels = [r[attr] for r in data.fairface]
+            drop_ages = attr == "age" and name in ("occupations", "stereotypes")
+            unlabelled = sum(is_missing_label(lab) for lab in labels)  # skipped, never a group of their own
             keep = None
-            if attr == "age" and name in ("occupations", "stereotypes"):
-                keep = torch.tensor([lab not in OCCUPATION_DROP_AGES for lab in labels])
+            if drop_ages or unlabelled:
+                keep = torch.tensor([not is_missing_label(lab) and not (drop_ages and lab in OCCUPATION_DROP_AGES)
+                                     for lab in labels])
             res = retrieval_skew(scores, labels, k, keep=keep)
             entry = {"max_skew": res["max_skew"], "ndkl": res["ndkl"], "pool": res["pool"], "classes": len(res["classes"]),
                      "max_skew_per_prompt": res["max_skew_per_prompt"]}  # for paired before/after intervals
+            if unlabelled:
+                entry["unlabelled_skipped"] = unlabelled
             if shuffles:
                 floor = shuffled_skew(scores, labels, k, shuffles, seed, keep=keep)
                 entry.update(max_skew_shuffled=floor["max_skew"], max_skew_shuffled_sd=floor["max_skew_sd"],

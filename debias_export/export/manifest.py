@@ -12,12 +12,12 @@ import hashlib
 import json
 import shutil
 import sys
-import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import DebiasError, IntegrityError
+from ..fileio import DiskFullError, apply_default_modes, claim, disk_full, remove_stale_temp_dirs, temp_names
 
 MANIFEST = "manifest.json"
 FORMAT = "debias-export-manifest/1"
@@ -113,17 +113,48 @@ def verify_manifest(root: str | Path, allow_extra: bool = False) -> dict[str, An
     return manifest
 
 
+# Files only an exported artifact holds: a directory with one of them and no manifest has lost its manifest.
+ARTIFACT_MARKERS = ("debias_config.json", "onnx_report.json", "export_report.json")
+BUNDLE_PARTS = ("hf", "onnx")
+
+
+def _looks_exported(path: Path) -> bool:
+    """An export (hf/, onnx/ or a bundle of them): it must carry a manifest, whatever else it holds."""
+    return any((path / m).is_file() for m in ARTIFACT_MARKERS) or any(
+        (path / part).is_dir() and any((path / part / m).is_file() for m in ARTIFACT_MARKERS) for part in BUNDLE_PARTS)
+
+
+def _missing_manifests(root: Path) -> list[Path]:
+    """Export directories at or under ``root`` (itself, its bundle parts) that lack ``manifest.json``."""
+    out = [root] if _looks_exported(root) and not (root / MANIFEST).is_file() else []
+    for part in BUNDLE_PARTS:
+        sub = root / part
+        if sub.is_dir() and _looks_exported(sub) and not (sub / MANIFEST).is_file():
+            out.append(sub)
+    return out
+
+
 def find_artifacts(root: str | Path) -> list[Path]:
-    """``root`` itself when it has a manifest, else its immediate sub-directories that have one."""
+    """The artifacts to verify under ``root``: ``root`` itself when it is an export (or has a manifest),
+    else its immediate sub-directories that are.
+
+    An export directory (``debias_config.json``, ``onnx_report.json``, a bundle's ``export_report.json``
+    or ``hf/`` / ``onnx/`` parts) without its ``manifest.json`` is an error naming it: verifying only the
+    parts that still have one would pass files nobody hashed.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DebiasError(f"{root} is not a directory")
-    if (root / MANIFEST).is_file():
-        return [root]
-    found = [p for p in sorted(root.iterdir()) if (p / MANIFEST).is_file()]
-    if not found:
+    candidates = [root] if (root / MANIFEST).is_file() or _looks_exported(root) else \
+        [p for p in sorted(root.iterdir()) if p.is_dir() and ((p / MANIFEST).is_file() or _looks_exported(p))]
+    for artifact in candidates:
+        missing = _missing_manifests(artifact)
+        if missing:
+            raise IntegrityError(f"{missing[0] / MANIFEST} is missing: {missing[0]} is an export whose files "
+                                 "can no longer be verified (re-export it, or restore the manifest)")
+    if not candidates:
         raise IntegrityError(f"{root} has no {MANIFEST} (nor sub-directories with one)")
-    return found
+    return candidates
 
 
 @contextlib.contextmanager
@@ -132,30 +163,39 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
 
     On any exception the temp dir is deleted and an existing ``out_dir`` is left untouched. With
     ``overwrite`` the old directory is moved aside only after the new one is complete, then removed.
+    Temp dirs that an earlier, killed run left next to ``out_dir`` are removed first
+    (:func:`~debias_export.fileio.remove_stale_temp_dirs`); files are published with the umask's mode
+    (:func:`~debias_export.fileio.apply_default_modes`); a full disk is one :class:`DiskFullError` line.
     """
     from ..cli.common import refuse_existing
 
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{tag}"
-    tmp.mkdir()
+    remove_stale_temp_dirs(out_dir)
+    tmp, old, owner = temp_names(out_dir)
+    claim(owner)  # before the dir exists: a kill at any point leaves something a later run can attribute
     try:
+        tmp.mkdir()
         yield tmp
+        apply_default_modes(tmp)
         refuse_existing(out_dir, overwrite)  # something else may have created it meanwhile
-        old = None
+        moved = False
         if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{tag}"
             out_dir.rename(old)
+            moved = True
         try:
             tmp.rename(out_dir)
         except OSError:
-            if old is not None:
+            if moved:
                 old.rename(out_dir)
             raise
-        if old is not None:
+        if moved:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(exc):  # nested atomic dirs: name the outermost, the one the user asked for
+            raise DiskFullError(out_dir) from None
         raise
+    finally:
+        owner.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import DebiasError, IntegrityError, ShapeError, check_finite
+from ..fileio import apply_default_modes
 
 ACTIVATIONS = ("threshold", "relu", "topk")
 SAE_WEIGHTS = "sae.safetensors"
@@ -110,6 +111,7 @@ class SparseAutoencoder(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.float().cpu() for k, v in self.state_tensors().items()}
         save_file(tensors, str(path / SAE_WEIGHTS), metadata={"format": "debias-export-sae"})
+        apply_default_modes(path / SAE_WEIGHTS)  # safetensors writes 0600; the umask decides, as for the JSON
         (path / SAE_CONFIG).write_text(json.dumps(asdict(self.cfg), indent=2, sort_keys=True) + "\n")
         return path
 

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import ConfigError, DebiasError, IntegrityError, ShapeError, check_finite
+from ..fileio import apply_default_modes
 from .model import SAEConfig, SparseAutoencoder, read_safetensors
 
 DEFAULT_GROUPS = [0.0625, 0.125, 0.25, 0.5625]
@@ -77,8 +78,14 @@ class TrainConfig:
             raise ConfigError(f"SAE training needs at least one step (steps={self.steps}, tokens={self.tokens})")
         if not 0 < self.k <= self.num_latents:
             raise ConfigError(f"k={self.k} must be in 1..{self.num_latents} (expansion * d_in)")
-        if not 0.0 <= self.decay_fraction <= 1.0:
+        if not 0.0 <= self.decay_fraction <= 1.0:  # also refuses NaN
             raise ConfigError(f"decay_fraction={self.decay_fraction} must be within [0, 1]")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr={self.lr} must be a finite number > 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.dead_tokens <= 0 or self.checkpoint_every <= 0:
+            raise ConfigError(f"dead_tokens and checkpoint_every must be positive (got {self.dead_tokens}, {self.checkpoint_every})")
         if self.warmup + int(self.decay_fraction * self.total_steps) > self.total_steps:
             raise ConfigError(f"warmup_steps={self.warmup} plus decay steps exceed total steps {self.total_steps}")
         self.group_sizes()  # validates the fractions
@@ -103,7 +110,7 @@ class TrainConfig:
     def group_sizes(self) -> list[int]:
         """Matryoshka group sizes: ``int(f * F)`` for all but the last group, which gets the remainder."""
         fr, F = list(self.group_fractions), self.num_latents
-        if not fr or any(f <= 0 for f in fr) or sum(fr) > 1 + 1e-6:
+        if not fr or not all(math.isfinite(f) and f > 0 for f in fr) or sum(fr) > 1 + 1e-6:
             raise ConfigError(f"group_fractions {fr} must be positive and sum to at most 1")
         sizes = [int(f * F) for f in fr[:-1]]
         sizes.append(F - sum(sizes))
@@ -345,6 +352,7 @@ def _save_checkpoint(folder: Path, trainer: MatryoshkaTrainer) -> Path:
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")  # written last
+    apply_default_modes(tmp)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in folder.glob("step-*"):  # keep only the newest complete checkpoint
@@ -378,7 +386,8 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
 
     With ``checkpoint_dir`` the state is saved every ``cfg.checkpoint_every`` steps (and at the end)
     and a rerun resumes from the newest checkpoint. ``max_steps_this_call`` stops early (after a
-    checkpoint) for time-limited jobs. Same data + seed give byte-identical weights.
+    checkpoint) for time-limited jobs. Same data + seed give byte-identical weights on the same machine and
+    library versions (another CPU may round differently: equal up to float rounding there).
     """
     from tqdm.auto import tqdm
 

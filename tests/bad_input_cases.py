@@ -281,6 +281,9 @@ CLI_CASES = [
     CliCase("patch-sae-missing", lambda t, w: patch_argv(w, "--neurons", "1", sae="nowhere"), ("--sae", "does not exist")),
     CliCase("patch-site-layer", lambda t, w: [*patch_argv(w, "--neurons", "1"), "--site", "image.7"], ("layer 7 out of range",)),
     # export / verify / validate
+    CliCase("export-eos-outside-vocab", lambda t, w: ["export", "--model", small_vocab_clip(t, eos=49407), "--edit", str(w / "tedit"),
+                                                     "--out", "b", "--tower", "text", "--allow-mismatch"],
+            ("eos_token_id 49407", "vocab_size 99")),
     CliCase("export-edit-nan", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "nanedit" / "edit"), "--out", "b"], ("b_enc", "NaN")),
     CliCase("export-not-an-edit", lambda t, w: ["export", "--model", "tiny-clip", "--edit", str(w / "sae"), "--out", "b"],
             ("not an edit folder",)),
@@ -643,6 +646,26 @@ def _allow_mismatch_warns(t: Path, w: Path, cli) -> None:
     assert (t / "e" / "edit.safetensors").is_file()
 
 
+def small_vocab_clip(t: Path, eos: int) -> str:
+    """A tiny CLIP saved to ``t/m`` whose 99-token text vocabulary keeps CLIP's default BOS 49406 (and ``eos``)."""
+    from debias_export.adapters.hf_clip import HFCLIPAdapter
+    from debias_export.adapters.transformers_compat import save_pretrained_portable
+    from debias_export.testing import tiny_clip_config
+
+    cfg = tiny_clip_config()
+    cfg.text_config.vocab_size, cfg.text_config.eos_token_id = 99, eos
+    save_pretrained_portable(HFCLIPAdapter.from_config(cfg, seed=0).model, t / "m")
+    return str(t / "m")
+
+
+def _bos_outside_vocab_exports(t: Path, w: Path, cli) -> None:
+    """CLIP's default BOS id 49406 kept in a 99-token config: export and ONNX validation use in-vocabulary rows."""
+    code, out, err = cli(["export", "--model", small_vocab_clip(t, eos=98), "--edit", str(w / "tedit"), "--out", "b",
+                          "--tower", "text", "--allow-mismatch"])
+    assert code == 0, err
+    assert (t / "b" / "onnx" / "text_model.onnx").is_file()
+
+
 def _matching_model_is_accepted(t: Path, w: Path, cli) -> None:
     """The recorded model and site match: nothing to warn about, the edit exports."""
     code, out, err = cli(["export", "--model", "tiny-clip", "--edit", str(w / "tedit"), "--out", "b", "--tower", "image", "--no-onnx"])
@@ -656,6 +679,7 @@ HANDLED_CASES = [
     HandledCase("png-16-bit-scaled-not-clipped", _png16_capture),
     HandledCase("patch-allow-mismatch-warns", _allow_mismatch_warns),
     HandledCase("export-matching-edit-accepted", _matching_model_is_accepted),
+    HandledCase("export-bos-outside-vocab", _bos_outside_vocab_exports),
 ]
 
 

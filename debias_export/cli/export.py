@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import DebiasError
-from .common import load_model_spec, model_option
+from ..model_match import allow_mismatch as mismatch_allowed
+from .common import allow_mismatch_option, load_model_spec, model_option
 
 
 def _mb(n: int) -> str:
@@ -28,7 +29,8 @@ def _mb(n: int) -> str:
 @click.option("--provenance", "provenance_file", default=None, type=click.Path(exists=True, dir_okay=False),
               help="JSON file merged into the recorded provenance (recipe, seed, ...).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (only once the new export is complete).")
-def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, provenance_file, overwrite):
+@allow_mismatch_option
+def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, provenance_file, overwrite, allow_mismatch):
     """Write OUT/hf (original weights + fused edits + remote code) and OUT/onnx, both validated.
 
     Projection edits saved with a fold mode (`debias-export project --fold ...`) are folded into the
@@ -55,7 +57,8 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, 
     edits = [load_edit(d) for d in edit_dirs]
     # projection edits that record a fold mode go into the weights first (folding refuses patched
     # modules); the rest are patched as fused modules. All folded -> a stock checkpoint.
-    folds = install_edits(adapter, edits).fold_records()
+    with mismatch_allowed(allow_mismatch):  # each edit's recorded model / site against this model
+        folds = install_edits(adapter, edits).fold_records()
     report = export_bundle(adapter, out_dir, onnx=onnx, opset=opset, atol=atol, overwrite=overwrite,
                            provenance=provenance, towers=list(towers) or None, folds=folds, exporter=exporter)
     kind = "stock checkpoint, edits folded into the weights" if report["stock"] else "reload bit-identical"

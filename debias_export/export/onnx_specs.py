@@ -125,15 +125,21 @@ def clip_text_inputs(adapter: ModelAdapter, batch: int, seq: int, g: torch.Gener
     first-EOS and argmax pooling agree (as with real CLIP tokenizers).
     """
     cfg = adapter._tower_config("text")
-    eos = int(cfg.eos_token_id)
+    eos, vocab = int(cfg.eos_token_id), int(cfg.vocab_size)
+    if not 0 <= eos < vocab:
+        # CLIP pools at the EOS token; a tower whose EOS id has no embedding row cannot run on real text
+        raise DebiasError(f"text config eos_token_id {eos} is outside the vocabulary (vocab_size {vocab}); "
+                          "fix the model's text config")
     bos = int(getattr(cfg, "bos_token_id", None) or max(0, eos - 1))
+    if not 0 <= bos < vocab:  # small configs often keep CLIP's default BOS 49406: start rows with word ids
+        bos = None
     seq = min(seq, int(cfg.max_position_embeddings))
-    high = max(3, min(bos, eos, int(cfg.vocab_size)))
+    high = max(3, min(x for x in (bos, eos, vocab) if x is not None))
     ids = torch.randint(1, high, (batch, seq), generator=g)
     lengths = torch.randint(2, seq + 1, (batch,), generator=g) if seq >= 2 else torch.ones(batch, dtype=torch.long)
     lengths[0] = seq  # at least one full row so the padded width is really ``seq``
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    if seq > 1:
+    if seq > 1 and bos is not None:
         ids[:, 0] = bos
     ids = torch.where(mask.bool(), ids, torch.full_like(ids, int(cfg.pad_token_id or 0)))
     ids[torch.arange(batch), lengths - 1] = eos

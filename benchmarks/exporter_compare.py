@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from debias_export.adapters.specs import load_model_spec
+from debias_export.workflow.model_specs import load_model_spec
 from debias_export.bench.runners import (PatchSet, VariantSwitch, bench_inputs, export_variants, machine_info,
                                          ort_profile, ort_session)
 from debias_export.bench.timing import paired_ratios, summarize, time_interleaved

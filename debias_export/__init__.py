@@ -1,11 +1,11 @@
 """debias-export: compile interpretability-based debiasing edits into encoders and export them."""
 from .adapters import adapter_for, load_adapter, registered_families
 from .edits import ProjectionEdit, SAEEdit, apply_edits, load_edit
-from .edits.projection import fold_projection
-from .errors import DebiasError
+from .edits.projection.edit import fold_projection
+from .core.errors import DebiasError
 from .export import load_patched
 from .sae import SAEConfig, SparseAutoencoder
-from .sites import Site
+from .core.sites import Site
 
 __version__ = "0.1.0"
 

@@ -20,15 +20,15 @@ from safetensors.torch import load_file, save_file
 
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
 from debias_export.adapters.base import adapter_for, load_adapter
-from debias_export.errors import ConfigError, IntegrityError, ShapeError
+from debias_export.core.errors import ConfigError, IntegrityError, ShapeError
 from debias_export.export import export_onnx, export_patched, load_patched
 from debias_export.sae.importers import load_any
 from debias_export.sae.model import SparseAutoencoder
-from debias_export.data import read_csv_table, to_rgb
+from debias_export.data.datasets import read_csv_table, to_rgb
 from debias_export.export.manifest import find_artifacts
-from debias_export.recipe import load_recipe
+from debias_export.workflow.recipe import load_recipe
 from debias_export.sae.train import TrainConfig
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -453,7 +453,7 @@ def _apply(clip, **kw):
 
 def _proj(clip, d: int = 32, scale: float = 1.0, **kw):
     """A projection (RES-FAIR) edit with orthonormal directions unless ``kw`` overrides them."""
-    from debias_export.edits.projection import ProjectionEdit
+    from debias_export.edits.projection.edit import ProjectionEdit
 
     q = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(0)))[0]
     args = {"in_dirs": q * scale, "out_dirs": q * scale, "mu": torch.zeros(d), **kw}
@@ -581,7 +581,7 @@ def _made_for(**metadata: Any) -> SparseAutoencoder:
 
 
 def _fold(clip, **kw):
-    from debias_export.edits.projection import ProjectionEdit, fold_projection
+    from debias_export.edits.projection.edit import ProjectionEdit, fold_projection
 
     q = torch.linalg.qr(torch.randn(32, 2, generator=torch.Generator().manual_seed(0)))[0]
     fold_projection(clip, ProjectionEdit(site="image.-1", in_dirs=q, out_dirs=q, mu=torch.zeros(32), **kw), mode="every_writer").remove()
@@ -620,7 +620,7 @@ def _blank_labels_locate(t: Path, w: Path, cli) -> None:
 
 
 def _png16_capture(t: Path, w: Path, cli) -> None:
-    from debias_export.data import LabelledImages
+    from debias_export.data.datasets import LabelledImages
 
     values = np.random.default_rng(0).integers(0, 65536, (32, 32))
     png16(t / "deep.png", values)

@@ -9,7 +9,7 @@ from debias_export.adapters import adapter_for
 from debias_export.adapters.llava import LlavaAdapter, register_export, tiny_llava
 from debias_export.edits import reference_hook
 from debias_export.eval import llava_bias as vb
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 IMAGE_TOKEN = 159
 N_IMAGE_TOKENS = 16  # (32 / 8)^2 patches, CLS dropped

@@ -8,7 +8,7 @@ from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.adapters import adapter_for
 from debias_export.adapters.open_clip_family import OpenCLIPAdapter, register_export, save_base, tiny_open_clip
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 TEXTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at work today"]
 

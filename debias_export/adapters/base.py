@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..errors import DebiasError
-from ..sites import Site
+from ..core.errors import DebiasError
+from ..core.sites import Site
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from ..runtime import HF_LAYOUTS, hf_blocks_path
-from ..sites import Site
+from ..core.sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
 from .hf_clip import clip_pixel_values
 from .transformers_compat import pooled, quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
@@ -57,7 +57,7 @@ def _load_tokenizer(path: str | None):
             return AutoTokenizer.from_pretrained(path)
         except Exception:  # noqa: BLE001 - checkpoints without tokenizer files fall back to MiniLM's
             pass
-    from ..biaslab import minilm_path
+    from ..workflow.biaslab import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path())
 

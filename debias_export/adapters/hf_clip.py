@@ -13,8 +13,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import DebiasError
-from ..sites import Site
+from ..core.errors import DebiasError
+from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
 from .base import ModelAdapter, OutputPositions, register_adapter

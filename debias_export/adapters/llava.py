@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import DebiasError, IntegrityError
+from ..core.errors import DebiasError, IntegrityError
 from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
-from ..sites import Site
+from ..core.sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
 from .transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 

@@ -31,9 +31,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError, DebiasError, IntegrityError
+from ..core.errors import ConfigError, DebiasError, IntegrityError
 from ..runtime import SiteEdit, ids_argmax
-from ..sites import Site
+from ..core.sites import Site
 from .base import ModelAdapter, OutputPositions, register_adapter
 
 _SUB_MODULES = {"attn_out": "attn", "mlp_out": "mlp.c_proj"}

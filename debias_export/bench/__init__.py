@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, exporter_info
 from .flops import count_params, edit_params, onnx_flops, torch_flops
 from .runners import (DTYPES, OrtRunner, PatchSet, TorchRunner, VariantSwitch, available_runtimes, bench_inputs,

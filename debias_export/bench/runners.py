@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_graph
 from ..export.onnx_specs import GraphSpec
 from ..runtime import EDIT_ATTR, InstalledSiteEdit, SiteEdit
@@ -51,7 +51,7 @@ class PatchSet:
 
         from ..edits import apply_edits
         from ..edits.install import install_edits
-        from ..edits.projection import split_folded
+        from ..edits.projection.edit import split_folded
 
         to_fold, to_patch = split_folded(list(edits))
         swaps, folds = [], []
@@ -192,7 +192,7 @@ def random_llava_vision(seed: int = 0) -> ModelAdapter:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     from ..adapters.llava import LlavaAdapter
-    from ..real_configs import LLAVA_15_7B
+    from ..adapters.real_configs import LLAVA_15_7B
 
     vision = {k: v for k, v in LLAVA_15_7B["vision_config"].items() if k != "model_type"}
     t = LLAVA_15_7B["text_config"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError, DebiasError
+from ..core.errors import ConfigError, DebiasError
 
 
 def _csv(value: str) -> list[str]:
@@ -24,8 +24,8 @@ def _ints(value: str) -> list[int]:
 
 def random_sae_edits(adapter, modes: list[str], sites: list[str], expansion: int, n_neurons: int, seed: int = 0):
     """Synthetic SAE edits (random SAE, F = expansion * d) for latency/FLOPs work on random-weight models."""
-    from ..edits.sae_edit import SAEEdit
-    from ..testing import random_sae
+    from ..edits.sae.edit import SAEEdit
+    from ..workflow.testing import random_sae
 
     variants = {}
     for spec in modes:
@@ -110,7 +110,7 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
             adapter = random_llava_vision()
             meta["arch"] = arch
         elif arch:
-            from ..real_configs import random_clip
+            from ..adapters.real_configs import random_clip
 
             only = _csv(towers) if towers else []
             # one tower requested: build only it (ViT-L/14-336 alone is 1.2 GB of fp32 weights)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from .common import POSITIVE_INT, SEED, model_option
 
 
@@ -38,8 +38,8 @@ def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str |
             shard_size: int | None, dtype: str, limit: int | None, seed: int, out_dir: Path, overwrite: bool,
             no_progress: bool) -> None:
     """Capture SITE activations of MODEL over labelled images or prompts into shards under OUT (resumable)."""
-    from ..capture import capture_activations
-    from ..data import LabelledImages, TextPrompts, parse_where, resolve_data_path
+    from ..capture.store import capture_activations
+    from ..data.datasets import LabelledImages, TextPrompts, parse_where, resolve_data_path
     from .common import load_model_spec
 
     if (images_csv is None) == (texts_path is None):

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from ..adapters.specs import load_model_spec  # noqa: F401  (re-exported for commands)
-from ..errors import DebiasError
+from ..workflow.model_specs import load_model_spec  # noqa: F401  (re-exported for commands)
+from ..core.errors import DebiasError
 
 model_option = click.option("--model", "model_spec", required=True,
                             help="Hub id or local directory; 'tiny-clip' (tiny random CLIP) or 'arch:clip-vit-base-patch16' (real config, random weights).")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
-from ..model_match import allow_mismatch as mismatch_allowed
+from ..core.errors import DebiasError
+from ..core.model_match import allow_mismatch as mismatch_allowed
 from .common import (NON_NEGATIVE_INT, POSITIVE_INT, FiniteFloat, FloatList, allow_mismatch_option, load_model_spec,
                      model_option, refuse_existing)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from .common import load_model_spec, model_option
 
 

@@ -1,6 +1,6 @@
 """``debias-export`` command line. Each command lives in its own module under ``cli/``.
 
-Errors: a :class:`~debias_export.errors.DebiasError` (or click usage error) prints one line and exits
+Errors: a :class:`~debias_export.core.errors.DebiasError` (or click usage error) prints one line and exits
 2; anything else is a bug and also prints one line unless ``--debug`` asks for the traceback.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 import click
 
-from ..errors import DebiasError
-from ..fileio import disk_full
+from ..core.errors import DebiasError
+from ..core.fileio import disk_full
 
 # (module, command attribute) pairs; a module per command keeps files small and imports lazy-ish.
 COMMANDS = [

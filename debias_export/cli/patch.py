@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError, DebiasError
-from ..model_match import FINGERPRINT_KEY, allow_mismatch as mismatch_allowed, model_fingerprint
+from ..core.errors import ConfigError, DebiasError
+from ..core.model_match import FINGERPRINT_KEY, allow_mismatch as mismatch_allowed, model_fingerprint
 from .common import FiniteFloat, allow_mismatch_option, load_model_spec, model_option
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
-from ..model_match import allow_mismatch as mismatch_allowed, check_made_for, record_of
+from ..core.errors import ConfigError
+from ..core.model_match import allow_mismatch as mismatch_allowed, check_made_for, record_of
 from .common import FiniteFloat, allow_mismatch_option
 
 METHODS = {"leace": "leace", "mean-diff": "mean_diff"}
@@ -59,9 +59,9 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     """Fit a projection edit o' = o - b*A(o - mu) + g*F F^T o on CAPTURE labelled by COLUMN; write OUT."""
     import torch
 
-    from ..capture import ActivationStore
+    from ..capture.store import ActivationStore
     from ..edits import apply_edits
-    from ..edits.projection import fit_from_capture, fold_projection
+    from ..edits.projection.edit import fit_from_capture, fold_projection
     from ..export import atomic_output_dir
     from .common import load_model_spec, refuse_existing
 

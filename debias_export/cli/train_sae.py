@@ -7,7 +7,7 @@ from typing import Any, Iterator
 import click
 import torch
 
-from ..errors import DebiasError, check_finite
+from ..core.errors import DebiasError, check_finite
 from ..sae.model import read_safetensors
 from .common import NON_NEGATIVE_INT, POSITIVE_INT, SEED, FiniteFloat, FloatList
 
@@ -32,7 +32,7 @@ class ActivationShards:
 
 def open_activations(folder: Path) -> tuple[Any, int, dict[str, Any]]:
     """``(re-iterable [N, d] tensors, d, metadata)`` from a capture dir or a folder of plain shards."""
-    from ..capture import MANIFEST, ActivationStore
+    from ..capture.store import MANIFEST, ActivationStore
 
     if (folder / MANIFEST).is_file():
         store = ActivationStore(folder)

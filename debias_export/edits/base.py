@@ -20,9 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import ModelAdapter, OutputPositions, adapter_for
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from ..runtime import InstalledSiteEdit, SiteEdit
-from ..sites import Site
+from ..core.sites import Site
 
 EDIT_CONFIG = "edit_config.json"
 EDIT_WEIGHTS = "edit.safetensors"

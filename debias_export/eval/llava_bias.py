@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import load_rgb, read_csv_table
-from ..errors import ConfigError, DebiasError
+from ..data.datasets import load_rgb, read_csv_table
+from ..core.errors import ConfigError, DebiasError
 
 LLAVA15_TEMPLATE = ("USER: <image>\n{question}\nA. Yes\nB. No\n"
                     "Answer with the option's letter from the given choices directly. ASSISTANT:")

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError, DebiasError
+from ..core.errors import ConfigError, DebiasError
 from .llava_bias import Question, gender_bias_report, load_labelled_faces, questions_from_prompts, yes_probabilities
 
 METRIC = "vla_gender_bias"
@@ -36,7 +36,7 @@ class LlavaEvalData:
     def load(cls, data_dir: str | Path | None = None, dataset: str = "fairface540", limit: int | None = None,
              prompt_sets: Sequence[str] | None = None, seed: int = 0) -> "LlavaEvalData":
         """``limit``: a gender-balanced random sample of that many faces (``limit // 2`` per gender, seeded)."""
-        from ..data import load_rgb
+        from ..data.datasets import load_rgb
         from .retrieval import resolve_data_dir
 
         root = resolve_data_dir(data_dir)

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import is_missing_label, load_rgb, read_csv_table
-from ..errors import DebiasError
+from ..data.datasets import is_missing_label, load_rgb, read_csv_table
+from ..core.errors import DebiasError
 
 # Occupations with strong gender stereotypes in both directions (our own set, see the report).
 STEREOTYPE_CONCEPTS = ("nurse", "housekeeper", "receptionist", "nanny", "secretary", "hairdresser", "librarian",
@@ -156,7 +156,7 @@ def embed(adapter, data: EvalData, batch_size: int = 64) -> dict[str, torch.Tens
 
 def bias_metrics(emb: dict[str, torch.Tensor], data: EvalData, k: int = 50, shuffles: int = 0, seed: int = 0) -> dict:
     """MaxSkew@k/NDKL@k per prompt set and attribute (+ shuffled-label noise floor when ``shuffles``)."""
-    from .metrics import cosine_scores, retrieval_skew, shuffled_skew
+    from ..analysis.metrics import cosine_scores, retrieval_skew, shuffled_skew
 
     out: dict[str, Any] = {}
     for name in data.prompt_sets:
@@ -201,7 +201,7 @@ def _concept_lean(scores: torch.Tensor, data: EvalData, name: str, k: int, top: 
 
 def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 100.0) -> dict:
     """PAIRS counterfactual gaps per section: 4 groups (race x gender) and gender / race marginals."""
-    from .metrics import confidence_gap, zero_shot_probs
+    from ..analysis.metrics import confidence_gap, zero_shot_probs
 
     out = {}
     for section in PAIRS_LABELS:
@@ -222,7 +222,7 @@ def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 1
 
 def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[int] = (5, 10, 50)) -> dict:
     """Caption-to-image recall@k on FairFace and zero-shot gender / age accuracy (sanity numbers)."""
-    from .metrics import accuracy, cosine_scores, recall_at_k, zero_shot_probs
+    from ..analysis.metrics import accuracy, cosine_scores, recall_at_k, zero_shot_probs
 
     captions = data.texts()["captions"]
     truth = [fairface_caption(r) for r in data.fairface]
@@ -240,7 +240,7 @@ def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[i
 
 def fidelity_metrics(base: dict[str, torch.Tensor], patched: dict[str, torch.Tensor]) -> dict:
     """How much a patch moves embeddings / zero-shot decisions (patched vs unmodified model)."""
-    from .metrics import embedding_cosine, zero_shot_agreement, zero_shot_probs
+    from ..analysis.metrics import embedding_cosine, zero_shot_agreement, zero_shot_probs
 
     out = {"image_cosine": embedding_cosine(patched["fairface"], base["fairface"]),
            "pairs_image_cosine": embedding_cosine(patched["pairs"], base["pairs"])}
@@ -292,7 +292,7 @@ def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 
 def bias_change(base: dict, patched: dict, data: EvalData, n: int = 1000, seed: int = 0) -> dict:
     """Relative MaxSkew change per prompt set and attribute with a 95% paired bootstrap CI over concepts
     (a concept's templates are resampled together); the interval says whether a change is beyond noise."""
-    from .metrics import paired_bootstrap_change
+    from ..analysis.metrics import paired_bootstrap_change
 
     out: dict[str, dict] = {}
     for name, per in base["retrieval"].items():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from .loading import load_patched, read_debias_config
 from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
 from .onnx_export import (DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, VALIDATION_SHAPES, check_exporter, check_graph,

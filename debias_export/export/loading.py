@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError, IntegrityError
+from ..core.errors import DebiasError, IntegrityError
 from ..edits.base import site_resolver
 from ..runtime import install_patches
 from ..sae.model import read_safetensors

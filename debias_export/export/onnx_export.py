@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..errors import ConfigError, DebiasError, ValidationError
+from ..core.errors import ConfigError, DebiasError, ValidationError
 from .manifest import atomic_output_dir, write_manifest
 from .onnx_specs import GraphSpec, graph_specs
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 
 Axes = dict[str, dict[int, str]]
 

@@ -31,7 +31,7 @@ from .. import runtime
 from ..adapters import ModelAdapter, adapter_for
 from ..adapters.transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable
 from ..edits import PatchHandle, patch_tensors
-from ..errors import DebiasError, ValidationError
+from ..core.errors import DebiasError, ValidationError
 from .manifest import atomic_output_dir, write_manifest
 
 DEBIAS_CONFIG = "debias_config.json"

@@ -33,8 +33,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from ..errors import ConfigError, DebiasError, IntegrityError, ShapeError, check_finite
-from ..fileio import apply_default_modes
+from ..core.errors import ConfigError, DebiasError, IntegrityError, ShapeError, check_finite
+from ..core.fileio import apply_default_modes
 from .model import SAEConfig, SparseAutoencoder, read_safetensors
 
 DEFAULT_GROUPS = [0.0625, 0.125, 0.25, 0.5625]

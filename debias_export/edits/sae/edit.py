@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, adapter_for
-from ..errors import ConfigError, ShapeError
-from ..model_match import check_made_for, fingerprint_record, record_of
-from ..runtime import FusedSAEEdit
-from ..sae.model import SAEConfig, SparseAutoencoder
-from ..sites import Site
-from .base import EditConfig, register_edit
+from ...adapters import ModelAdapter, adapter_for
+from ...core.errors import ConfigError, ShapeError
+from ...core.model_match import check_made_for, fingerprint_record, record_of
+from ...runtime import FusedSAEEdit
+from ...sae.model import SAEConfig, SparseAutoencoder
+from ...core.sites import Site
+from ..base import EditConfig, register_edit
 
 MODES = ("reconstruct", "residual")
 
@@ -150,7 +150,7 @@ def compile_sae_edit(edit: SAEEdit, adapter: ModelAdapter, site: Site) -> FusedS
         mod.select.copy_(select)
         mod.W_dec.copy_(-a * W_dec[S])
         mod.bias.copy_(a * v_term)
-    from ..errors import check_finite
+    from ...core.errors import check_finite
 
     for name, buf in mod.state_dict().items():
         check_finite(f"compiled SAE edit {name}", buf)

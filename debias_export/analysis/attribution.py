@@ -10,11 +10,11 @@ from typing import Any, Callable
 
 import torch
 
-from .adapters import ModelAdapter
-from .errors import ConfigError
+from ..adapters import ModelAdapter
+from ..core.errors import ConfigError
 from .leace import group_mean_differences, orthonormal_basis
 from .lens import _batches, _layers, between_group_ratio, max_skew_at_k, probe_split, run_with_stream
-from .tower_parts import tower_parts
+from ..adapters.anatomy import tower_parts
 
 
 def _project_off(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ def fair_direction(components: list[dict[str, Any]]) -> dict[str, Any] | None:
     """RES-FAIR's "fair components": the mean write of the fairness-reinforcing components minus that of the
     bias-amplifying ones (whole-layer writes, not heads, so no write is counted twice), a ``[d]`` tensor.
 
-    Pops each row's private ``_mean_write``. ``None`` when either role is empty. :func:`~debias_export.leace.
+    Pops each row's private ``_mean_write``. ``None`` when either role is empty. :func:`~debias_export.analysis.leace.
     fair_directions` orthogonalises it against a bias subspace before a projection edit amplifies it.
     """
     whole = [r for r in components if r["kind"] in ("attn", "mlp")]

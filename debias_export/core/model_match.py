@@ -14,7 +14,7 @@ architecture (an SAE may be reused on a fine-tune) and the same under transforme
 names are left out, shapes are not).
 
 :func:`check_made_for` compares a record with the model and site in use: a difference is a
-:class:`~debias_export.errors.ConfigError` naming it, unless the caller allows mismatches
+:class:`~debias_export.core.errors.ConfigError` naming it, unless the caller allows mismatches
 (:func:`allow_mismatch`, the CLI's ``--allow-mismatch``), in which case it is one warning line.
 Records without some field (imported SAEs, older files) are checked on what they have.
 """
@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 from .errors import ConfigError, DebiasError
 
 FINGERPRINT_KEY = "model_fingerprint"
-log = logging.getLogger("debias_export.model_match")
+log = logging.getLogger("debias_export.core.model_match")
 _ALLOW: contextvars.ContextVar[bool] = contextvars.ContextVar("debias_export_allow_mismatch", default=False)
 # differences already warned about within the current allow_mismatch() block (an alpha sweep re-applies the edit)
 _WARNED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("debias_export_mismatch_warned", default=None)
@@ -111,7 +111,7 @@ def check_made_for(what: str, record: Mapping[str, Any], adapter: Any, site: Any
     """Refuse (or, when mismatches are allowed, warn once) if ``record`` was made for another model or site.
 
     ``what`` names the thing in the message (e.g. "SAE /path/to/sae"); ``site`` is the resolved
-    :class:`~debias_export.sites.Site` it is applied at. Returns the differences found.
+    :class:`~debias_export.core.sites.Site` it is applied at. Returns the differences found.
     """
     diffs = _differences(record, adapter, site)
     if not diffs:

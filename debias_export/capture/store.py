@@ -27,12 +27,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .adapters.base import ModelAdapter
-from .data import LabelledImages, TextPrompts
-from .errors import DebiasError, IntegrityError
-from .model_match import FINGERPRINT_KEY, model_fingerprint as family_fingerprint
-from .sae.model import read_safetensors
-from .sites import Site
+from ..adapters.base import ModelAdapter
+from ..data.datasets import LabelledImages, TextPrompts
+from ..core.errors import DebiasError, IntegrityError
+from ..core.model_match import FINGERPRINT_KEY, model_fingerprint as family_fingerprint
+from ..sae.model import read_safetensors
+from ..core.sites import Site
 
 MANIFEST = "capture.json"
 FORMAT = "debias-export/capture"
@@ -348,7 +348,7 @@ class ActivationStore:
 
     @property
     def model_record(self) -> dict:
-        """What the capture was made with, for :func:`debias_export.model_match.check_made_for`: model family and
+        """What the capture was made with, for :func:`debias_export.core.model_match.check_made_for`: model family and
         architecture fingerprint (captures older than fingerprints: the family only), tower and site."""
         model = self.settings.get("model") or {}
         fp = self.manifest.get(FINGERPRINT_KEY) or ({"family": model["family"]} if model.get("family") else None)

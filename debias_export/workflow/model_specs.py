@@ -4,30 +4,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import DebiasError
-from .base import ModelAdapter, load_adapter
+from ..core.errors import DebiasError
+from ..adapters.base import ModelAdapter, load_adapter
 
 
 def _tiny_clip(seed: int) -> ModelAdapter:
-    from ..testing import tiny_clip
+    from .testing import tiny_clip
 
     return tiny_clip(seed=seed)
 
 
 def _tiny_open_clip(seed: int) -> ModelAdapter:
-    from .open_clip_family import tiny_open_clip
+    from ..adapters.open_clip_family import tiny_open_clip
 
     return tiny_open_clip(seed=seed)
 
 
 def _tiny_llava(seed: int) -> ModelAdapter:
-    from .llava import tiny_llava
+    from ..adapters.llava import tiny_llava
 
     return tiny_llava(seed=seed)
 
 
 def _tiny_dual_encoder(seed: int) -> ModelAdapter:
-    from .dual_encoder import tiny_dual_encoder
+    from ..adapters.dual_encoder import tiny_dual_encoder
 
     return tiny_dual_encoder(seed=seed)
 
@@ -39,7 +39,7 @@ TINY_BUILDERS = {"tiny-clip": _tiny_clip, "tiny-open-clip": _tiny_open_clip, "ti
 
 def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
     """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, shipped weights); ``arch:<name>`` (real
-    architecture config from :mod:`debias_export.real_configs` with random weights, for latency/export work)."""
+    architecture config from :mod:`debias_export.adapters.real_configs` with random weights, for latency/export work)."""
     name, _, seed_text = spec.partition(":")
     if name in TINY_BUILDERS:
         try:
@@ -49,11 +49,11 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Mode
         adapter = TINY_BUILDERS[name](seed)
     elif spec == "biaslab":
         # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
-        from ..biaslab import lab_adapter
+        from .biaslab import lab_adapter
 
         adapter = lab_adapter()
     elif spec.startswith("arch:"):
-        from ..real_configs import random_clip
+        from ..adapters.real_configs import random_clip
 
         adapter = random_clip(spec[5:])
     elif os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json")):

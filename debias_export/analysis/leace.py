@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from .errors import ConfigError, ShapeError
+from ..core.errors import ConfigError, ShapeError
 
 METHODS = ("leace", "mean_diff")
 

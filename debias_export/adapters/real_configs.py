@@ -54,7 +54,7 @@ def clip_config(name: str):
     """``CLIPConfig`` for a named real CLIP architecture."""
     from transformers import CLIPConfig
 
-    from .errors import DebiasError
+    from ..core.errors import DebiasError
 
     if name not in CONFIGS or name.startswith("llava"):
         raise DebiasError(f"unknown CLIP architecture {name!r}; known: clip-vit-base-patch16, clip-vit-large-patch14-336")
@@ -66,7 +66,7 @@ def random_clip(name: str, tower: str | None = None, seed: int = 0):
     """Adapter around a random-weight real-size CLIP (``tower`` = "image"/"text" builds only that tower)."""
     from transformers import CLIPTextConfig, CLIPVisionConfig
 
-    from .adapters.hf_clip import HFCLIPAdapter
+    from .hf_clip import HFCLIPAdapter
 
     cfg = clip_config(name)
     if tower == "image":

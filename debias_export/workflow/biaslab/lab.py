@@ -10,14 +10,14 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from ..errors import DebiasError, IntegrityError
-from .data import (data_fingerprint, images_fingerprint, label_tensor, load_utkface, preload_images, rows_fingerprint,
-                   split_utkface, subsample)
+from ...core.errors import DebiasError, IntegrityError
+from .data import (data_fingerprint, images_fingerprint, label_tensor, load_utkface, preload_images,
+                   rows_fingerprint, split_utkface, subsample)
 from .model import build_model, load_trained_state, read_trained, round_trained, save_trained, trained_state_dict
 from .settings import BiasLabSettings, default_cache_root, minilm_path
 from .train import cpu_info, deterministic, run_training, validation_metrics
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "biaslab"
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "biaslab"
 WEIGHTS = "weights.safetensors"
 WEIGHTS_FP32 = "weights_fp32.safetensors"  # retrained labs only: the trained parts before fp16 rounding
 RECIPE = "recipe.json"
@@ -88,7 +88,7 @@ def load_lab(folder: str | Path = ASSETS, weights_file: str = WEIGHTS):
 
 def lab_adapter(folder: str | Path = ASSETS):
     """The shipped bias lab as a :class:`DualEncoderAdapter` (what ``--model biaslab`` loads)."""
-    from ..adapters.dual_encoder import DualEncoderAdapter
+    from ...adapters.dual_encoder import DualEncoderAdapter
 
     model, tokenizer, _ = load_lab(folder)
     return DualEncoderAdapter(model, source="biaslab", processor=tokenizer)
@@ -185,8 +185,8 @@ def ensure_trained(settings: BiasLabSettings | None = None, data_dir: str | Path
                    log: Callable[[str], None] = print) -> Path:
     """Directory of a *retrained* lab for ``settings`` (default: the shipped recipe); trains (atomically) only
     if it is not cached. The shipped lab needs none of this: see :func:`load_lab`."""
-    from ..eval.retrieval import resolve_data_dir
-    from ..export.manifest import atomic_output_dir
+    from ...eval.retrieval import resolve_data_dir
+    from ...export.manifest import atomic_output_dir
 
     settings = settings or BiasLabSettings.from_dict(read_recipe()["settings"])
     data_dir = resolve_data_dir(data_dir)
@@ -207,8 +207,8 @@ def measure_bias(adapter, data_dir: str | Path | None = None, k: int = 50, shuff
     ``adapter``: a :class:`DualEncoderAdapter` or a model directory. Evaluation only: nothing here feeds back
     into training or settings.
     """
-    from ..adapters.dual_encoder import DualEncoderAdapter
-    from ..eval.retrieval import evaluate
+    from ...adapters.dual_encoder import DualEncoderAdapter
+    from ...eval.retrieval import evaluate
 
     if not isinstance(adapter, DualEncoderAdapter):
         adapter = DualEncoderAdapter.load(str(adapter))

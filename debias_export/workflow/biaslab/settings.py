@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import DebiasError
+from ...core.errors import DebiasError
 
 RECIPE_VERSION = 3  # bump when the training code changes in a way that changes results
 

@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import torch
 
-from .adapters.specs import load_model_spec
-from .data import read_csv_table
-from .errors import DebiasError
-from .fileio import apply_default_modes
-from .model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
+from .model_specs import load_model_spec
+from ..data.datasets import read_csv_table
+from ..core.errors import DebiasError
+from ..core.fileio import apply_default_modes
+from ..core.model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
 from .recipe import Recipe, expand_variants
 
 
@@ -57,7 +57,7 @@ class _Steps:
 
 def _caption_csv(src: Path, dst: Path) -> Path:
     """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
-    from .data import label_caption
+    from ..data.datasets import label_caption
 
     header, rows = read_csv_table(src, "data.captions_from file")
     if not rows or "gender" not in header:
@@ -73,7 +73,7 @@ def _caption_csv(src: Path, dst: Path) -> Path:
 
 
 def _data_source(recipe: Recipe, cache: Path):
-    from .data import LabelledImages, TextPrompts, default_data_dir
+    from ..data.datasets import LabelledImages, TextPrompts, default_data_dir
 
     base = Path(recipe.data.dir) if recipe.data.dir else default_data_dir()
     if recipe.data.images:
@@ -113,12 +113,12 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
 
 
 def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -> dict[str, Any]:
-    from .capture import ActivationStore, capture_activations
-    from .edits import SAEEdit, apply_edits
-    from .export import export_bundle
-    from .probe import neurons_from_report, probe_social_neurons
-    from .sae import SparseAutoencoder
-    from .sae.train import TrainConfig, train_sae
+    from ..capture.store import ActivationStore, capture_activations
+    from ..edits import SAEEdit, apply_edits
+    from ..export import export_bundle
+    from ..analysis.probe import neurons_from_report, probe_social_neurons
+    from ..sae import SparseAutoencoder
+    from ..sae.train import TrainConfig, train_sae
 
     work.mkdir(parents=True, exist_ok=True)
     steps = _Steps(f"{recipe.name}: ")
@@ -145,7 +145,7 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
 
     def get_sae():
         if recipe.sae.path:
-            from .sae.importers import load_any
+            from ..sae.importers import load_any
 
             sae = load_any(recipe.sae.path, d_in=adapter.width(site.tower))
             check_made_for(f"the SAE {recipe.sae.path} (sae.path)", record_of(sae.cfg.metadata), adapter, site)
@@ -222,10 +222,10 @@ def _eval_bench_record(recipe: Recipe, adapter, make_edit, edit, site, work: Pat
 def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _Steps) -> dict[str, Any]:
     """``edit.kind: projection``: fit the eraser of ``probe.column`` on the capture (no SAE, no probing), then
     export (folded into the weights, or patched), validate, eval and bench like an SAE variant."""
-    from .cli.project import read_fair_directions
-    from .edits.install import install_edits
-    from .edits.projection import ProjectionEdit, fit_from_capture
-    from .export import export_bundle
+    from ..cli.project import read_fair_directions
+    from ..edits.install import install_edits
+    from ..edits.projection.edit import ProjectionEdit, fit_from_capture
+    from ..export import export_bundle
 
     e = recipe.edit
     fair = read_fair_directions(Path(e.fair_from)) if e.fair_from else None
@@ -265,10 +265,10 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
 def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
     """Before/after metrics at the recipe's alpha, plus the alpha sweep (trade-off curve)."""
     if adapter.family == "llava":  # no text tower to retrieve with: the VLAGenderBias yes/no metric instead
-        from .eval.llava_eval import recipe_eval
+        from ..eval.llava_eval import recipe_eval
 
         return recipe_eval(recipe, adapter, make_edit, out)
-    from .eval import EvalData, compare, sweep_alpha, write_report
+    from ..eval import EvalData, compare, sweep_alpha, write_report
 
     data = EvalData.load(adapter, recipe.data.dir, max_images=recipe.eval.limit)
     cmp = compare(adapter, make_edit(recipe.edit.alpha), k=recipe.eval.k, shuffles=10, data=data)
@@ -289,8 +289,8 @@ def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
 
 
 def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
-    from .bench import PatchSet, headline, run_benchmark
-    from .bench.report import write_report
+    from ..bench import PatchSet, headline, run_benchmark
+    from ..bench.report import write_report
 
     name = "folded" if getattr(edit, "fold", "none") != "none" else "patched"  # folded: zero extra ops, ratio ~1
     variants = {name: PatchSet.compile(name, adapter, [edit])}

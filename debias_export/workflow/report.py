@@ -66,7 +66,7 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe) -> Pat
                   "| variant | kind | site | mode | a / b | neurons / rank | MaxSkew before | after | change | recall before "
                   "| after | change | emb. cosine | latency x |", "|" + "---|" * 14]
         lines += variant_rows(summaries, prompt_set) + [""]
-    from .eval.llava_eval import llava_run_table
+    from ..eval.llava_eval import llava_run_table
 
     lines += llava_run_table(summaries)  # llava variants: VLAGenderBias numbers instead of retrieval skew
     lines += ["Per-variant details (probe report, SAE, edit, exports with manifests, eval and bench reports) are in the "

@@ -3,7 +3,7 @@
 
 Both sources hold their rows in memory (cheap: file names and labels) and load images lazily, batch
 by batch, so a capture's memory stays bounded by the batch size. Every user mistake -- a missing
-column, a missing or unreadable image -- is a one-line :class:`~debias_export.errors.DebiasError`.
+column, a missing or unreadable image -- is a one-line :class:`~debias_export.core.errors.DebiasError`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from .errors import DebiasError
+from ..core.errors import DebiasError
 
 DATA_ENV = "DEBIAS_EXPORT_DATA"
 
@@ -29,7 +29,7 @@ def default_data_dir() -> Path:
             raise DebiasError(f"{DATA_ENV}={env} is not a directory")
         return path.resolve()
     # In a checkout the project root is the parent of the package directory.
-    candidate = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    candidate = Path(__file__).resolve().parents[3] / "shared" / "data"
     if candidate.is_dir():
         return candidate
     raise DebiasError(f"no data directory: set {DATA_ENV} to the folder holding fairface540/, prompts/, ... "
@@ -341,8 +341,8 @@ def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0]) 
     Understands FairFace rows (age bins, FairFace race names) and UTKFace rows (integer ages); unknown
     race/age values are left out. Used to give text towers labelled inputs (probing, locate).
     """
-    from .biaslab import AGE_GROUPS, RACE_WORDS, age_group
-    from .eval.retrieval import FAIRFACE_AGE_WORDS, FAIRFACE_RACE_WORDS
+    from ..workflow.biaslab import AGE_GROUPS, RACE_WORDS, age_group
+    from ..eval.retrieval import FAIRFACE_AGE_WORDS, FAIRFACE_RACE_WORDS
 
     gender = row.get("gender")
     if gender not in ("Male", "Female"):

@@ -40,14 +40,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import ModelAdapter, adapter_for
-from ..data import labelled_indices
-from ..errors import ConfigError, DebiasError, ShapeError, check_finite
-from ..model_match import FINGERPRINT_KEY, check_made_for, fingerprint_record
-from ..leace import ErasureSubspace, fair_directions, fit_eraser
-from ..runtime import EDIT_ATTR, LowRankEdit
-from ..sites import Site
-from .base import EditConfig, register_edit
+from ...adapters import ModelAdapter, adapter_for
+from ...data.datasets import labelled_indices
+from ...core.errors import ConfigError, DebiasError, ShapeError, check_finite
+from ...core.model_match import FINGERPRINT_KEY, check_made_for, fingerprint_record
+from ...analysis.leace import ErasureSubspace, fair_directions, fit_eraser
+from ...runtime import EDIT_ATTR, LowRankEdit
+from ...core.sites import Site
+from ..base import EditConfig, register_edit
 
 FOLD_MODES = ("site", "output", "every_writer")
 EXPORT_FOLDS = ("none", *FOLD_MODES)  # what an edit records for export: "none" = patch (fused LowRankEdit)
@@ -318,7 +318,7 @@ def fold_projection(model: "nn.Module | ModelAdapter", edit: ProjectionEdit, mod
 
     Returns a :class:`FoldHandle`; ``handle.remove()`` restores the original weights exactly.
     """
-    from ..tower_parts import check_output_fold, tower_parts
+    from ...adapters.anatomy import check_output_fold, tower_parts
 
     adapter = adapter_for(model)
     if mode not in FOLD_MODES:
@@ -378,12 +378,12 @@ def capture_fit_activations(store) -> tuple[torch.Tensor, str]:
 def fit_from_capture(store, column: str, method: str = "leace", fold: str = "none",
                      adapter: ModelAdapter | None = None, fair: torch.Tensor | None = None,
                      **kwargs: Any) -> ProjectionEdit:
-    """Fit a :class:`ProjectionEdit` on an :class:`~debias_export.capture.ActivationStore` labelled by ``column``.
+    """Fit a :class:`ProjectionEdit` on an :class:`~debias_export.capture.store.ActivationStore` labelled by ``column``.
 
     ``fold="output"`` fits in the embedding space instead: the capture must be the output token at the
     tower's consumed block, mapped through the tower's final norm and projection (needs ``adapter``).
     """
-    from ..tower_parts import check_output_fold, tower_parts
+    from ...adapters.anatomy import check_output_fold, tower_parts
 
     if fold not in EXPORT_FOLDS:
         raise ConfigError(f"unknown fold mode {fold!r}; expected one of {', '.join(EXPORT_FOLDS)}")

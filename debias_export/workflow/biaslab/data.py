@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_rgb, read_csv_table
-from ..errors import DebiasError
+from ...data.datasets import load_rgb, read_csv_table
+from ...core.errors import DebiasError
 from .captions import GENDERS, RACE_WORDS, age_group
 
 

@@ -6,19 +6,19 @@ from typing import Any, Callable
 
 import torch
 
-from .adapters import ModelAdapter
+from ..adapters import ModelAdapter
 from .leace import probe_accuracy
-from .tower_parts import final_output, tower_parts
+from ..adapters.anatomy import final_output, tower_parts
 
 
 # ----- bias metric ----------------------------------------------------------------------------
 def max_skew_at_k(queries: torch.Tensor, items: torch.Tensor, groups: torch.Tensor, k: int = 10) -> float:
     """Mean over queries of MaxSkew@k for cosine retrieval of ``items`` (groups = class ids per item).
 
-    The project's metric (:func:`debias_export.eval.metrics.retrieval_skew`: target = uniform over
+    The project's metric (:func:`debias_export.analysis.metrics.retrieval_skew`: target = uniform over
     classes, an absent class counts as 1/k, as in DeBiasLens). 0 means every top-k list is balanced.
     """
-    from .eval.metrics import cosine_scores, retrieval_skew
+    from .metrics import cosine_scores, retrieval_skew
 
     k = min(int(k), items.shape[0])
     return float(retrieval_skew(cosine_scores(queries, items), [str(int(g)) for g in groups], k)["max_skew"])

@@ -18,9 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
-from .export.onnx_export import EXPORTERS as ONNX_EXPORTERS
-from .export.onnx_export import MAX_OPSET, MIN_OPSET
+from ..core.errors import ConfigError
+from ..export.onnx_export import EXPORTERS as ONNX_EXPORTERS
+from ..export.onnx_export import MAX_OPSET, MIN_OPSET
 
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import DebiasError, IntegrityError
+from ...core.errors import DebiasError, IntegrityError
 from .settings import BiasLabSettings, minilm_path
 
 VISION_PREFIX = "vision."

@@ -2,7 +2,7 @@
 
 Layer curves: the residual stream after every block (up to the block the output consumes) is read
 out through the tower's own tail -- final norm, pooling and projection, as
-:mod:`debias_export.tower_parts` describes per family (a logit lens for encoders). Per layer we
+:mod:`debias_export.adapters.anatomy` describes per family (a logit lens for encoders). Per layer we
 report the held-out linear-probe accuracy of each attribute on those lens embeddings, the share of
 their variance explained by the groups, and the bias metric: MaxSkew@k of neutral-prompt retrieval
 over the labelled images (image tower: lens image embeddings vs final prompt embeddings; text tower:
@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .adapters import ModelAdapter
+from ..adapters import ModelAdapter
 from .attribution import _Target, ablation_hooks, attribute_components, component_write_means, fair_direction
-from .errors import ConfigError
+from ..core.errors import ConfigError
 from .leace import encode_labels, split_indices
 from .lens import between_group_ratio, local_max_skew_at_k, max_skew_at_k, probe_split as _probe, run_with_stream
-from .tower_parts import FAMILY_PARTS, TowerParts, register_tower_parts, tower_parts
+from ..adapters.anatomy import FAMILY_PARTS, TowerParts, register_tower_parts, tower_parts
 
 __all__ = ["FAMILY_PARTS", "TowerParts", "register_tower_parts", "tower_parts", "locate_bias", "run_with_stream",
            "ablation_hooks", "max_skew_at_k", "local_max_skew_at_k", "between_group_ratio", "attribute_components",
@@ -115,7 +115,7 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
                    "between_group_ratio": between_group_ratio(cap["final"], cap["ids"][c][0])}
         final[c] = {**dec, "max_skew": skew(txt_emb, img_emb, c) if retrieval else None}
         if retrieval:  # noise floor of the bias metric: the same retrieval with the labels shuffled
-            from .eval.metrics import cosine_scores, shuffled_skew
+            from .metrics import cosine_scores, shuffled_skew
 
             floor = shuffled_skew(cosine_scores(txt_emb, img_emb), [str(int(v)) for v in y], min(k, n), shuffles=10, seed=seed)
             final[c]["max_skew_shuffled"] = {"mean": floor["max_skew"], "sd": floor["max_skew_sd"]}
@@ -129,7 +129,7 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
         "layers": layers, "final": final, "consumed_layer": adapter.consumed_layer(tower),
         # sanity check of the lens: at the consumed block it must reproduce the tower's real output
         "lens_matches_output": bool(torch.allclose(last, img_emb if tower == "image" else txt_emb, atol=1e-4, rtol=1e-4)),
-        "metric_impl": "debias_export.eval.metrics.retrieval_skew (MaxSkew@k, uniform target)",
+        "metric_impl": "debias_export.analysis.metrics.retrieval_skew (MaxSkew@k, uniform target)",
     }
     if not attribution:
         return report
@@ -174,7 +174,7 @@ def pairs_gap_curve(adapter: ModelAdapter, tower: str, data: Any, batch_size: in
     Image tower: PAIRS images read out at each layer, scored against the final label-prompt embeddings;
     text tower: the label prompts read out at each layer, scored against the final PAIRS image embeddings.
     """
-    from .eval.retrieval import embed, pairs_metrics
+    from ..eval.retrieval import embed, pairs_metrics
 
     norm = torch.nn.functional.normalize
     final = embed(adapter, data, batch_size)  # the real model's "pairs" and "text:pairs/<section>" embeddings

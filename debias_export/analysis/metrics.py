@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 
 
 def cosine_scores(text_emb: torch.Tensor, image_emb: torch.Tensor) -> torch.Tensor:

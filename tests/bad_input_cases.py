@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
-from debias_export.adapters.base import adapter_for, load_adapter
+from debias_export.adapters import adapter_for, load_adapter
 from debias_export.core.errors import ConfigError, IntegrityError, ShapeError
 from debias_export.export import export_onnx, export_patched, load_patched
 from debias_export.sae.importers import load_any
@@ -453,7 +453,7 @@ def _apply(clip, **kw):
 
 def _proj(clip, d: int = 32, scale: float = 1.0, **kw):
     """A projection (RES-FAIR) edit with orthonormal directions unless ``kw`` overrides them."""
-    from debias_export.edits.projection.edit import ProjectionEdit
+    from debias_export.edits.projection import ProjectionEdit
 
     q = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(0)))[0]
     args = {"in_dirs": q * scale, "out_dirs": q * scale, "mu": torch.zeros(d), **kw}
@@ -581,7 +581,7 @@ def _made_for(**metadata: Any) -> SparseAutoencoder:
 
 
 def _fold(clip, **kw):
-    from debias_export.edits.projection.edit import ProjectionEdit, fold_projection
+    from debias_export.edits.projection import ProjectionEdit, fold_projection
 
     q = torch.linalg.qr(torch.randn(32, 2, generator=torch.Generator().manual_seed(0)))[0]
     fold_projection(clip, ProjectionEdit(site="image.-1", in_dirs=q, out_dirs=q, mu=torch.zeros(32), **kw), mode="every_writer").remove()

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from debias_export.capture.store import ActivationStore, capture_activations
+from debias_export.capture import ActivationStore, capture_activations
 from debias_export.cli.main import main
 from debias_export.data.datasets import LabelledImages, TextPrompts
 from debias_export.core.errors import DebiasError, IntegrityError
@@ -264,7 +264,7 @@ def test_llava_capture_has_means_but_no_output_token(tmp_path):
     import PIL.Image
 
     from debias_export.adapters.llava import tiny_llava
-    from debias_export.capture.store import ActivationStore, capture_activations
+    from debias_export.capture import ActivationStore, capture_activations
     from debias_export.core.errors import DebiasError
 
     adapter = tiny_llava(seed=0)

@@ -8,23 +8,17 @@ imports hide cycles and make the layering invisible.
 from __future__ import annotations
 
 import ast
+import fnmatch
+import sys
 from pathlib import Path
 
 PACKAGE = "debias_export"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
-# (importing module, imported module) -> why it cannot sit at the top of the file.
+# (importing module, imported module) -> why it cannot sit at the top of the file; fnmatch patterns.
 IN_FUNCTION_ALLOWED: dict[tuple[str, str], str] = {
-    ("debias_export", "debias_export.adapters"): "lazy public names (module __getattr__): `import debias_export` stays cheap",
-    ("debias_export", "debias_export.edits"): "lazy public names (module __getattr__)",
-    ("debias_export", "debias_export.edits.projection"): "lazy public names (module __getattr__)",
-    ("debias_export", "debias_export.export"): "lazy public names (module __getattr__)",
-    ("debias_export", "debias_export.sae"): "lazy public names (module __getattr__)",
-    ("debias_export", "debias_export.core.errors"): "lazy public names (module __getattr__)",
-    ("debias_export", "debias_export.core.sites"): "lazy public names (module __getattr__)",
-    ("debias_export.adapters.registry", "*"): "families are imported by module name on first use (peft-style lazy registry)",
-    ("debias_export.export.specs", "*"): "family export specs are imported by module name on first use",
-    ("debias_export.cli.main", "*"): "commands are imported by module name when invoked (click LazyGroup): --help stays fast",
+    ("debias_export.cli.*", "*"): "a command imports its implementation (torch, transformers) when it runs, so "
+                                  "`debias-export COMMAND --help` starts in well under a second (benchmarks/cli_startup.py)",
 }
 
 
@@ -131,8 +125,6 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if len(comp) > 1:
                 comps.append(sorted(comp))
 
-    import sys
-
     sys.setrecursionlimit(10000)
     for v in sorted(graph):
         if v not in index:
@@ -141,7 +133,7 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _allowed(mod: str, target: str) -> bool:
-    return (mod, target) in IN_FUNCTION_ALLOWED or (mod, "*") in IN_FUNCTION_ALLOWED
+    return any(fnmatch.fnmatchcase(mod, m) and fnmatch.fnmatchcase(target, t) for m, t in IN_FUNCTION_ALLOWED)
 
 
 def test_the_package_import_graph_has_no_cycles():
@@ -156,10 +148,11 @@ def test_imports_between_package_modules_sit_at_the_top():
     assert not bad, f"{len(bad)} in-function imports of package modules (move them to the top):\n" + "\n".join(bad)
 
 
-def test_the_allow_list_names_only_real_modules():
+def test_the_allow_list_matches_real_modules():
     modules = package_modules()
     for (mod, target), why in IN_FUNCTION_ALLOWED.items():
-        assert mod in modules and (target == "*" or target in modules), (mod, target)
+        assert any(fnmatch.fnmatchcase(m, mod) for m in modules), mod
+        assert target == "*" or any(fnmatch.fnmatchcase(m, target) for m in modules), target
         assert why.strip()
 
 
@@ -170,13 +163,7 @@ def test_the_graph_builder_sees_cycles_and_nested_imports(tmp_path, monkeypatch)
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from .b import f\n")
     (pkg / "b.py").write_text("def f():\n    from . import a\n    return a\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", pkg) if False else None
-    global ROOT
-    saved = ROOT
-    ROOT = pkg
-    try:
-        graph, nested = build_graph()
-    finally:
-        ROOT = saved
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", pkg)
+    graph, nested = build_graph()
     assert find_cycles(graph) == [[f"{PACKAGE}.a", f"{PACKAGE}.b"]]
     assert nested == [(f"{PACKAGE}.b", f"{PACKAGE}.a", 2)]

@@ -177,7 +177,7 @@ CAPTIONS = (["a photo of a woman", "a photo of a man", "a portrait of a woman", 
 
 
 def test_every_registered_family_has_tower_parts():
-    from debias_export.adapters.base import registered_families
+    from debias_export.adapters import registered_families
     from debias_export.adapters.anatomy import FAMILY_PARTS
 
     assert set(registered_families()) == set(FAMILY_PARTS) == set(FAMILY_SPECS)

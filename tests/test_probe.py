@@ -115,7 +115,7 @@ def test_cli_probe_on_capture(tmp_path, clip):
     import numpy as np
     from PIL import Image
 
-    from debias_export.capture.store import capture_activations
+    from debias_export.capture import capture_activations
     from debias_export.cli.main import main
     from debias_export.data.datasets import LabelledImages
     from debias_export.workflow.testing import random_sae

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
 from debias_export.adapters.transformers_compat import pooled
-from debias_export.edits.projection.edit import ProjectionEdit, fold_projection, reference_map
+from debias_export.edits.projection import ProjectionEdit, fold_projection, reference_map
 from debias_export.analysis.locate import tower_parts
 from debias_export.workflow.testing import random_sae
 

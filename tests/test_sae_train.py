@@ -7,8 +7,8 @@ from safetensors.torch import save_file
 
 from debias_export.core.errors import ConfigError, DebiasError, ShapeError
 from debias_export.sae import SparseAutoencoder, load_any
-from debias_export.sae.train import (MatryoshkaTrainer, TrainConfig, batch_topk, fvu, geometric_median, lr_factor,
-                                     train_sae)
+from debias_export.sae.train import fvu, train_sae
+from debias_export.sae.trainer import MatryoshkaTrainer, TrainConfig, batch_topk, geometric_median, lr_factor
 
 
 def planted(n, d=32, nf=48, k=3, seed=0, noise=0.01):
@@ -178,7 +178,7 @@ def test_cli_train_sae(tmp_path):
 
 
 def test_cli_train_sae_on_capture_dir(tmp_path, clip):
-    from debias_export.capture.store import capture_activations
+    from debias_export.capture import capture_activations
     from debias_export.cli.main import main
     from debias_export.data.datasets import TextPrompts
 

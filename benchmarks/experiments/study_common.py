@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
-from debias_export.capture.store import ActivationStore, capture_activations
+from debias_export.capture import ActivationStore, capture_activations
 from debias_export.data.datasets import LabelledImages, TextPrompts
 from debias_export.analysis.metrics import cosine_scores, retrieval_skew, shuffled_skew, zero_shot_probs
 from debias_export.eval.retrieval import EvalData, utility_metrics

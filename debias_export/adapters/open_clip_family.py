@@ -32,9 +32,10 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError
-from ..runtime import SiteEdit, ids_argmax
 from ..core.sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from ..runtime import SiteEdit, ids_argmax
+from .base import ModelAdapter, OutputPositions, refuse_patched_export
+from .registry import register_adapter
 
 _SUB_MODULES = {"attn_out": "attn", "mlp_out": "mlp.c_proj"}
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -98,10 +99,8 @@ class OpenCLIPAdapter(ModelAdapter):
             name, pretrained = name.split("@", 1)
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG)):
             name = "local-dir:" + name
-        if name.startswith("local-dir:") and (Path(name[len("local-dir:"):]) / "debias_config.json").is_file():
-            from ..export.loading import load_patched  # an exported patched model comes back patched
-
-            return load_patched(name[len("local-dir:"):])
+        if name.startswith("local-dir:"):
+            refuse_patched_export(name[len("local-dir:"):])
         cfg = oc.get_model_config(name) if not name.startswith("hf-hub:") else None
         if cfg is None and not name.startswith("hf-hub:"):
             raise DebiasError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
@@ -334,69 +333,3 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> OpenCLIPAdapter
     except (RuntimeError, ValueError, OSError) as exc:
         raise IntegrityError(f"cannot load open_clip weights from {path}: {str(exc).splitlines()[0]}") from None
     return OpenCLIPAdapter(model.eval(), source=str(path), processor=preprocess, model_cfg=cfg)
-
-
-class OpenCLIPTowerGraph(nn.Module):
-    """ONNX graph of one tower: ``pixel_values -> image_embeds`` or ``input_ids -> text_embeds``.
-
-    ``encode_image`` / ``encode_text`` of the live (patched) model, not normalised. Runs
-    ``nn.MultiheadAttention``'s standard path: its inference fast path is one fused op
-    (``_native_multi_head_attention``) that has no ONNX export, and validation then compares like with like.
-    """
-
-    def __init__(self, model: nn.Module, tower: str):
-        super().__init__()
-        self.model, self.tower = model, tower
-
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                **_: Any) -> dict[str, torch.Tensor]:
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            if self.tower == "image":
-                return {"image_embeds": self.model.encode_image(pixel_values)}
-            return {"text_embeds": self.model.encode_text(input_ids)}
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
-
-
-def example_inputs(adapter: OpenCLIPAdapter, tower: str, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random valid tower inputs. Text rows are always ``context_length`` wide (open_clip's fixed
-    positional table; ``seq`` is ignored) with the pooled EOT token at a random per-row position."""
-    if tower == "image":
-        return {"pixel_values": torch.randn(batch, 3, *adapter.model.visual.image_size, generator=g)}
-    width = int(adapter.model.context_length)
-    text = adapter._text_module()
-    pool = text.text_pool_type if text is adapter.model else text.pool_type
-    vocab = int(adapter.model.vocab_size)
-    eot = adapter._eos_id() if pool == "eos" else vocab - 1  # argmax pooling: EOT must be the highest id
-    ids = torch.randint(1, max(2, min(eot, vocab - 1)), (batch, width), generator=g)
-    lengths = torch.randint(2, width + 1, (batch,), generator=g)
-    lengths[0] = width
-    ids = torch.where(torch.arange(width)[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
-    ids[torch.arange(batch), lengths - 1] = eot
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    return {"input_ids": ids.long(), "attention_mask": mask}
-
-
-def onnx_graphs(adapter: OpenCLIPAdapter) -> list:
-    """``GraphSpec``s for :mod:`debias_export.export.onnx_export`: dynamic batch; the text length is fixed."""
-    from ..export.onnx_specs import GraphSpec
-
-    specs = []
-    for tower, name, inp, out in (("image", "image_encoder", "pixel_values", "image_embeds"),
-                                  ("text", "text_encoder", "input_ids", "text_embeds")):
-        if tower in adapter.towers():
-            specs.append(GraphSpec(name, tower, {inp: {0: "batch_size"}}, {out: {0: "batch_size"}},
-                                   lambda a, t=tower: OpenCLIPTowerGraph(a.model, t),
-                                   lambda a, b, s, g, t=tower: example_inputs(a, t, b, s, g)))
-    return specs
-
-
-def register_export() -> None:
-    """Plug open_clip into the export machinery (HF-style dir without remote code + ONNX graphs)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(OpenCLIPAdapter.family, save_base, load_base, base_info, auto_class=None))
-    register_onnx_spec(OpenCLIPAdapter.family)(onnx_graphs)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..core.errors import DebiasError
+from .hf_clip import HFCLIPAdapter
+
 # openai/clip-vit-base-patch16 (config.json of the hub checkpoint)
 CLIP_VIT_B16: dict[str, Any] = {
     "projection_dim": 512,
@@ -54,8 +57,6 @@ def clip_config(name: str):
     """``CLIPConfig`` for a named real CLIP architecture."""
     from transformers import CLIPConfig
 
-    from ..core.errors import DebiasError
-
     if name not in CONFIGS or name.startswith("llava"):
         raise DebiasError(f"unknown CLIP architecture {name!r}; known: clip-vit-base-patch16, clip-vit-large-patch14-336")
     cfg = CONFIGS[name]
@@ -65,8 +66,6 @@ def clip_config(name: str):
 def random_clip(name: str, tower: str | None = None, seed: int = 0):
     """Adapter around a random-weight real-size CLIP (``tower`` = "image"/"text" builds only that tower)."""
     from transformers import CLIPTextConfig, CLIPVisionConfig
-
-    from .hf_clip import HFCLIPAdapter
 
     cfg = clip_config(name)
     if tower == "image":

@@ -11,10 +11,10 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import ModelAdapter
+from ..adapters.anatomy import tower_parts
 from ..core.errors import ConfigError
 from .leace import group_mean_differences, orthonormal_basis
 from .lens import _batches, _layers, between_group_ratio, max_skew_at_k, probe_split, run_with_stream
-from ..adapters.anatomy import tower_parts
 
 
 def _project_off(x: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

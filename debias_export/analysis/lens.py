@@ -7,8 +7,9 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import ModelAdapter
-from .leace import probe_accuracy
 from ..adapters.anatomy import final_output, tower_parts
+from .leace import probe_accuracy
+from .metrics import cosine_scores, retrieval_skew
 
 
 # ----- bias metric ----------------------------------------------------------------------------
@@ -18,8 +19,6 @@ def max_skew_at_k(queries: torch.Tensor, items: torch.Tensor, groups: torch.Tens
     The project's metric (:func:`debias_export.analysis.metrics.retrieval_skew`: target = uniform over
     classes, an absent class counts as 1/k, as in DeBiasLens). 0 means every top-k list is balanced.
     """
-    from .metrics import cosine_scores, retrieval_skew
-
     k = min(int(k), items.shape[0])
     return float(retrieval_skew(cosine_scores(queries, items), [str(int(g)) for g in groups], k)["max_skew"])
 

@@ -25,15 +25,17 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..adapters import ModelAdapter
-from .attribution import _Target, ablation_hooks, attribute_components, component_write_means, fair_direction
-from ..core.errors import ConfigError
-from .leace import encode_labels, split_indices
-from .lens import between_group_ratio, local_max_skew_at_k, max_skew_at_k, probe_split as _probe, run_with_stream
 from ..adapters.anatomy import FAMILY_PARTS, TowerParts, register_tower_parts, tower_parts
+from ..core.errors import ConfigError
+from .attribution import _Target, ablation_hooks, attribute_components, component_write_means, fair_direction
+from .leace import encode_labels, split_indices
+from .lens import between_group_ratio, local_max_skew_at_k, max_skew_at_k, run_with_stream
+from .lens import probe_split as _probe
+from .metrics import cosine_scores, shuffled_skew
 
 __all__ = ["FAMILY_PARTS", "TowerParts", "register_tower_parts", "tower_parts", "locate_bias", "run_with_stream",
            "ablation_hooks", "max_skew_at_k", "local_max_skew_at_k", "between_group_ratio", "attribute_components",
-           "component_write_means", "fair_direction", "pairs_gap_curve"]
+           "component_write_means", "fair_direction"]
 
 
 # ----- the analysis ---------------------------------------------------------------------------
@@ -55,8 +57,8 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
     value per image; ``prompts``: neutral prompts for MaxSkew@k (unused for models without a text
     tower); ``column``: the attribute whose subspace is ablated (default: the first one);
     ``captions``: ``(texts, labels)`` labelled texts for text-tower decodability and attribution;
-    ``pairs``: an :class:`~debias_export.eval.retrieval.EvalData` whose PAIRS images and labels give the
-    per-layer counterfactual confidence gap (RES-FAIR's "fair label, skewed confidence").
+    ``pairs``: an :class:`~debias_export.eval.retrieval.EvalData` (anything with its ``layer_pairs_gaps``) whose
+    PAIRS images and labels give the per-layer counterfactual confidence gap (RES-FAIR's "fair label, skewed confidence").
     """
     if tower not in adapter.towers():
         raise ConfigError(f"model family {adapter.family!r} has no {tower!r} tower (towers: {', '.join(adapter.towers())})")
@@ -104,7 +106,7 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
         layers.append(row)
     if pairs is not None and retrieval:
         say("PAIRS confidence gaps per layer")
-        for row, gaps in zip(layers, pairs_gap_curve(adapter, tower, pairs, batch_size)):
+        for row, gaps in zip(layers, pairs.layer_pairs_gaps(adapter, tower, batch_size)):
             row["pairs_gender_gap"] = gaps
     final = {}
     for c, (y, _) in ids.items():
@@ -115,8 +117,6 @@ def locate_bias(adapter: ModelAdapter, tower: str, image_inputs: dict[str, torch
                    "between_group_ratio": between_group_ratio(cap["final"], cap["ids"][c][0])}
         final[c] = {**dec, "max_skew": skew(txt_emb, img_emb, c) if retrieval else None}
         if retrieval:  # noise floor of the bias metric: the same retrieval with the labels shuffled
-            from .metrics import cosine_scores, shuffled_skew
-
             floor = shuffled_skew(cosine_scores(txt_emb, img_emb), [str(int(v)) for v in y], min(k, n), shuffles=10, seed=seed)
             final[c]["max_skew_shuffled"] = {"mean": floor["max_skew"], "sd": floor["max_skew_sd"]}
     last = lens_all[-1]
@@ -165,33 +165,3 @@ def _caption_set(adapter: ModelAdapter, captions, image_labels: dict[str, Sequen
     stream, final, lens = run_with_stream(adapter, "text", inputs, batch_size, with_lens=True)
     return {"texts": texts, "ids": cap_ids, "inputs": inputs, "stream": stream, "final": final, "lens": lens,
             "split": {c: split_indices(len(texts), test_fraction, seed=seed, labels=y) for c, (y, _) in cap_ids.items()}}
-
-
-@torch.no_grad()
-def pairs_gap_curve(adapter: ModelAdapter, tower: str, data: Any, batch_size: int = 64) -> list[dict[str, float]]:
-    """Per consumed layer, the mean PAIRS gender confidence gap per section (and their mean, ``"mean"``).
-
-    Image tower: PAIRS images read out at each layer, scored against the final label-prompt embeddings;
-    text tower: the label prompts read out at each layer, scored against the final PAIRS image embeddings.
-    """
-    from ..eval.retrieval import embed, pairs_metrics
-
-    norm = torch.nn.functional.normalize
-    final = embed(adapter, data, batch_size)  # the real model's "pairs" and "text:pairs/<section>" embeddings
-    if tower == "image":
-        _, _, lens = run_with_stream(adapter, "image", {"pixel_values": data.inputs["pairs"]}, batch_size, with_lens=True)
-        per_layer = [{**final, "pairs": norm(layer, dim=-1)} for layer in lens]
-    else:
-        texts = {k: v for k, v in data.texts().items() if k.startswith("pairs/")}
-        lens = {f"text:{k}": run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size, with_lens=True)[2]
-                for k, v in texts.items()}
-        per_layer = [{**final, **{k: norm(t[layer], dim=-1) for k, t in lens.items()}}
-                     for layer in range(next(iter(lens.values())).shape[0])]
-    out = []
-    for emb in per_layer:
-        res = pairs_metrics(emb, data)
-        gaps = {section: float(v["gender_gap"]) for section, v in res.items()}
-        out.append({**gaps, "mean": sum(gaps.values()) / len(gaps)})
-    return out
-
-

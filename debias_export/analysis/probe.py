@@ -12,8 +12,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data.datasets import labelled_indices, read_csv_table
+from ..capture.store import ActivationStore
 from ..core.errors import DebiasError, ShapeError
+from ..data.datasets import labelled_indices, read_csv_table
 
 METHOD = "debiaslens-social-neurons"
 
@@ -110,8 +111,6 @@ def latents_from_capture(capture_dir: str | Path, sae, column: str, which: str =
     token). Labels come from the capture's row metadata, or from ``labels_csv`` (joined on ``file``
     when both have it, else by row order).
     """
-    from ..capture.store import ActivationStore
-
     if which not in ("mean_activations", "output_activations"):
         raise DebiasError(f"unknown activations {which!r}; expected mean_activations or output_activations")
     store = ActivationStore(capture_dir)

@@ -36,11 +36,11 @@ def bias_lab(out_dir: Path, retrain: bool, data_dir: Path | None, cache_root: Pa
     """The bias lab (frozen MiniLM text tower + small CLIP ViT trained on UTKFace label captions): measure its
     social bias on FairFace 540 / PAIRS; ``--retrain`` reproduces it from the recipe (same CPU: identical)."""
     from ..adapters.dual_encoder import DualEncoderAdapter
+    from ..data.datasets import resolve_data_dir
+    from ..eval.report import write_report
+    from ..export.manifest import atomic_output_dir
     from ..workflow.biaslab import lab as lab_mod
     from ..workflow.biaslab.settings import BiasLabSettings
-    from ..eval.report import write_report
-    from ..eval.retrieval import resolve_data_dir
-    from ..export.manifest import atomic_output_dir
 
     refuse_existing(out_dir, overwrite)
     data_dir = resolve_data_dir(data_dir)  # a missing data folder fails before anything is loaded or trained

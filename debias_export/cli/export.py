@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from ..core.choices import ONNX_EXPORTERS
 from ..core.errors import DebiasError
 from .common import load_model_spec, model_option
 
@@ -21,7 +22,7 @@ def _mb(n: int) -> str:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output dir (gets hf/ and onnx/).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and validate ONNX graphs.")
 @click.option("--tower", "towers", multiple=True, help="Only these towers in ONNX (default: all).")
-@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(["dynamo", "torchscript", "optimum"]),
+@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(ONNX_EXPORTERS),
               help="ONNX exporter: torch.export-based (dynamo), the legacy TorchScript tracer, or optimum-onnx (if installed).")
 @click.option("--opset", default=20, show_default=True, type=int)
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="ONNX vs PyTorch tolerance.")

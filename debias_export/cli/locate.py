@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..core.choices import TOWERS
 from ..core.errors import DebiasError
 from .common import POSITIVE_INT, SEED, FiniteFloat, model_option
 
@@ -17,7 +18,7 @@ def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str
     Text-tower decodability and attribution need labelled texts; captions built from the image labels
     carry exactly the attributes under study. Duplicates are dropped so no caption sits in both the
     probe's train and test split."""
-    from ..data.datasets import CAPTION_TEMPLATES, label_caption
+    from ..data.captions import CAPTION_TEMPLATES, label_caption
 
     seen: dict[str, dict[str, str]] = {}
     for template in CAPTION_TEMPLATES:
@@ -54,7 +55,7 @@ def _default_prompts(labels_csv: Path) -> Path:
 
 @click.command("locate")
 @model_option
-@click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True)
+@click.option("--tower", type=click.Choice(TOWERS), default="image", show_default=True)
 @click.option("--data", "data", required=True, help="Folder with labels.csv + images/ (e.g. fairface540), or the CSV.")
 @click.option("--column", "columns", multiple=True, required=True, help="Attribute column (repeatable); the first is ablated.")
 @click.option("--prompts", "prompts_path", default=None, help="Neutral prompts (.txt or template,concept CSV) for MaxSkew@k.")
@@ -77,8 +78,8 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     """Where does the bias of MODEL's TOWER come from? Curves per block and a ranking of components."""
     import torch
 
-    from ..data.datasets import LabelledImages, TextPrompts, resolve_data_path
     from ..analysis.locate import locate_bias
+    from ..data.datasets import LabelledImages, TextPrompts, resolve_data_path
     from .common import load_model_spec, refuse_existing, write_json
 
     if not 0.0 < test_fraction < 1.0:

@@ -157,3 +157,9 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
         if tag and not any((parent / f".{out_dir.name}.{k}-{tag}").exists() for k in ("tmp", "old")) and _owner_dead(marker):
             marker.unlink(missing_ok=True)
     return removed
+
+
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """Output directories are never clobbered silently."""
+    if path.exists() and not overwrite:
+        raise DebiasError(f"output {path} already exists (pass --overwrite to replace it)")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -34,6 +33,16 @@ def default_data_dir() -> Path:
         return candidate
     raise DebiasError(f"no data directory: set {DATA_ENV} to the folder holding fairface540/, prompts/, ... "
                       f"(looked for {candidate})")
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``data_dir`` when given (it must be a directory), else :func:`default_data_dir`."""
+    if data_dir is None:
+        return default_data_dir()
+    path = Path(data_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise DebiasError(f"data directory {path} does not exist (pass --data or set {DATA_ENV})")
+    return path
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
@@ -330,29 +339,3 @@ def parse_where(items: Iterable[str]) -> dict[str, list[str]]:
             raise DebiasError(f"bad --where {item!r}: expected COLUMN=VALUE[,VALUE...]")
         out.setdefault(col.strip(), []).extend(v.strip() for v in values.split(","))
     return out
-
-
-CAPTION_TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a close-up photo of the face of a {}")
-
-
-def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0]) -> str | None:
-    """A caption naming a face's labels ("a photo of a young Black woman"), or None without a Male/Female gender.
-
-    Understands FairFace rows (age bins, FairFace race names) and UTKFace rows (integer ages); unknown
-    race/age values are left out. Used to give text towers labelled inputs (probing, locate).
-    """
-    from ..workflow.biaslab import AGE_GROUPS, RACE_WORDS, age_group
-    from ..eval.retrieval import FAIRFACE_AGE_WORDS, FAIRFACE_RACE_WORDS
-
-    gender = row.get("gender")
-    if gender not in ("Male", "Female"):
-        return None
-    age = str(row.get("age", "") or "")
-    if age.isdigit():
-        adj, fem, male = AGE_GROUPS[age_group(int(age))][1:]
-    else:
-        child = age in ("0-2", "3-9", "10-19")
-        adj, fem, male = (None if age == "3-9" else FAIRFACE_AGE_WORDS.get(age)), ("girl" if child else "woman"), ("boy" if child else "man")
-    race = FAIRFACE_RACE_WORDS.get(row.get("race", "")) or RACE_WORDS.get(row.get("race", ""))
-    words = " ".join(w for w in (adj, race, fem if gender == "Female" else male) if w)
-    return re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", template.format(words))  # "a elderly" -> "an elderly"

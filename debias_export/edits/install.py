@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 from .base import EditConfig, apply_edits
-from .projection.edit import FoldHandle, ProjectionEdit, fold_all, fold_record, split_folded
+from .projection import FoldHandle, ProjectionEdit, fold_all, fold_record, split_folded
 
 
 class InstalledEdits:

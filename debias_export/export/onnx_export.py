@@ -26,19 +26,18 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
+from ..core.choices import DEFAULT_EXPORTER, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS
 from ..core.errors import ConfigError, DebiasError, ValidationError
+from ..edits import current_patch
+from .hf_dir import unpatched
 from .manifest import atomic_output_dir, write_manifest
 from .onnx_specs import GraphSpec, graph_specs
 
 ONNX_REPORT = "onnx_report.json"
-EXPORTERS = ("dynamo", "torchscript", "optimum")
-DEFAULT_EXPORTER = "dynamo"
+EXPORTERS = ONNX_EXPORTERS
 # Opset 20: torch.onnx's default target, which the dynamo exporter writes natively and onnxruntime >= 1.17
 # runs. Dynamo's translations start at 18 (below, onnx's version converter may silently leave 18); the
 # TorchScript tracers need 17 for LayerNormalization and stop at 20.
-DEFAULT_OPSET = 20
-MIN_OPSET = {"dynamo": 18, "torchscript": 17, "optimum": 17}
-MAX_OPSET = {"dynamo": 23, "torchscript": 20, "optimum": 20}
 # Validation shapes (batch, text length): deliberately unlike each spec's export_shape (2, 7), so a
 # graph whose batch or sequence axis got frozen during tracing fails here.
 VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 11))
@@ -238,10 +237,8 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
     """
     import onnxruntime as ort
 
-    from .safetensors_export import unpatched
-
     module = module if module is not None else spec.build(adapter)
-    handle = getattr(adapter.model, "_debias_patch", None)
+    handle = current_patch(adapter.model)
     g = torch.Generator().manual_seed(seed)
     report: dict[str, Any] = {"shapes": [list(s) for s in shapes], "max_abs_diff": {}, "providers": {}}
     effect = 0.0
@@ -294,7 +291,7 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     check_exporter(exporter, opset)
     if atol < 0:
         raise ConfigError(f"atol must be >= 0, got {atol}")
-    handle = getattr(adapter.model, "_debias_patch", None)
+    handle = current_patch(adapter.model)
     patched = bool(handle is not None and handle.records)
     if not patched and not allow_unpatched:
         raise DebiasError("model has no debias patch to export; apply_edits(...) first (or allow_unpatched=True to export the plain model)")

@@ -4,31 +4,30 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..adapters import ModelAdapter, load_adapter
+from ..adapters.dual_encoder import tiny_dual_encoder
+from ..adapters.llava import tiny_llava
+from ..adapters.open_clip_family import tiny_open_clip
+from ..adapters.real_configs import random_clip
 from ..core.errors import DebiasError
-from ..adapters.base import ModelAdapter, load_adapter
+from ..export import load_patched
+from .biaslab import lab_adapter
+from .testing import tiny_clip
 
 
 def _tiny_clip(seed: int) -> ModelAdapter:
-    from .testing import tiny_clip
-
     return tiny_clip(seed=seed)
 
 
 def _tiny_open_clip(seed: int) -> ModelAdapter:
-    from ..adapters.open_clip_family import tiny_open_clip
-
     return tiny_open_clip(seed=seed)
 
 
 def _tiny_llava(seed: int) -> ModelAdapter:
-    from ..adapters.llava import tiny_llava
-
     return tiny_llava(seed=seed)
 
 
 def _tiny_dual_encoder(seed: int) -> ModelAdapter:
-    from ..adapters.dual_encoder import tiny_dual_encoder
-
     return tiny_dual_encoder(seed=seed)
 
 
@@ -49,16 +48,12 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Mode
         adapter = TINY_BUILDERS[name](seed)
     elif spec == "biaslab":
         # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
-        from .biaslab import lab_adapter
 
         adapter = lab_adapter()
     elif spec.startswith("arch:"):
-        from ..adapters.real_configs import random_clip
-
         adapter = random_clip(spec[5:])
     elif os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json")):
         # A patched export: load it patched (a stock loader would silently drop the edit).
-        from ..export import load_patched
 
         return load_patched(spec)
     else:

@@ -19,12 +19,26 @@ from typing import Any, Callable
 
 import torch
 
-from .model_specs import load_model_spec
-from ..data.datasets import read_csv_table
+from ..analysis.probe import neurons_from_report, probe_social_neurons
+from ..bench import PatchSet, headline, run_benchmark
+from ..bench.report import write_report
+from ..capture import ActivationStore, capture_activations
 from ..core.errors import DebiasError
 from ..core.fileio import apply_default_modes
 from ..core.model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
+from ..data.captions import label_caption
+from ..data.datasets import LabelledImages, TextPrompts, default_data_dir, read_csv_table
+from ..edits import SAEEdit, apply_edits
+from ..edits.install import install_edits
+from ..edits.projection import ProjectionEdit, fit_from_capture, read_fair_directions
+from ..eval.recipe_eval import recipe_eval
+from ..export import export_bundle
+from ..sae import SparseAutoencoder
+from ..sae.importers import load_any
+from ..sae.train import TrainConfig, train_sae
+from .model_specs import load_model_spec
 from .recipe import Recipe, expand_variants
+from .report import write_run_report
 
 
 def _log(msg: str) -> None:
@@ -57,8 +71,6 @@ class _Steps:
 
 def _caption_csv(src: Path, dst: Path) -> Path:
     """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
-    from ..data.datasets import label_caption
-
     header, rows = read_csv_table(src, "data.captions_from file")
     if not rows or "gender" not in header:
         raise DebiasError(f"data.captions_from {src}: needs a 'gender' column")
@@ -73,8 +85,6 @@ def _caption_csv(src: Path, dst: Path) -> Path:
 
 
 def _data_source(recipe: Recipe, cache: Path):
-    from ..data.datasets import LabelledImages, TextPrompts, default_data_dir
-
     base = Path(recipe.data.dir) if recipe.data.dir else default_data_dir()
     if recipe.data.images:
         image_dir = base / recipe.data.image_dir if recipe.data.image_dir else None
@@ -104,8 +114,6 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
         summaries.append(_run_one(r, adapters[spec], sub, work / "cache", progress))
     if recipe.variants:
         _write_json(work / "summary.json", summaries)
-        from .report import write_run_report
-
         write_run_report(work, summaries, recipe)
     _finish(work, out)
     _log(f"done: {out}")
@@ -113,13 +121,6 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
 
 
 def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -> dict[str, Any]:
-    from ..capture.store import ActivationStore, capture_activations
-    from ..edits import SAEEdit, apply_edits
-    from ..export import export_bundle
-    from ..analysis.probe import neurons_from_report, probe_social_neurons
-    from ..sae import SparseAutoencoder
-    from ..sae.train import TrainConfig, train_sae
-
     work.mkdir(parents=True, exist_ok=True)
     steps = _Steps(f"{recipe.name}: ")
     torch.manual_seed(recipe.seed)
@@ -145,8 +146,6 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
 
     def get_sae():
         if recipe.sae.path:
-            from ..sae.importers import load_any
-
             sae = load_any(recipe.sae.path, d_in=adapter.width(site.tower))
             check_made_for(f"the SAE {recipe.sae.path} (sae.path)", record_of(sae.cfg.metadata), adapter, site)
             return sae
@@ -211,7 +210,7 @@ def _eval_bench_record(recipe: Recipe, adapter, make_edit, edit, site, work: Pat
                        summary: dict[str, Any]) -> dict[str, Any]:
     """The variant's eval and bench steps (when the recipe has them), then ``run.json``."""
     if recipe.eval is not None:
-        summary["eval"] = steps("eval", lambda: _evaluate(recipe, adapter, make_edit, work / "eval"))
+        summary["eval"] = steps("eval", lambda: recipe_eval(recipe, adapter, make_edit, work / "eval"))
     if recipe.bench is not None:
         summary["bench"] = steps("bench", lambda: _bench(recipe, adapter, edit, site, work / "bench"))
     summary["steps"] = steps.record
@@ -222,11 +221,6 @@ def _eval_bench_record(recipe: Recipe, adapter, make_edit, edit, site, work: Pat
 def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _Steps) -> dict[str, Any]:
     """``edit.kind: projection``: fit the eraser of ``probe.column`` on the capture (no SAE, no probing), then
     export (folded into the weights, or patched), validate, eval and bench like an SAE variant."""
-    from ..cli.project import read_fair_directions
-    from ..edits.install import install_edits
-    from ..edits.projection.edit import ProjectionEdit, fit_from_capture
-    from ..export import export_bundle
-
     e = recipe.edit
     fair = read_fair_directions(Path(e.fair_from)) if e.fair_from else None
     provenance = {"recipe": recipe.source, "recipe_name": recipe.name, "seed": recipe.seed, "model": recipe.model.spec,
@@ -262,36 +256,7 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: _St
     return _eval_bench_record(at_strength, adapter, make_edit, edit, site, work, steps, summary)
 
 
-def _evaluate(recipe: Recipe, adapter, make_edit, out: Path) -> dict[str, Any]:
-    """Before/after metrics at the recipe's alpha, plus the alpha sweep (trade-off curve)."""
-    if adapter.family == "llava":  # no text tower to retrieve with: the VLAGenderBias yes/no metric instead
-        from ..eval.llava_eval import recipe_eval
-
-        return recipe_eval(recipe, adapter, make_edit, out)
-    from ..eval import EvalData, compare, sweep_alpha, write_report
-
-    data = EvalData.load(adapter, recipe.data.dir, max_images=recipe.eval.limit)
-    cmp = compare(adapter, make_edit(recipe.edit.alpha), k=recipe.eval.k, shuffles=10, data=data)
-    write_report(cmp, out / "compare", overwrite=True)
-    rows = sweep_alpha(adapter, make_edit, recipe.eval.alphas, k=recipe.eval.k, data=data)
-    write_report(rows, out / "sweep", overwrite=True)
-
-    def skew(res: dict, attr: str = "gender") -> dict[str, float]:
-        return {name: per[attr]["max_skew"] for name, per in res["retrieval"].items() if attr in per}
-
-    return {"max_skew_gender_before": skew(cmp["base"]), "max_skew_gender_after": skew(cmp["patched"]),
-            "noise_floor": {n: p["gender"].get("max_skew_shuffled") for n, p in cmp["base"]["retrieval"].items()},
-            "utility_before": cmp["base"]["utility"], "utility_after": cmp["patched"]["utility"],
-            "fidelity": cmp["fidelity"],
-            "max_skew_gender_change_ci": {n: [c["gender"]["ci_low"], c["gender"]["ci_high"]]
-                                          for n, c in cmp["bias_change"].items() if "gender" in c},
-            "sweep": [{"alpha": r["alpha"], "max_skew_gender": skew(r), "utility": r["utility"]} for r in rows]}
-
-
 def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
-    from ..bench import PatchSet, headline, run_benchmark
-    from ..bench.report import write_report
-
     name = "folded" if getattr(edit, "fold", "none") != "none" else "patched"  # folded: zero extra ops, ratio ~1
     variants = {name: PatchSet.compile(name, adapter, [edit])}
     result = run_benchmark(adapter, variants, [site.tower], batch_sizes=recipe.bench.batch_sizes,

@@ -18,10 +18,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
+from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
-from ..export.onnx_export import EXPORTERS as ONNX_EXPORTERS
-from ..export.onnx_export import MAX_OPSET, MIN_OPSET
-
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 
@@ -86,8 +85,6 @@ class EditSection:
 
 
 PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold")
-EDIT_KINDS = ("sae", "projection")
-FOLDS = ("none", "site", "output", "every_writer")
 
 
 @dataclass
@@ -213,7 +210,7 @@ def _check_values(r: Recipe, where: str) -> None:
     if not 0.0 <= r.edit.alpha <= 1.0:
         raise bad("edit.alpha", f"must be in [0, 1], got {r.edit.alpha}")
     _check_edit_kind(r.edit, bad)
-    if r.edit.mode not in ("reconstruct", "residual"):
+    if r.edit.mode not in SAE_MODES:
         raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
     if r.capture.tokens not in ("random-k", "output", "all"):
         raise bad("capture.tokens", f"must be random-k, output or all, got {r.capture.tokens!r}")

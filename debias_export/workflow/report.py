@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..eval.llava_eval import llava_run_table
+
 RECALL_KEY = "caption_recall@10"
 
 
@@ -66,7 +68,6 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe) -> Pat
                   "| variant | kind | site | mode | a / b | neurons / rank | MaxSkew before | after | change | recall before "
                   "| after | change | emb. cosine | latency x |", "|" + "---|" * 14]
         lines += variant_rows(summaries, prompt_set) + [""]
-    from ..eval.llava_eval import llava_run_table
 
     lines += llava_run_table(summaries)  # llava variants: VLAGenderBias numbers instead of retrieval skew
     lines += ["Per-variant details (probe report, SAE, edit, exports with manifests, eval and bench reports) are in the "

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.hf_clip import HFCLIPAdapter
+from ..sae.model import SAEConfig, SparseAutoencoder
+
 
 def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_size: int = 32, patch: int = 8,
                      projection: int = 16):
@@ -19,16 +22,12 @@ def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_si
 
 def tiny_clip(seed: int = 0, **kwargs):
     """Adapter around a tiny random ``CLIPModel``."""
-    from ..adapters.hf_clip import HFCLIPAdapter
-
     return HFCLIPAdapter.from_config(tiny_clip_config(**kwargs), seed=seed)
 
 
 def random_sae(d_in: int, num_latents: int, seed: int = 0, activation: str = "threshold", k: int | None = 4,
                threshold: float = 0.05):
     """An SAE with random weights that fires a few latents on typical residual activations."""
-    from ..sae.model import SAEConfig, SparseAutoencoder
-
     g = torch.Generator().manual_seed(seed)
     sae = SparseAutoencoder(SAEConfig(d_in=d_in, num_latents=num_latents, activation=activation, k=k))
     with torch.no_grad():

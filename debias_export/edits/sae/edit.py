@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from ...adapters import ModelAdapter, adapter_for
-from ...core.errors import ConfigError, ShapeError
+from ...core.choices import SAE_MODES
+from ...core.errors import ConfigError, ShapeError, check_finite
 from ...core.model_match import check_made_for, fingerprint_record, record_of
+from ...core.sites import Site
 from ...runtime import FusedSAEEdit
 from ...sae.model import SAEConfig, SparseAutoencoder
-from ...core.sites import Site
 from ..base import EditConfig, register_edit
 
-MODES = ("reconstruct", "residual")
+MODES = SAE_MODES
 
 
 @dataclass
@@ -150,8 +151,6 @@ def compile_sae_edit(edit: SAEEdit, adapter: ModelAdapter, site: Site) -> FusedS
         mod.select.copy_(select)
         mod.W_dec.copy_(-a * W_dec[S])
         mod.bias.copy_(a * v_term)
-    from ...core.errors import check_finite
-
     for name, buf in mod.state_dict().items():
         check_finite(f"compiled SAE edit {name}", buf)
     return mod.float().eval()

@@ -35,13 +35,14 @@ augmentation, loop, validation metrics), :mod:`.lab` (shipped lab, retraining, m
 """
 from __future__ import annotations
 
-from .captions import (AGE_GROUPS, CHILD, GENDERS, RACE_WORDS, TEMPLATES, age_group, caption_index, caption_table,
-                       caption_text, consistent, sample_captions)
+from ...adapters.dual_encoder import minilm_path
+from ...data.captions import AGE_GROUPS, RACE_WORDS, age_group
+from .captions import CHILD, GENDERS, TEMPLATES, caption_index, caption_table, caption_text, consistent, sample_captions
 from .data import data_fingerprint, is_validation, load_utkface, split_utkface
 from .lab import (ASSETS, embedding_fingerprint, ensure_trained, lab_adapter, load_lab, measure_bias, read_recipe,
                   train_lab, validation_split)
 from .model import build_model, load_trained_state, trained_state_dict, vision_transformer
-from .settings import BiasLabSettings, default_cache_root, minilm_path
+from .settings import BiasLabSettings, default_cache_root
 
 __all__ = ["AGE_GROUPS", "ASSETS", "CHILD", "GENDERS", "RACE_WORDS", "TEMPLATES", "BiasLabSettings", "age_group",
            "build_model", "caption_index", "caption_table", "caption_text", "consistent", "data_fingerprint",

@@ -11,29 +11,15 @@ import re
 
 import torch
 
-# UTKFace integer ages -> caption words. Children get "girl"/"boy" nouns, adults an adjective.
-AGE_GROUPS = [  # (max age inclusive, adjective, female noun, male noun)
-    (2, "baby", "girl", "boy"),
-    (12, "little", "girl", "boy"),
-    (19, "teenage", "girl", "boy"),
-    (34, "young", "woman", "man"),
-    (54, "middle-aged", "woman", "man"),
-    (74, "older", "woman", "man"),
-    (200, "elderly", "woman", "man"),
-]
+from ...data.captions import AGE_GROUPS, RACE_WORDS
+
 CHILD = len(AGE_GROUPS)  # age key: "a girl" / "a boy" / "a child", any of the three child groups
 CHILD_GROUPS = (0, 1, 2)
 # Without a gender word: a noun that carries the age where English has one ("a baby", "a teenager").
 UNGENDERED = {0: (None, "baby"), 1: ("little", "child"), 2: (None, "teenager"), CHILD: (None, "child")}
-RACE_WORDS = {"White": "White", "Black": "Black", "Asian": "Asian", "Indian": "Indian", "Others": None}
 GENDERS = ("Female", "Male")
 TEMPLATES = ("a photo of a {}", "a face of a {}", "a close-up photo of a {}", "a portrait of a {}", "{}",
              "a cropped photo of the face of a {}")
-
-
-def age_group(age: int) -> int:
-    """:data:`AGE_GROUPS` index of an integer age."""
-    return next(i for i, (hi, *_rest) in enumerate(AGE_GROUPS) if age <= hi)
 
 
 def caption_text(template: int, age: int | None, gender: str | None, race: str | None) -> str:

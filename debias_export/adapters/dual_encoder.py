@@ -82,10 +82,15 @@ class DualEncoderAdapter(ModelAdapter):
     """Adapter for ``VisionTextDualEncoderModel`` (CLIP vision tower + BERT text tower)."""
 
     family = "hf_dual_encoder"
+    tiny_name = "tiny-dual-encoder"
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
         _check_towers(model)
         super().__init__(model, source=source, processor=processor)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_dual_encoder(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -35,6 +35,11 @@ class HFCLIPAdapter(ModelAdapter):
     """Adapter for transformers' CLIP classes (full model or single tower with projection)."""
 
     family = "hf_clip"
+    tiny_name = "tiny-clip"
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_clip(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -171,3 +176,22 @@ def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int
     ids = ids[:, :width]
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids.long(), "attention_mask": mask}
+
+
+# ----- tiny builder (tests, offline smoke runs: model spec ``tiny-clip[:seed]``) -----------------------
+def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_size: int = 32, patch: int = 8,
+                     projection: int = 16):
+    """A ``CLIPConfig`` small enough for unit tests; the text tower uses the real CLIP BPE vocabulary."""
+    from transformers import CLIPConfig
+
+    text = dict(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=0, projection_dim=projection)
+    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=image_size, patch_size=patch, projection_dim=projection)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+
+
+def tiny_clip(seed: int = 0, **kwargs):
+    """Adapter around a tiny random ``CLIPModel``."""
+    return HFCLIPAdapter.from_config(tiny_clip_config(**kwargs), seed=seed)

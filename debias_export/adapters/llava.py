@@ -53,6 +53,11 @@ class LlavaAdapter(ModelAdapter):
 
     family = "llava"
     bias_metric = "vla_gender_bias"  # no text tower to retrieve with: yes/no questions about faces instead
+    tiny_name = "tiny-llava"
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_llava(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -66,6 +66,7 @@ class OpenCLIPAdapter(ModelAdapter):
     """Adapter for open_clip ``CLIP`` / ``CustomTextCLIP`` with ViT image and transformer text towers."""
 
     family = "open_clip"
+    tiny_name = "tiny-open-clip"
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None,
                  model_cfg: dict | None = None, tokenizer: Any = None):
@@ -79,6 +80,10 @@ class OpenCLIPAdapter(ModelAdapter):
     @property
     def model_cfg(self) -> dict | None:
         return getattr(self.model, "_debias_open_clip_cfg", None)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_open_clip(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -164,7 +164,6 @@ def _scoped_node_names(path: Path) -> dict[str, str]:
     return out
 
 
-
 def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, threads: int = 1,
                 opt_level: str = "all", patch_modules: list[str] = ()) -> dict[str, Any]:
     """ORT's built-in profiler over ``runs`` calls (after one warm-up): ms per call by op type, and the

@@ -19,6 +19,7 @@ from ..core.errors import DebiasError
 
 DATA_ENV = "DEBIAS_EXPORT_DATA"
 
+
 def default_data_dir() -> Path:
     """The shared data folder: ``$DEBIAS_EXPORT_DATA``, else ``<project root>/../shared/data``."""
     env = os.environ.get(DATA_ENV)

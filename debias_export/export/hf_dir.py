@@ -22,6 +22,7 @@ RUNTIME_FILE = "debias_runtime.py"
 FORMAT = "debias-export-hf/2"  # /2: patches name sites, not module paths
 READABLE_FORMATS = ("debias-export-hf/1", FORMAT)  # /1 records also carry the absolute site name
 
+
 @dataclass(frozen=True)
 class HFDirSpec:
     """How one family's base model is saved and reloaded as a Hugging Face directory."""

@@ -3,26 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..adapters.hf_clip import HFCLIPAdapter
+from ..adapters.hf_clip import tiny_clip, tiny_clip_config  # noqa: F401  (re-exported: tests build models here)
 from ..sae.model import SAEConfig, SparseAutoencoder
-
-
-def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_size: int = 32, patch: int = 8,
-                     projection: int = 16):
-    """A ``CLIPConfig`` small enough for unit tests; the text tower uses the real CLIP BPE vocabulary."""
-    from transformers import CLIPConfig
-
-    text = dict(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=0, projection_dim=projection)
-    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  image_size=image_size, patch_size=patch, projection_dim=projection)
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
-
-
-def tiny_clip(seed: int = 0, **kwargs):
-    """Adapter around a tiny random ``CLIPModel``."""
-    return HFCLIPAdapter.from_config(tiny_clip_config(**kwargs), seed=seed)
 
 
 def random_sae(d_in: int, num_latents: int, seed: int = 0, activation: str = "threshold", k: int | None = 4,

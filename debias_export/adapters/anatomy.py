@@ -121,7 +121,7 @@ def _dual_encoder_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
 
 
 def _open_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
-    from open_clip.transformer import text_global_pool
+    from open_clip.transformer import text_global_pool  # heavy; loaded when the open_clip family is used
 
     m = adapter.model
     if tower == "image":

@@ -20,6 +20,15 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
@@ -39,15 +48,11 @@ _LAYOUT = HF_LAYOUTS["hf_dual_encoder"]
 
 
 def _dual_class():
-    from transformers import VisionTextDualEncoderModel
-
     return VisionTextDualEncoderModel
 
 
 def _check_towers(model: nn.Module) -> None:
     """Only CLIP vision + BERT text towers have the layouts described above."""
-    from transformers import BertModel, CLIPVisionModel
-
     if not isinstance(model.vision_model, CLIPVisionModel):
         raise DebiasError(f"dual-encoder vision tower is {type(model.vision_model).__name__}; family 'hf_dual_encoder' supports CLIPVisionModel")
     if not isinstance(model.text_model, BertModel):
@@ -67,8 +72,6 @@ def minilm_path() -> str:
 
 
 def _load_tokenizer(path: str | None):
-    from transformers import AutoTokenizer
-
     if path is not None:
         try:
             return AutoTokenizer.from_pretrained(path)
@@ -184,8 +187,6 @@ class DualEncoderAdapter(ModelAdapter):
 def tiny_dual_encoder_config(width: int = 32, layers: int = 3):
     """Tiny ``VisionTextDualEncoderConfig``: CLIP ViT (32px, patch 8) + BERT with MiniLM's real vocabulary size,
     so the packaged all-MiniLM-L6-v2 tokenizer tokenizes for it (offline)."""
-    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig
-
     vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                               num_attention_heads=4, image_size=32, patch_size=8)
     text = BertConfig(vocab_size=30522, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,

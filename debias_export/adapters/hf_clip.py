@@ -12,6 +12,14 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torchvision.transforms import v2 as T
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+)
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
@@ -25,8 +33,6 @@ _LAYOUT = HF_LAYOUTS["hf_clip"]
 
 
 def _clip_classes():
-    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
     return CLIPModel, CLIPVisionModelWithProjection, CLIPTextModelWithProjection
 
 
@@ -61,8 +67,6 @@ class HFCLIPAdapter(ModelAdapter):
             raise DebiasError(f"cannot load CLIP model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            from transformers import CLIPProcessor
-
             processor = CLIPProcessor.from_pretrained(spec)
         except Exception:  # noqa: BLE001 - checkpoints without processor files fall back below
             processor = None
@@ -153,8 +157,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_pixel_values(images: Sequence[Any], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """CLIP preprocessing (bicubic resize of the short side, centre crop, normalise) without a processor."""
-    from torchvision.transforms import v2 as T
-
     tf = T.Compose([T.ToImage(), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                     T.CenterCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
     return torch.stack([tf(img.convert("RGB")) for img in images])
@@ -165,7 +167,7 @@ def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int
 
     Pads with 0 after EOS like OpenAI CLIP, so HF's first-EOS pooling and argmax pooling agree.
     """
-    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.tokenizer import SimpleTokenizer  # heavy; loaded when the open_clip family is used
 
     tok = SimpleTokenizer()
     if vocab_size < len(tok.encoder):
@@ -182,8 +184,6 @@ def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int
 def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_size: int = 32, patch: int = 8,
                      projection: int = 16):
     """A ``CLIPConfig`` small enough for unit tests; the text tower uses the real CLIP BPE vocabulary."""
-    from transformers import CLIPConfig
-
     text = dict(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
                 pad_token_id=0, projection_dim=projection)

@@ -27,7 +27,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from ..core.errors import DebiasError, IntegrityError
 from ..core.sites import Site
@@ -42,8 +56,6 @@ MODEL_TYPES = ("llava", "llava_next")
 
 
 def _llava_classes() -> dict[str, type]:
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
     return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
@@ -71,7 +83,6 @@ class LlavaAdapter(ModelAdapter):
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "LlavaAdapter":
         """Load from a hub id or local dir (an exported patched dir comes back with its patches)."""
         refuse_patched_export(spec)
-        from transformers import AutoConfig
 
         try:
             config = AutoConfig.from_pretrained(spec)
@@ -82,8 +93,6 @@ class LlavaAdapter(ModelAdapter):
             raise DebiasError(f"cannot load LLaVA model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            from transformers import AutoProcessor
-
             processor = AutoProcessor.from_pretrained(spec)
         except Exception:  # noqa: BLE001 - weights without processor files still load
             processor = None
@@ -196,8 +205,6 @@ def tiny_llava_config(next_style: bool = False, vocab_size: int = 160, image_tok
                       vision_feature_layer: int | list[int] = -2, select_strategy: str = "default"):
     """LLaVA(-NeXT) config with a 3-block tiny CLIP vision tower (32px, patch 8: 16 patches) and a
     2-layer tiny Llama; the image token lies inside the vocabulary."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
-
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=16)
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -230,9 +237,6 @@ _TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printa
 def tiny_llava_processor(vocab_size: int = 160, image_token_index: int = 159, image_size: int = 32, patch_size: int = 8):
     """``LlavaProcessor`` for tiny LLaVA: one token per character (any English prompt tokenizes, offline,
     and the option letters "A"/"B" are single tokens), ``<image>`` at ``image_token_index``, 32px CLIP images."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS + tuple(_TINY_CHARS))}
     # fill the gap up to the image token so ids are contiguous and match the model's embedding table
     vocab.update({f"[unused{i}]": i for i in range(len(vocab), image_token_index)})
@@ -266,8 +270,6 @@ def base_info(adapter: LlavaAdapter) -> dict[str, Any]:
 
 def load_base(path: Path, info: dict[str, Any] | None = None) -> LlavaAdapter:
     """Stock ``from_pretrained`` of a :func:`save_base` directory (no patches), processor if saved."""
-    from transformers import AutoConfig
-
     path = Path(path)
     info = info or {}
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
@@ -279,8 +281,6 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> LlavaAdapter:
         raise IntegrityError(f"cannot load LLaVA base model from {path}: {str(exc).splitlines()[0]}") from None
     processor = None
     if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
-        from transformers import AutoProcessor
-
         processor = AutoProcessor.from_pretrained(path)
     return LlavaAdapter(model.eval(), source=str(path), processor=processor)
 

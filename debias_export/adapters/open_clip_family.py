@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError
@@ -43,7 +44,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
 def _open_clip():
-    import open_clip
+    import open_clip  # heavy; loaded when the open_clip family is used
 
     return open_clip
 
@@ -89,7 +90,7 @@ class OpenCLIPAdapter(ModelAdapter):
     def matches(cls, model: nn.Module) -> bool:
         if not type(model).__module__.startswith("open_clip"):
             return False  # cheap check first: adapter_for asks every family, open_clip imports slowly
-        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.model import CLIP, CustomTextCLIP  # heavy; loaded when the open_clip family is used
 
         return isinstance(model, (CLIP, CustomTextCLIP))
 
@@ -125,7 +126,7 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def from_config(cls, model_cfg: dict, seed: int = 0) -> "OpenCLIPAdapter":
         """Random-weight model from an open_clip ``model_cfg`` dict (tests, latency work)."""
-        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.model import CLIP, CustomTextCLIP  # heavy; loaded when the open_clip family is used
 
         torch.manual_seed(seed)
         cfg = copy.deepcopy(model_cfg)
@@ -136,7 +137,7 @@ class OpenCLIPAdapter(ModelAdapter):
     # ----- structure ---------------------------------------------------------------------------
     def _text_root(self) -> str | None:
         """Prefix of the text tower's modules ('' for CLIP, 'text.' for CustomTextCLIP), None if unsupported."""
-        from open_clip.transformer import TextTransformer
+        from open_clip.transformer import TextTransformer  # heavy; loaded when the open_clip family is used
 
         if hasattr(self.model, "transformer") and hasattr(self.model, "token_embedding"):
             return ""
@@ -149,7 +150,7 @@ class OpenCLIPAdapter(ModelAdapter):
         return self.model.text if root == "text." else self.model
 
     def towers(self) -> tuple[str, ...]:
-        from open_clip.transformer import VisionTransformer
+        from open_clip.transformer import VisionTransformer  # heavy; loaded when the open_clip family is used
 
         out = []
         if isinstance(getattr(self.model, "visual", None), VisionTransformer):
@@ -221,7 +222,7 @@ class OpenCLIPAdapter(ModelAdapter):
     # ----- inputs ------------------------------------------------------------------------------
     def _preprocess(self):
         if self.processor is None:
-            from open_clip.model import get_model_preprocess_cfg
+            from open_clip.model import get_model_preprocess_cfg  # heavy; loaded when the open_clip family is used
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             cfg = {k: v for k, v in get_model_preprocess_cfg(self.model).items()
@@ -249,7 +250,7 @@ class OpenCLIPAdapter(ModelAdapter):
         ``attention_mask`` marks tokens up to the pooled one; the model itself takes no mask
         (causal attention keeps padding from reaching the EOT token)."""
         if self.tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
+            from open_clip.tokenizer import SimpleTokenizer  # heavy; loaded when the open_clip family is used
 
             self.tokenizer = SimpleTokenizer(context_length=self.model.context_length)
         ids = self.tokenizer(list(texts)).long()
@@ -302,8 +303,7 @@ def save_base(adapter: OpenCLIPAdapter, out: Path) -> None:
     """Write the (unpatched) model in open_clip's ``local-dir`` layout: ``open_clip_config.json`` +
     ``open_clip_model.safetensors``, so ``open_clip.create_model("local-dir:OUT")`` loads the base model.
     (open_clip prefers ``open_clip_model.safetensors`` over other ``*.safetensors`` in the dir.)"""
-    from open_clip.model import get_model_preprocess_cfg
-    from safetensors.torch import save_file
+    from open_clip.model import get_model_preprocess_cfg  # heavy; loaded when the open_clip family is used
 
     cfg = adapter.model_cfg
     if cfg is None:

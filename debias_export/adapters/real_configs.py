@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+
 from ..core.errors import DebiasError
 from .hf_clip import HFCLIPAdapter
 
@@ -55,8 +57,6 @@ CONFIGS = {"clip-vit-base-patch16": CLIP_VIT_B16, "clip-vit-large-patch14-336": 
 
 def clip_config(name: str):
     """``CLIPConfig`` for a named real CLIP architecture."""
-    from transformers import CLIPConfig
-
     if name not in CONFIGS or name.startswith("llava"):
         raise DebiasError(f"unknown CLIP architecture {name!r}; known: clip-vit-base-patch16, clip-vit-large-patch14-336")
     cfg = CONFIGS[name]
@@ -65,8 +65,6 @@ def clip_config(name: str):
 
 def random_clip(name: str, tower: str | None = None, seed: int = 0):
     """Adapter around a random-weight real-size CLIP (``tower`` = "image"/"text" builds only that tower)."""
-    from transformers import CLIPTextConfig, CLIPVisionConfig
-
     cfg = clip_config(name)
     if tower == "image":
         cfg = CLIPVisionConfig(**cfg.vision_config.to_dict())

@@ -83,7 +83,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per tower x runtime x dtype: median latency vs batch (p10-p90 band) on top, the paired
     patched/unmodified ratio (median, p10-p90 bars) below, where a 1% difference is visible."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,10 +7,15 @@ Runtimes: ``torch`` (eager, CPU), ``torch-cuda``, ``ort`` (onnxruntime CPU EP) a
 """
 from __future__ import annotations
 
+import ast
+import json
 import os
+import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from ..adapters import ModelAdapter
@@ -25,7 +30,7 @@ RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 def ort_session(path: Path, device: str = "cpu", threads: int = 1, opt_level: str = "all",
                 profile_prefix: str | None = None):
     """onnxruntime session with fixed intra-op threads (recorded) and graph optimisation level."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -46,7 +51,7 @@ def available_runtimes() -> dict[str, str | None]:
     """Each runtime -> ``None`` when usable here, else the reason it is skipped."""
     out: dict[str, str | None] = {"torch": None}
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
         ort_ok, cuda_ep = True, "CUDAExecutionProvider" in ort.get_available_providers()
     except ImportError:
@@ -150,10 +155,6 @@ def _scoped_node_names(path: Path) -> dict[str, str]:
     The dynamo exporter names nodes ``node_<Op>_<n>`` and records each node's module path in its
     ``pkg.torch.onnx.name_scopes`` metadata; the TorchScript exporter puts the scope in the name itself.
     """
-    import ast
-
-    import onnx
-
     out = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
@@ -171,9 +172,6 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
     ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the same runs*, so unlike
     comparing two timed sessions it is insensitive to load drift.
     """
-    import json
-    import tempfile
-
     # the edit runs as a hook-called child named ``debias_edit``: its nodes carry that scope in their names
     # (TorchScript puts it under the block list's scope, so every patched site shares it)
     scope = f"/{EDIT_ATTR}/"
@@ -206,8 +204,6 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
 
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, core count, library versions and thread settings for the result JSON."""
-    import platform
-
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -220,7 +216,7 @@ def machine_info(threads: int) -> dict[str, Any]:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
-        import onnxruntime
+        import onnxruntime  # optional extra ([cpu] / [gpu]): only to run graphs
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from ..adapters import ModelAdapter
 from ..adapters.llava import LlavaAdapter
@@ -51,8 +52,6 @@ def random_llava_vision(seed: int = 0) -> ModelAdapter:
     """LLaVA-1.5-7B's image path with random weights: real ViT-L/14-336 tower read at layer -2 and the
     real 1024->4096->4096 projector; the Llama LM is cut to 0 layers and a 64-token vocabulary because
     ``embed("image")`` (what the LM receives) never runs it and 7B weights do not fit this machine."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
     vision = {k: v for k, v in LLAVA_15_7B["vision_config"].items() if k != "model_type"}
     t = LLAVA_15_7B["text_config"]
     text = LlamaConfig(vocab_size=64, hidden_size=t["hidden_size"], intermediate_size=16, num_hidden_layers=0,

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save
+from tqdm import tqdm
 
 from ..adapters.base import ModelAdapter
 from ..core.errors import DebiasError
@@ -155,8 +157,6 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
 
 
 def _progress_bar(total: int, initial: int, tower: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, unit="img" if tower == "image" else "prompt", disable=not enabled,
                 file=sys.stderr, desc="capture", dynamic_ncols=True)
 
@@ -196,7 +196,6 @@ def _capture_shard(adapter, module, tower, source, out: Path, s: int, lo: int, h
     for name in ("activations", "mean_activations", "output_activations"):
         if name in tensors:
             tensors[name] = tensors[name].to(dtype).contiguous()
-    from safetensors.torch import save
 
     name = f"shard-{s:05d}"
     rows_bytes = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()

@@ -34,7 +34,7 @@ class ValidationError(DebiasError):
 
 def check_finite(name: str, tensor) -> None:
     """Raise when a tensor holds NaN or Inf (merged/folded weights must stay finite)."""
-    import torch
+    import torch  # core/ stays torch-free: the CLI imports it at --help
 
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise DebiasError(f"{name} contains NaN or Inf values")

@@ -15,6 +15,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
 from ..core.errors import DebiasError
 
 DATA_ENV = "DEBIAS_EXPORT_DATA"
@@ -116,9 +119,6 @@ def to_rgb(img: Any, source: Any = "image") -> Any:
     would saturate every value above 255 (99.6% of a natural 16-bit image). 32-bit integer and float
     images have no known range and are refused.
     """
-    import numpy as np
-    from PIL import Image
-
     mode = img.mode
     if mode in _WIDE_GRAY_MODES or (mode == "I" and getattr(img, "format", None) == "PNG"):
         arr = np.asarray(img).astype(np.uint32)  # PNG stores at most 16 bits per sample
@@ -133,8 +133,6 @@ def to_rgb(img: Any, source: Any = "image") -> Any:
 
 def load_rgb(path: str | os.PathLike) -> Any:
     """Open an image file as 8-bit RGB (see :func:`to_rgb`); an unreadable file is one error naming it."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             return to_rgb(img, path)  # converting forces the full decode inside the try

@@ -202,7 +202,7 @@ def markdown_llava(result: Any) -> str:
 
 def plot_llava_sweep(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Disproportion rate and mean |P(yes) - 0.5| vs alpha, with the answer shift beside them."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

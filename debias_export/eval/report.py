@@ -92,7 +92,7 @@ def markdown_sweep(rows: list[dict]) -> str:
 
 def plot_sweep(rows: list[dict], path: str | Path) -> None:
     """MaxSkew vs alpha, utility vs alpha and the MaxSkew/utility trade-off curve."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,7 +121,7 @@ def plot_sweep(rows: list[dict], path: str | Path) -> None:
 
 def plot_skew_bars(res: dict, path: str | Path) -> None:
     """MaxSkew per prompt set and attribute, with the shuffled-label noise floor when present."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

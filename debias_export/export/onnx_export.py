@@ -22,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import onnx
 import torch
 from torch import nn
 
@@ -190,8 +191,6 @@ def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
     shapes would happen to pass. The TorchScript tracers label every axis they were told is dynamic,
     frozen or not: for them only validation on other shapes (:data:`VALIDATION_SHAPES`) tells.
     """
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     values = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
     for name, axes in {**spec.inputs, **spec.outputs}.items():
@@ -209,8 +208,6 @@ def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
 
 def graph_ops(path: Path) -> tuple[dict[str, int], int]:
     """Op-type counts of a graph (custom domains -> ValidationError) and its opset."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     if custom:
@@ -221,7 +218,7 @@ def graph_ops(path: Path) -> tuple[dict[str, int], int]:
 
 def providers() -> list[str]:
     """onnxruntime providers to validate on: CUDA when available, always CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
@@ -235,7 +232,7 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
     Also records ``edit_effect``: how far the patched PyTorch output is from the unpatched one, so a
     report shows the graph carries an edit that matters (parity + effect > atol => edit present).
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     module = module if module is not None else spec.build(adapter)
     handle = current_patch(adapter.model)

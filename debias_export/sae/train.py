@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError, ShapeError
 from ..core.fileio import apply_default_modes
@@ -120,8 +121,6 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
     checkpoint) for time-limited jobs. Same data + seed give byte-identical weights on the same machine and
     library versions (another CPU may round differently: equal up to float rounding there).
     """
-    from tqdm.auto import tqdm
-
     source = _as_source(activations)
     trainer = MatryoshkaTrainer(cfg)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None

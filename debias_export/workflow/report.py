@@ -79,7 +79,7 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe) -> Pat
 
 
 def _plot_sweeps(summaries: list[dict[str, Any]], path: Path, prompt_set: str = "occupations") -> None:
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

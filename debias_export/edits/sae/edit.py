@@ -10,7 +10,7 @@ Top-k SAEs need the full encode to know whether ``s`` made the top k.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -85,8 +85,6 @@ class SAEEdit(EditConfig):
 
     # ----- serialisation -----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
         return {"site": self.site, "neurons": self.neurons, "value": self.value, "alpha": self.alpha,
                 "mode": self.mode, "prune": self.prune, "model": self.model, "provenance": self.provenance,
                 "sae_config": asdict(self.sae.cfg)}

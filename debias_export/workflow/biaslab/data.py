@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from ...core.errors import DebiasError
 from ...data.captions import RACE_WORDS, age_group
@@ -86,9 +88,6 @@ def label_tensor(rows: list[dict]) -> torch.Tensor:
 
 def preload_images(paths: list[str], size: int, cache_file: Path | None = None) -> torch.Tensor:
     """Decode + bicubic-resize every image once into a uint8 ``[N, 3, size, size]`` tensor (cached on disk)."""
-    from PIL import Image
-    from safetensors.torch import load_file, save_file
-
     if cache_file is not None and cache_file.is_file():
         t = load_file(str(cache_file))["images"]
         if t.shape[0] == len(paths) and t.shape[-1] == size:

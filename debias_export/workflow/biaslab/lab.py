@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
+from transformers import __version__ as tf_version
 
 from ...adapters.dual_encoder import DualEncoderAdapter, minilm_path
 from ...core.errors import DebiasError, IntegrityError
@@ -82,8 +84,6 @@ def load_lab(folder: str | Path = ASSETS, weights_file: str = WEIGHTS):
 
     ``weights_file``: another trained-parts file in ``folder`` (e.g. :data:`WEIGHTS_FP32` of a retrained lab).
     """
-    from transformers import AutoTokenizer
-
     folder = Path(folder)
     recipe = read_recipe(folder)
     settings = BiasLabSettings.from_dict(recipe["settings"])
@@ -125,9 +125,6 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
     metrics and the weights file describe the same model. ``val_every``: also record validation metrics every
     so many epochs (a learning curve; it draws no random numbers, so the weights do not change).
     """
-    from transformers import AutoTokenizer
-    from transformers import __version__ as tf_version
-
     t0 = time.time()
     rows = load_utkface(data_dir)
     train_rows, val_rows = split_utkface(rows, settings.val_mod)

@@ -11,7 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import (
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
 
 from ...adapters.dual_encoder import minilm_path
 from ...core.errors import DebiasError, IntegrityError
@@ -22,8 +31,6 @@ HEAD_KEYS = ("visual_projection.weight", "text_projection.weight", "logit_scale"
 
 
 def vision_config(settings: BiasLabSettings):
-    from transformers import CLIPVisionConfig
-
     cfg = CLIPVisionConfig(hidden_size=settings.width, intermediate_size=settings.mlp, num_hidden_layers=settings.layers,
                            num_attention_heads=settings.heads, image_size=settings.image_size,
                            patch_size=settings.patch_size, projection_dim=settings.projection_dim)
@@ -36,8 +43,6 @@ def build_model(settings: BiasLabSettings, init: bool = True):
 
     ``init=False`` skips the seeded initialisation (the weights are about to be loaded).
     """
-    from transformers import BertModel, CLIPVisionModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
-
     torch.manual_seed(settings.seed)
     vcfg = vision_config(settings)
     text = BertModel.from_pretrained(minilm_path(), attn_implementation="eager")
@@ -121,16 +126,11 @@ def load_trained_state(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
 
 def save_trained(model: nn.Module, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> None:
     """Write the trained parts as safetensors (fp16 by default: half the size; loading upcasts)."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.to(dtype).contiguous() for k, v in trained_state_dict(model).items()}
     save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
 def read_trained(path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ...adapters.hf_clip import CLIP_MEAN, CLIP_STD
 from ...analysis.metrics import recall_at_k
@@ -244,6 +245,4 @@ class deterministic:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, disable=not enabled, desc="bias-lab", unit="step", mininterval=5)

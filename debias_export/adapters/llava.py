@@ -17,7 +17,7 @@ CLS), so there is no output-position pruning.
 ``[B, 3, H, W]``; with ``image_sizes`` (NeXT anyres input ``[B, tiles, 3, H, W]``) the per-image
 packed features (unpadded, with newline tokens) concatenated into ``[sum_i N_i, d_lm]``.
 
-Export plugs into :mod:`debias_export.export` (:func:`register_export`): ``save_pretrained`` of the
+Export (specs: :mod:`debias_export.export.families.llava`, built on :func:`save_base` / :func:`load_base`): ``save_pretrained`` of the
 base model + patch files + remote code (``AutoModelForImageTextToText``), and one ONNX graph
 ``vision_features`` (pixel_values -> image_features: patched vision tower + projector).
 """

@@ -13,8 +13,8 @@ static 0; ``last`` and CoCa-style appended CLS -> every token. Rules run on ``to
 input (the token ids), the first module the text tower calls. open_clip 3.x blocks run
 batch-first ``[B, L, D]``; a seq-first stack disables pruning (the runtime indexes dim 1).
 
-Export plugs into :mod:`debias_export.export` (:func:`register_export`): the HF-style directory holds
-open_clip's own ``local-dir`` layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
+Export (specs: :mod:`debias_export.export.families.open_clip`, built on :func:`save_base` / :func:`load_base`):
+the HF-style directory holds open_clip's own ``local-dir`` layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
 base weights only, so ``open_clip.create_model("local-dir:DIR")`` loads the unpatched model) next to
 the machinery's ``debias_config.json`` / ``debias_patches.safetensors``; ONNX graphs are
 ``image_encoder`` (pixel_values -> image_embeds) and ``text_encoder`` (input_ids -> text_embeds).

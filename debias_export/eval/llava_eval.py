@@ -153,13 +153,6 @@ def recipe_eval(recipe: Any, adapter: Any, make_edit: Callable[[float], Any], ou
 
 
 # ----- reports -----------------------------------------------------------------------------------
-def is_llava_result(result: Any) -> bool:
-    """Whether ``result`` came from this module (evaluate / compare / sweep)."""
-    if isinstance(result, list):
-        return bool(result) and result[0].get("metric") == METRIC
-    return isinstance(result, dict) and result.get("metric") == METRIC
-
-
 def _f(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 

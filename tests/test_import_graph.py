@@ -167,3 +167,30 @@ def test_the_graph_builder_sees_cycles_and_nested_imports(tmp_path, monkeypatch)
     graph, nested = build_graph()
     assert find_cycles(graph) == [[f"{PACKAGE}.a", f"{PACKAGE}.b"]]
     assert nested == [(f"{PACKAGE}.b", f"{PACKAGE}.a", 2)]
+
+
+# The layers of docs/ARCHITECTURE.md, bottom first: a module may import its own layer or any layer below.
+LAYERS = [("core", "runtime"), ("adapters",), ("data",), ("sae",), ("capture",), ("analysis",), ("edits",), ("export",),
+          ("eval", "bench"), ("workflow",), ("cli",)]
+
+
+def layer_of(module: str) -> int | None:
+    """Index in ``LAYERS`` of a module (None for the package's own ``__init__``, which only re-exports lazily)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return None
+    return next(i for i, names in enumerate(LAYERS) if parts[1] in names)
+
+
+def test_every_import_points_down_the_layers():
+    graph, _ = build_graph()
+    up = [f"{mod} -> {dep}" for mod, deps in sorted(graph.items()) for dep in sorted(deps)
+          if layer_of(mod) is not None and layer_of(dep) is not None and layer_of(dep) > layer_of(mod)]
+    same = [f"{mod} -> {dep}" for mod, deps in sorted(graph.items()) for dep in sorted(deps)
+            if layer_of(mod) is not None and layer_of(mod) == layer_of(dep) and mod.split(".")[1] != dep.split(".")[1]]
+    assert not up, "imports pointing up the layers:\n" + "\n".join(up)
+    assert not same, "imports between sibling packages of one layer:\n" + "\n".join(same)
+
+
+def test_every_package_module_has_a_layer():
+    assert all(layer_of(m) is not None for m in package_modules() if m != PACKAGE)

@@ -3,7 +3,7 @@
 ``locate`` (layer curves, component attribution) and projection folding need more than the adapter
 interface: the modules that write the residual stream, and a *readout* that turns a block's output
 tokens into the tower's output the way the tower's own tail does (a logit lens for encoders). Each
-family registers a builder in :data:`FAMILY_PARTS`:
+family's module registers a builder with :func:`register_tower_parts`; what each one reads:
 
 - ``hf_clip``: pre-LN blocks; writes ``self_attn.out_proj`` (input = concatenated heads) and ``mlp.fc2``;
   readout = final norm + projection at CLS (image) / EOS (text). Text embedding writers
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import ConfigError, DebiasError
-from . import ModelAdapter
+from .base import ModelAdapter
 
 Readout = Callable[[torch.Tensor, dict], torch.Tensor]  # (block-output tokens [B, T, d], batch inputs) -> [B, p]
 
@@ -65,118 +65,35 @@ class TowerParts:
         return self.mlp_write or self.mlp_out
 
 
-def _gather(index_fn: Callable[[dict], torch.Tensor]) -> Readout:
+def gather(index_fn: Callable[[dict], torch.Tensor]) -> Readout:
     def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
         pos = index_fn(batch).to(tokens.device)
         return tokens[torch.arange(tokens.shape[0], device=tokens.device), pos]
     return pool
 
 
-def _linear_tail(adapter: ModelAdapter, tower: str, norm: str, proj: str) -> tuple[Readout, Readout]:
+def linear_tail(adapter: ModelAdapter, tower: str, norm: str, proj: str) -> tuple[Readout, Readout]:
     m = adapter.model
-    pool = _gather(lambda batch: adapter.output_token_index(tower, batch))
+    pool = gather(lambda batch: adapter.output_token_index(tower, batch))
     return (lambda tokens, batch: m.get_submodule(proj)(m.get_submodule(norm)(pool(tokens, batch)))), pool
 
 
-def _vit_root(adapter: ModelAdapter, tower: str) -> str:
+def vit_root(adapter: ModelAdapter, tower: str) -> str:
     """Path of the CLIP vision transformer (holder of ``encoder``), on either transformers major."""
     return adapter.blocks_path(tower).removesuffix(".encoder.layers")
 
 
-def _clip_vit_parts(adapter: ModelAdapter, tower: str, num_heads: int) -> TowerParts:
-    root = _vit_root(adapter, tower)
+def clip_vit_parts(adapter: ModelAdapter, tower: str, num_heads: int) -> TowerParts:
+    root = vit_root(adapter, tower)
     norm, proj = f"{root}.post_layernorm", "visual_projection"
-    readout, pool = _linear_tail(adapter, tower, norm, proj)
+    readout, pool = linear_tail(adapter, tower, norm, proj)
     return TowerParts("self_attn.out_proj", "mlp.fc2", num_heads, readout, pool, final_norm=norm, projection=proj,
                       stream_start=f"{root}.pre_layrnorm")
 
 
-def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
-    cfg = adapter.model.config
-    if hasattr(cfg, "vision_config"):
-        cfg = cfg.vision_config if tower == "image" else cfg.text_config
-    if tower == "image":
-        return _clip_vit_parts(adapter, tower, int(cfg.num_attention_heads))
-    norm, proj, emb = "text_model.final_layer_norm", "text_projection", "text_model.embeddings"
-    readout, pool = _linear_tail(adapter, tower, norm, proj)
-    return TowerParts("self_attn.out_proj", "mlp.fc2", int(cfg.num_attention_heads), readout, pool, final_norm=norm,
-                      projection=proj, embedding_writers=(f"{emb}.token_embedding", f"{emb}.position_embedding"))
-
-
-def _dual_encoder_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
-    cfg = adapter.model.config
-    if tower == "image":
-        return _clip_vit_parts(adapter, tower, int(cfg.vision_config.num_attention_heads))
-    m = adapter.model
-    pool = _gather(lambda batch: adapter.output_token_index(tower, batch))
-    pooler = m.text_model.pooler
-    if pooler is None:
-        raise DebiasError("this dual encoder's BERT text tower has no pooler; VisionTextDualEncoderModel reads pooler_output")
-
-    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-        return m.text_projection(pooler.activation(pooler.dense(pool(tokens, batch))))
-
-    return TowerParts("attention.output.dense", "output.dense", int(cfg.text_config.num_attention_heads), readout, pool,
-                      projection="text_projection", sum_of_writes=False)
-
-
-def _open_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
-    from open_clip.transformer import text_global_pool  # heavy; loaded when the open_clip family is used
-
-    m = adapter.model
-    if tower == "image":
-        v = m.visual
-
-        def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-            pooled, _ = v._pool(tokens)
-            return pooled @ v.proj if v.proj is not None else pooled
-
-        def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-            if v.attn_pool is None and v.pool_type == "tok":
-                return tokens[:, 0]
-            return tokens[:, 1:].mean(1) if v.pool_type == "avg" else tokens.mean(1)
-
-        return TowerParts("attn.out_proj", "mlp.c_proj", 0, readout, pool, attn_write="ls_1", mlp_write="ls_2",
-                          stream_start="visual.ln_pre")
-    text = m.text if adapter._text_root() == "text." else m
-    if getattr(text, "cls_emb", None) is not None:
-        raise DebiasError("open_clip text towers with an appended CLS (CoCa) are not supported by locate")
-    pool_type = text.text_pool_type if text is m else text.pool_type
-    eos = getattr(text, "text_eos_id" if text is m else "eos_id", None)
-
-    def text_readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-        x = text_global_pool(text.ln_final(tokens), batch["input_ids"].to(tokens.device), pool_type=pool_type, eos_token_id=eos)
-        proj = text.text_projection
-        if proj is None:
-            return x
-        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-
-    root = adapter._text_root()
-    return TowerParts("attn.out_proj", "mlp.c_proj", 0, text_readout, _gather(lambda b: adapter.output_token_index("text", b)),
-                      attn_write="ls_1", mlp_write="ls_2", embedding_writers=(f"{root}token_embedding",),
-                      stream_start=f"{root}positional_embedding")  # a Parameter, not an Embedding: not folded
-
-
-def _llava_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
-    m = adapter.model
-    if len(adapter.feature_layers()) != 1:
-        raise DebiasError("locate reads one vision layer; this LLaVA concatenates several (vision_feature_layer is a list)")
-    drop_cls = m.config.vision_feature_select_strategy == "default"
-    projector = m.model.multi_modal_projector
-
-    def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-        return (tokens[:, 1:] if drop_cls else tokens).mean(1)
-
-    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
-        # the projector is non-linear (Linear-GELU-Linear): project every token, then average
-        return projector(tokens[:, 1:] if drop_cls else tokens).mean(1)
-
-    return TowerParts("self_attn.out_proj", "mlp.fc2", int(adapter.vision_config.num_attention_heads), readout, pool,
-                      stream_start=f"{_vit_root(adapter, tower)}.pre_layrnorm", retrieval=False)
-
-
-FAMILY_PARTS: dict[str, Callable[[ModelAdapter, str], TowerParts]] = {
-    "hf_clip": _hf_clip_parts, "hf_dual_encoder": _dual_encoder_parts, "open_clip": _open_clip_parts, "llava": _llava_parts}
+# family -> builder; each family's module registers its own (register_tower_parts) when it is imported, which
+# it is before any adapter of the family exists.
+FAMILY_PARTS: dict[str, Callable[[ModelAdapter, str], TowerParts]] = {}
 
 
 def register_tower_parts(family: str, fn: Callable[[ModelAdapter, str], TowerParts]) -> None:

@@ -33,6 +33,7 @@ from transformers import (
 from ..core.errors import DebiasError
 from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
+from .anatomy import TowerParts, clip_vit_parts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions
 from .hf_clip import clip_pixel_values
 from .registry import register_adapter
@@ -215,3 +216,24 @@ def base_info(adapter: "DualEncoderAdapter") -> dict[str, Any]:
 
 def load_base(path: Path, info: dict[str, Any]) -> "DualEncoderAdapter":
     return DualEncoderAdapter.load(str(path))
+
+
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _dual_encoder_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    cfg = adapter.model.config
+    if tower == "image":
+        return clip_vit_parts(adapter, tower, int(cfg.vision_config.num_attention_heads))
+    m = adapter.model
+    pool = gather(lambda batch: adapter.output_token_index(tower, batch))
+    pooler = m.text_model.pooler
+    if pooler is None:
+        raise DebiasError("this dual encoder's BERT text tower has no pooler; VisionTextDualEncoderModel reads pooler_output")
+
+    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        return m.text_projection(pooler.activation(pooler.dense(pool(tokens, batch))))
+
+    return TowerParts("attention.output.dense", "output.dense", int(cfg.text_config.num_attention_heads), readout, pool,
+                      projection="text_projection", sum_of_writes=False)
+
+
+register_tower_parts("hf_dual_encoder", _dual_encoder_parts)

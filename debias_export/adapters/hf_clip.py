@@ -25,6 +25,7 @@ from ..core.errors import DebiasError
 from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
+from .anatomy import TowerParts, clip_vit_parts, linear_tail, register_tower_parts
 from .base import ModelAdapter, OutputPositions
 from .registry import register_adapter
 from .transformers_compat import pooled, quiet_transformers, seeded_init_
@@ -195,3 +196,19 @@ def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_si
 def tiny_clip(seed: int = 0, **kwargs):
     """Adapter around a tiny random ``CLIPModel``."""
     return HFCLIPAdapter.from_config(tiny_clip_config(**kwargs), seed=seed)
+
+
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    cfg = adapter.model.config
+    if hasattr(cfg, "vision_config"):
+        cfg = cfg.vision_config if tower == "image" else cfg.text_config
+    if tower == "image":
+        return clip_vit_parts(adapter, tower, int(cfg.num_attention_heads))
+    norm, proj, emb = "text_model.final_layer_norm", "text_projection", "text_model.embeddings"
+    readout, pool = linear_tail(adapter, tower, norm, proj)
+    return TowerParts("self_attn.out_proj", "mlp.fc2", int(cfg.num_attention_heads), readout, pool, final_norm=norm,
+                      projection=proj, embedding_writers=(f"{emb}.token_embedding", f"{emb}.position_embedding"))
+
+
+register_tower_parts("hf_clip", _hf_clip_parts)

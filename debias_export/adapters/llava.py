@@ -46,6 +46,7 @@ from transformers import (
 from ..core.errors import DebiasError, IntegrityError
 from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
+from .anatomy import TowerParts, register_tower_parts, vit_root
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
 from .hf_clip import clip_pixel_values
 from .registry import register_adapter
@@ -309,3 +310,25 @@ class LlavaImageFeatures(nn.Module):
         if self.drop_cls:
             feats = feats[:, 1:]
         return {"image_features": self.projector(feats)}
+
+
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _llava_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    m = adapter.model
+    if len(adapter.feature_layers()) != 1:
+        raise DebiasError("locate reads one vision layer; this LLaVA concatenates several (vision_feature_layer is a list)")
+    drop_cls = m.config.vision_feature_select_strategy == "default"
+    projector = m.model.multi_modal_projector
+
+    def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        return (tokens[:, 1:] if drop_cls else tokens).mean(1)
+
+    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        # the projector is non-linear (Linear-GELU-Linear): project every token, then average
+        return projector(tokens[:, 1:] if drop_cls else tokens).mean(1)
+
+    return TowerParts("self_attn.out_proj", "mlp.fc2", int(adapter.vision_config.num_attention_heads), readout, pool,
+                      stream_start=f"{vit_root(adapter, tower)}.pre_layrnorm", retrieval=False)
+
+
+register_tower_parts("llava", _llava_parts)

@@ -35,6 +35,7 @@ from torch import nn
 from ..core.errors import ConfigError, DebiasError, IntegrityError
 from ..core.sites import Site
 from ..runtime import SiteEdit, ids_argmax
+from .anatomy import TowerParts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
 from .registry import register_adapter
 
@@ -338,3 +339,44 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> OpenCLIPAdapter
     except (RuntimeError, ValueError, OSError) as exc:
         raise IntegrityError(f"cannot load open_clip weights from {path}: {str(exc).splitlines()[0]}") from None
     return OpenCLIPAdapter(model.eval(), source=str(path), processor=preprocess, model_cfg=cfg)
+
+
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _open_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    from open_clip.transformer import text_global_pool  # heavy; loaded when the open_clip family is used
+
+    m = adapter.model
+    if tower == "image":
+        v = m.visual
+
+        def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+            pooled, _ = v._pool(tokens)
+            return pooled @ v.proj if v.proj is not None else pooled
+
+        def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+            if v.attn_pool is None and v.pool_type == "tok":
+                return tokens[:, 0]
+            return tokens[:, 1:].mean(1) if v.pool_type == "avg" else tokens.mean(1)
+
+        return TowerParts("attn.out_proj", "mlp.c_proj", 0, readout, pool, attn_write="ls_1", mlp_write="ls_2",
+                          stream_start="visual.ln_pre")
+    text = m.text if adapter._text_root() == "text." else m
+    if getattr(text, "cls_emb", None) is not None:
+        raise DebiasError("open_clip text towers with an appended CLS (CoCa) are not supported by locate")
+    pool_type = text.text_pool_type if text is m else text.pool_type
+    eos = getattr(text, "text_eos_id" if text is m else "eos_id", None)
+
+    def text_readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        x = text_global_pool(text.ln_final(tokens), batch["input_ids"].to(tokens.device), pool_type=pool_type, eos_token_id=eos)
+        proj = text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+    root = adapter._text_root()
+    return TowerParts("attn.out_proj", "mlp.c_proj", 0, text_readout, gather(lambda b: adapter.output_token_index("text", b)),
+                      attn_write="ls_1", mlp_write="ls_2", embedding_writers=(f"{root}token_embedding",),
+                      stream_start=f"{root}positional_embedding")  # a Parameter, not an Embedding: not folded
+
+
+register_tower_parts("open_clip", _open_clip_parts)

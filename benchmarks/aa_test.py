@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from debias_export.bench import PatchSet, run_benchmark
     from debias_export.bench.report import write_report
-    from debias_export.real_configs import random_clip
+    from debias_export.adapters.real_configs import random_clip
 
     adapter = random_clip(a.arch, tower=a.tower)
     for order in a.orders.split(","):

@@ -3,7 +3,7 @@
 Random weights (``arch:clip-vit-base-patch16``); one SAE edit at the last block of the tower (random
 SAE, F = 8*d, 5 neurons, a = 0.6, reconstruct mode: the same synthetic edit as ``bench --random-sae``).
 For each tower, both exporters write the unmodified and the patched graph through the package's own
-export path (``bench.runners.export_variants`` -> ``export.export_graph``; traced at batch 2, text
+export path (``bench.towers.export_variants`` -> ``export.export_graph``; traced at batch 2, text
 padded to the 77-token context), then:
 
 * exporter, opset, ONNX node count (as saved and after onnxruntime's ``all`` optimisations), file size,
@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from debias_export.adapters.specs import load_model_spec
-from debias_export.bench.runners import (PatchSet, VariantSwitch, bench_inputs, export_variants, machine_info,
-                                         ort_profile, ort_session)
+from debias_export.workflow.model_specs import load_model_spec
+from debias_export.bench.patchsets import PatchSet, VariantSwitch
+from debias_export.bench.runners import machine_info, ort_profile, ort_session
+from debias_export.bench.towers import bench_inputs, export_variants
 from debias_export.bench.timing import paired_ratios, summarize, time_interleaved
 from debias_export.cli.bench import random_sae_edits
 from debias_export.export.onnx_export import DEFAULT_OPSET, exporter_info, graph_ops

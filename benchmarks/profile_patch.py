@@ -34,14 +34,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from debias_export.bench.runners import (PatchSet, VariantSwitch, bench_inputs, export_variants, machine_info,
-                                             ort_profile)
+    from debias_export.bench.patchsets import PatchSet, VariantSwitch
+    from debias_export.bench.runners import machine_info, ort_profile
+    from debias_export.bench.towers import bench_inputs, export_variants
     from debias_export.cli.bench import random_sae_edits
-    from debias_export.real_configs import random_clip
+    from debias_export.adapters.real_configs import random_clip
 
     torch.set_num_threads(a.threads)
     if a.arch == "llava-1.5-7b":
-        from debias_export.bench.runners import random_llava_vision
+        from debias_export.bench.towers import random_llava_vision
 
         adapter = random_llava_vision()
     else:

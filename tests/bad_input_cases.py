@@ -19,16 +19,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
-from debias_export.adapters.base import adapter_for, load_adapter
-from debias_export.errors import ConfigError, IntegrityError, ShapeError
+from debias_export.adapters import adapter_for, load_adapter
+from debias_export.core.errors import ConfigError, IntegrityError, ShapeError
 from debias_export.export import export_onnx, export_patched, load_patched
 from debias_export.sae.importers import load_any
 from debias_export.sae.model import SparseAutoencoder
-from debias_export.data import read_csv_table, to_rgb
+from debias_export.data.datasets import read_csv_table, to_rgb
 from debias_export.export.manifest import find_artifacts
-from debias_export.recipe import load_recipe
+from debias_export.workflow.recipe import load_recipe
 from debias_export.sae.train import TrainConfig
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -623,7 +623,7 @@ def _blank_labels_locate(t: Path, w: Path, cli) -> None:
 
 
 def _png16_capture(t: Path, w: Path, cli) -> None:
-    from debias_export.data import LabelledImages
+    from debias_export.data.datasets import LabelledImages
 
     values = np.random.default_rng(0).integers(0, 65536, (32, 32))
     png16(t / "deep.png", values)
@@ -650,7 +650,7 @@ def small_vocab_clip(t: Path, eos: int) -> str:
     """A tiny CLIP saved to ``t/m`` whose 99-token text vocabulary keeps CLIP's default BOS 49406 (and ``eos``)."""
     from debias_export.adapters.hf_clip import HFCLIPAdapter
     from debias_export.adapters.transformers_compat import save_pretrained_portable
-    from debias_export.testing import tiny_clip_config
+    from debias_export.workflow.testing import tiny_clip_config
 
     cfg = tiny_clip_config()
     cfg.text_config.vocab_size, cfg.text_config.eos_token_id = 99, eos

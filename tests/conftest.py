@@ -22,7 +22,7 @@ SHARED_DATA = os.environ.get("DEBIAS_EXPORT_DATA", os.path.join(os.path.dirname(
 
 @pytest.fixture
 def clip():
-    from debias_export.testing import tiny_clip
+    from debias_export.workflow.testing import tiny_clip
 
     return tiny_clip(seed=0)
 

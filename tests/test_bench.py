@@ -9,9 +9,9 @@ from torch import nn
 from debias_export import SAEEdit, apply_edits
 from debias_export.bench import BASELINE, PatchSet, run_benchmark
 from debias_export.bench.flops import onnx_flops, torch_flops
-from debias_export.bench.runners import VariantSwitch, export_tower_onnx
+from debias_export.bench.patchsets import VariantSwitch
 from debias_export.bench.timing import interleaved_schedule, paired_ratios, quantile, summarize, time_interleaved
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 
 class FakeClock:

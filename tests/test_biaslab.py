@@ -8,14 +8,16 @@ import shutil
 import pytest
 import torch
 
-from debias_export import biaslab
-from debias_export.biaslab import (CHILD, BiasLabSettings, caption_index, caption_table, caption_text, consistent,
-                                   ensure_trained, read_recipe, sample_captions)
-from debias_export.biaslab import lab as lab_mod
-from debias_export.biaslab.data import is_validation, load_utkface, rows_fingerprint, split_utkface, subsample
-from debias_export.biaslab.model import HEAD_KEYS, VISION_PREFIX, build_model, mimetic_init, vision_transformer
-from debias_export.biaslab.train import augment
-from debias_export.errors import DebiasError, IntegrityError
+from debias_export.workflow import biaslab
+from debias_export.workflow.biaslab import (CHILD, BiasLabSettings, caption_index, caption_table, caption_text,
+                                            consistent, ensure_trained, read_recipe, sample_captions)
+from debias_export.workflow.biaslab import lab as lab_mod
+from debias_export.workflow.biaslab.data import (is_validation, load_utkface, rows_fingerprint, split_utkface,
+                                                 subsample)
+from debias_export.workflow.biaslab.model import (HEAD_KEYS, VISION_PREFIX, build_model, mimetic_init,
+                                                  vision_transformer)
+from debias_export.workflow.biaslab.train import augment
+from debias_export.core.errors import DebiasError, IntegrityError
 
 TINY = BiasLabSettings(image_size=32, patch_size=8, layers=1, width=32, heads=2, mlp=64, projection_dim=16, epochs=1,
                        batch_size=32, max_images=64)
@@ -142,7 +144,7 @@ def test_weights_load_into_the_transformers_5_layout():
     runs the real 5.x.)"""
     from safetensors.torch import load_file
 
-    from debias_export.biaslab.model import load_trained_state
+    from debias_export.workflow.biaslab.model import load_trained_state
 
     settings = BiasLabSettings.from_dict(read_recipe()["settings"])
     tensors = load_file(str(lab_mod.ASSETS / lab_mod.WEIGHTS))
@@ -163,7 +165,7 @@ def test_load_model_spec_biaslab_uses_shipped_weights_and_real_minilm():
     from transformers import BertModel
 
     from debias_export.adapters.dual_encoder import DualEncoderAdapter
-    from debias_export.adapters.specs import load_model_spec
+    from debias_export.workflow.model_specs import load_model_spec
 
     adapter = load_model_spec("biaslab")
     settings = BiasLabSettings.from_dict(read_recipe()["settings"])

@@ -7,8 +7,8 @@ import torch
 
 from debias_export.capture import ActivationStore, capture_activations
 from debias_export.cli.main import main
-from debias_export.data import LabelledImages, TextPrompts
-from debias_export.errors import DebiasError, IntegrityError
+from debias_export.data.datasets import LabelledImages, TextPrompts
+from debias_export.core.errors import DebiasError, IntegrityError
 from test_data import write_images
 
 PROMPTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at work today", "CEO",
@@ -169,7 +169,7 @@ def test_refuses_different_settings(clip, images, tmp_path):
         kw = dict(site="image.1", k=2, progress=False) | change
         with pytest.raises(DebiasError, match="holds a capture with different settings"):
             capture_activations(clip, source=images, out_dir=tmp_path / "cap", **kw)
-    from debias_export.testing import tiny_clip
+    from debias_export.workflow.testing import tiny_clip
 
     with pytest.raises(DebiasError, match="different settings"):  # other weights, same architecture
         capture_activations(tiny_clip(seed=1), "image.1", images, tmp_path / "cap", k=2, progress=False)
@@ -265,7 +265,7 @@ def test_llava_capture_has_means_but_no_output_token(tmp_path):
 
     from debias_export.adapters.llava import tiny_llava
     from debias_export.capture import ActivationStore, capture_activations
-    from debias_export.errors import DebiasError
+    from debias_export.core.errors import DebiasError
 
     adapter = tiny_llava(seed=0)
     csv = tmp_path / "labels.csv"
@@ -273,7 +273,7 @@ def test_llava_capture_has_means_but_no_output_token(tmp_path):
     for i in range(4):
         PIL.Image.new("RGB", (40, 40), (60 * i, 20, 200 - 40 * i)).save(tmp_path / "images" / f"{i}.png")
     csv.write_text("file,gender\n" + "".join(f"{i}.png,{'Male' if i % 2 else 'Female'}\n" for i in range(4)))
-    from debias_export.data import LabelledImages
+    from debias_export.data.datasets import LabelledImages
 
     capture_activations(adapter, "image.-2", LabelledImages(csv), tmp_path / "cap", progress=False)
     store = ActivationStore(tmp_path / "cap")

@@ -20,7 +20,7 @@ import yaml
 from click.testing import CliRunner
 
 from debias_export.adapters import registered_families
-from debias_export.adapters.specs import load_model_spec
+from debias_export.workflow.model_specs import load_model_spec
 from debias_export.cli.main import cli
 
 FAMILY_SPECS = {"hf_clip": "tiny-clip", "hf_dual_encoder": "tiny-dual-encoder", "llava": "tiny-llava",
@@ -62,7 +62,7 @@ def test_table_covers_every_registered_family():
 
 
 def test_every_command_is_covered():
-    assert set(cli.commands) - NOT_PER_FAMILY == set(COMMANDS)
+    assert set(cli.list_commands(None)) - NOT_PER_FAMILY == set(COMMANDS)  # commands load lazily: list, not .commands
     assert all(f"test_{c.replace('-', '_')}" in globals() for c in COMMANDS)  # each with its own per-family test
 
 
@@ -145,7 +145,7 @@ def export_dir(edit_dir, ws):
 
 
 def test_capture(captured, ws):
-    from debias_export.capture import ActivationStore
+    from debias_export.capture.store import ActivationStore
 
     store = ActivationStore(captured)
     assert store.width == ws["width"] and store.num_inputs == N_FACES and store.num_tokens == 2 * N_FACES

@@ -16,10 +16,10 @@ import transformers
 from safetensors.torch import save_file
 
 from debias_export import ProjectionEdit, SAEEdit, apply_edits
-from debias_export.adapters.specs import load_model_spec
+from debias_export.workflow.model_specs import load_model_spec
 from debias_export.edits.install import install_edits
 from debias_export.export import export_bundle
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 OTHER = os.environ.get("DEBIAS_EXPORT_OTHER_PYTHON")
 pytestmark = pytest.mark.skipif(not OTHER, reason="set DEBIAS_EXPORT_OTHER_PYTHON to the other lock's python "

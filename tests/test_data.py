@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from debias_export.data import LabelledImages, TextPrompts, default_data_dir, load_rgb, parse_where, resolve_data_path
-from debias_export.errors import DebiasError
+from debias_export.data.datasets import (LabelledImages, TextPrompts, default_data_dir, load_rgb, parse_where,
+                                         resolve_data_path)
+from debias_export.core.errors import DebiasError
 
 
 def write_images(root: Path, n: int = 5, subdir: str = "images", size=(40, 30)) -> Path:

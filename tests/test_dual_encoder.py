@@ -7,7 +7,7 @@ from debias_export.adapters import adapter_for, load_adapter
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
 from debias_export.adapters.transformers_compat import pooled
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 W = 32
 TEXTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at work today in the city"]
@@ -148,7 +148,7 @@ def test_export_round_trips_and_onnx_parity(tmp_path, dual_inputs):
 
     from debias_export import SAEEdit, apply_edits, load_patched
     from debias_export.export import export_bundle
-    from debias_export.testing import random_sae
+    from debias_export.workflow.testing import random_sae
 
     model = DualEncoderAdapter.from_config(tiny_dual_config(), seed=3)
     handle = apply_edits(model, [SAEEdit(site="image.-1", sae=random_sae(W, 128), neurons=[1, 5]),
@@ -174,7 +174,7 @@ def test_onnx_export_leaves_the_model_in_eval_mode(tmp_path):
     """BERT has dropout: an export that flipped the shared model to train mode would make outputs random."""
     from debias_export import SAEEdit, apply_edits
     from debias_export.export import export_onnx
-    from debias_export.testing import random_sae
+    from debias_export.workflow.testing import random_sae
 
     model = DualEncoderAdapter.from_config(tiny_dual_config(), seed=4)
     apply_edits(model, SAEEdit(site="text.0", sae=random_sae(W, 64), neurons=[3]))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from debias_export import SAEEdit, apply_edits
-from debias_export.adapters.specs import load_model_spec
+from debias_export.workflow.model_specs import load_model_spec
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 IMAGE_TOKEN, N_IMAGE_TOKENS = 159, 16
 

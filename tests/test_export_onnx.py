@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from debias_export import DebiasError, SAEEdit, apply_edits
-from debias_export.errors import ConfigError, ValidationError
+from debias_export.core.errors import ConfigError, ValidationError
 from debias_export.export import GraphSpec, check_graph, export_graph, export_onnx, graph_specs, onnx_export
 from debias_export.export.onnx_export import check_symbolic_axes
 from debias_export.export.onnx_specs import example_inputs
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 GRID = [(b, s) for b in (1, 3, 5) for s in (5, 11)]
 
@@ -256,9 +256,9 @@ def test_optimum_is_never_imported_unless_asked(tmp_path):
         import sys
         sys.modules["optimum"] = None  # import optimum -> ImportError, as on a machine without it
         from debias_export import SAEEdit, apply_edits
-        from debias_export.errors import DebiasError
+        from debias_export.core.errors import DebiasError
         from debias_export.export import export_onnx
-        from debias_export.testing import random_sae, tiny_clip
+        from debias_export.workflow.testing import random_sae, tiny_clip
         clip = tiny_clip(seed=0)
         apply_edits(clip, SAEEdit(site="image.-1", sae=random_sae(32, 64, seed=1), neurons=[1, 2]))
         report = export_onnx(clip, {str(tmp_path / "d")!r}, towers=["image"])
@@ -316,7 +316,7 @@ def test_cli_patch_export_validate_verify(tmp_path):
 def test_vit_b16_architecture_bundle(tmp_path):
     """Real CLIP ViT-B/16 architecture (random weights): hf + onnx bundle, both towers, then re-validation."""
     from debias_export.export import export_bundle, validate_bundle
-    from debias_export.real_configs import random_clip
+    from debias_export.adapters.real_configs import random_clip
 
     adapter = random_clip("clip-vit-base-patch16")
     apply_edits(adapter, [

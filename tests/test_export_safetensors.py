@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.export import export_patched, load_patched, verify_manifest
 from debias_export.export import safetensors_export
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 # (sites, mode): pruned last blocks (static CLS / dynamic EOS positions) and all-token mid blocks
 CASES = [

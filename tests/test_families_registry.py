@@ -10,11 +10,11 @@ import torch
 from debias_export import SAEEdit, apply_edits
 from debias_export.adapters import adapter_for, registered_families
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 
 def _hf_clip():
-    from debias_export.testing import tiny_clip
+    from debias_export.workflow.testing import tiny_clip
 
     return tiny_clip(seed=0)
 

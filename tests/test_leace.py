@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from debias_export.errors import DebiasError
-from debias_export.leace import (fair_directions, fit_eraser, fit_leace, fit_mean_diff, one_hot, probe_accuracy,
-                                 split_indices)
+from debias_export.core.errors import DebiasError
+from debias_export.analysis.leace import (fair_directions, fit_eraser, fit_leace, fit_mean_diff, one_hot,
+                                          probe_accuracy, split_indices)
 
 
 def planted(n=3000, d=16, classes=3, seed=0, shift=3.0):

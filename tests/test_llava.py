@@ -6,10 +6,10 @@ import torch
 
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.adapters import adapter_for
-from debias_export.adapters.llava import LlavaAdapter, register_export, tiny_llava
+from debias_export.adapters.llava import LlavaAdapter, tiny_llava
 from debias_export.edits import reference_hook
 from debias_export.eval import llava_bias as vb
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 IMAGE_TOKEN = 159
 N_IMAGE_TOKENS = 16  # (32 / 8)^2 patches, CLS dropped
@@ -140,7 +140,6 @@ def test_export_safetensors_generation_and_onnx(tmp_path, pixels):
 
     from debias_export.export import export_bundle, load_patched
 
-    register_export()
     adapter = tiny_llava(seed=3)
     apply_edits(adapter, SAEEdit(site="image.-2", sae=random_sae(32, 128), neurons=[1, 2, 3], value=-0.3))
     ids, px = prompt_ids(), pixels["pixel_values"][:1]

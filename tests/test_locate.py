@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from debias_export.locate import (ablation_hooks, local_max_skew_at_k, locate_bias, max_skew_at_k, run_with_stream,
-                                  tower_parts)
+from debias_export.analysis.locate import (ablation_hooks, local_max_skew_at_k, locate_bias, max_skew_at_k,
+                                           run_with_stream, tower_parts)
 
 PROMPTS = ["a photo of a doctor", "a nurse", "an engineer", "a person", "a kind person", "a criminal"]
 
@@ -177,14 +177,14 @@ CAPTIONS = (["a photo of a woman", "a photo of a man", "a portrait of a woman", 
 
 
 def test_every_registered_family_has_tower_parts():
-    from debias_export.adapters.base import registered_families
-    from debias_export.tower_parts import FAMILY_PARTS
+    from debias_export.adapters import registered_families
+    from debias_export.adapters.anatomy import FAMILY_PARTS
 
     assert set(registered_families()) == set(FAMILY_PARTS) == set(FAMILY_SPECS)
 
 
 def _family(name):
-    from debias_export.adapters.specs import load_model_spec
+    from debias_export.workflow.model_specs import load_model_spec
 
     adapter = load_model_spec(f"{FAMILY_SPECS[name]}:3")
     size = adapter.image_size() if hasattr(adapter, "image_size") else 32
@@ -277,7 +277,7 @@ def test_llava_cli_runs_without_prompts(tmp_path):
 
 
 def test_fair_direction_is_the_role_mean_write_difference(clip):
-    from debias_export.locate import fair_direction
+    from debias_export.analysis.locate import fair_direction
 
     rows = [{"component": "L0.attn", "kind": "attn", "role": "fairness-reinforcing", "_mean_write": torch.tensor([1.0, 0.0])},
             {"component": "L0.mlp", "kind": "mlp", "role": "bias-amplifying", "_mean_write": torch.tensor([0.0, 2.0])},

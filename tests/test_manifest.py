@@ -4,10 +4,10 @@ import json
 import pytest
 
 from debias_export import SAEEdit, apply_edits
-from debias_export.errors import DebiasError, IntegrityError
+from debias_export.core.errors import DebiasError, IntegrityError
 from debias_export.export import export_patched, load_patched
 from debias_export.export.manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 
 @pytest.fixture

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from debias_export import DebiasError, SAEEdit
-from debias_export.eval.metrics import (accuracy, confidence_gap, cosine_scores, embedding_cosine, max_skew, ndkl,
-                                        recall_at_k, retrieval_skew, shuffled_skew, zero_shot_agreement, zero_shot_probs)
-from debias_export.testing import random_sae
+from debias_export.analysis.metrics import (accuracy, confidence_gap, cosine_scores, embedding_cosine, max_skew,
+                                            ndkl, recall_at_k, retrieval_skew, shuffled_skew, zero_shot_agreement,
+                                            zero_shot_probs)
+from debias_export.workflow.testing import random_sae
 
 
 def test_max_skew_hand_values():
@@ -102,7 +103,7 @@ def eval_setup():
     import os
 
     from debias_export.eval.retrieval import EvalData
-    from debias_export.testing import tiny_clip
+    from debias_export.workflow.testing import tiny_clip
 
     path = os.environ.get("DEBIAS_EXPORT_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
     if not os.path.isdir(path):
@@ -165,7 +166,7 @@ def test_cli_eval(shared_data, tmp_path):
 
 
 def test_paired_bootstrap_change_by_hand():
-    from debias_export.eval.metrics import paired_bootstrap_change
+    from debias_export.analysis.metrics import paired_bootstrap_change
 
     # every item drops by exactly 20%: any resample gives -20%, so the interval collapses onto it
     out = paired_bootstrap_change([1.0, 2.0, 3.0, 4.0], [0.8, 1.6, 2.4, 3.2], ["a", "a", "b", "c"], n=200)

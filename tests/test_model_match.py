@@ -5,10 +5,11 @@ import logging
 import pytest
 
 from debias_export import SAEEdit, apply_edits
-from debias_export.errors import ConfigError
+from debias_export.core.errors import ConfigError
 from debias_export.export import export_patched, load_patched
-from debias_export.model_match import allow_mismatch, arch_fingerprint, check_made_for, model_fingerprint, record_of
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.core.model_match import (allow_mismatch, arch_fingerprint, check_made_for, model_fingerprint,
+                                            record_of)
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 
 def test_fingerprint_is_the_architecture_not_the_weights(clip, tmp_path):

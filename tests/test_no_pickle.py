@@ -226,7 +226,7 @@ def test_sae_and_edit_loaders_refuse_pickle_disguised_as_safetensors(tmp_path):
     from debias_export import DebiasError, SAEEdit
     from debias_export.edits.base import EDIT_WEIGHTS, load_edit
     from debias_export.sae.model import SAE_WEIGHTS, SparseAutoencoder, read_safetensors
-    from debias_export.testing import random_sae
+    from debias_export.workflow.testing import random_sae
 
     marker = tmp_path / "pwned"
     sae_dir = random_sae(8, 16).save(tmp_path / "sae")
@@ -243,7 +243,7 @@ def test_sae_and_edit_loaders_refuse_pickle_disguised_as_safetensors(tmp_path):
 def test_sae_importers_refuse_pickle(tmp_path):
     """Every importer layout fed a hostile pickle errors with a DebiasError and never runs it."""
     from debias_export import DebiasError
-    from debias_export.errors import IntegrityError
+    from debias_export.core.errors import IntegrityError
     from debias_export.sae.importers import load_any, load_dictionary_learning
 
     marker = tmp_path / "pwned"

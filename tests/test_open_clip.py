@@ -6,9 +6,9 @@ import torch
 
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.adapters import adapter_for
-from debias_export.adapters.open_clip_family import OpenCLIPAdapter, register_export, save_base, tiny_open_clip
+from debias_export.adapters.open_clip_family import OpenCLIPAdapter, save_base, tiny_open_clip
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 TEXTS = ["a photo of a nurse", "an engineer", "a long caption about a doctor at work today"]
 
@@ -148,7 +148,6 @@ def test_export_bundle_safetensors_and_onnx(tmp_path):
 
     from debias_export.export import export_bundle, load_patched, validate_bundle
 
-    register_export()
     adapter = tiny_open_clip(seed=3)
     inp = {t: inputs_for(adapter, t) for t in ("image", "text")}
     with torch.no_grad():
@@ -171,11 +170,11 @@ def test_export_bundle_safetensors_and_onnx(tmp_path):
     # takes nn.MultiheadAttention's slow path, which rounds differently)
     stock = open_clip.create_model(f"local-dir:{tmp_path / 'b' / 'hf'}").eval()
     reloaded = load_patched(tmp_path / "b")
-    via_load = OpenCLIPAdapter.load(str(tmp_path / "b" / "hf"))
+    with pytest.raises(DebiasError, match="load_patched"):  # the stock loader would silently drop the edits
+        OpenCLIPAdapter.load(str(tmp_path / "b" / "hf"))
     with torch.no_grad():
         assert torch.equal(stock.encode_image(inp["image"]["pixel_values"]), base["image"])
         assert torch.equal(stock.encode_text(inp["text"]["input_ids"]), base["text"])
         for t in inp:
             assert torch.equal(reloaded.embed(t, inp[t]), patched[t])
-            assert torch.equal(via_load.embed(t, inp[t]), patched[t])
     assert set(validate_bundle(tmp_path / "b")["onnx"]) == {"image_encoder", "text_encoder"}

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from debias_export.cli.main import main
-from debias_export.recipe import load_recipe
+from debias_export.workflow.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,8 +136,8 @@ def test_probe_on_output_token_activations(tmp_path, shared_data):
     """probe.activations: output encodes the pooled token (what a last-block edit touches), not the token mean."""
     import json
 
-    from debias_export.errors import ConfigError
-    from debias_export.recipe import parse_recipe
+    from debias_export.core.errors import ConfigError
+    from debias_export.workflow.recipe import parse_recipe
 
     path = _recipe(tmp_path, shared_data, probe__activations="output", data__limit=48)
     assert main(["run", str(path), "--no-progress"]) == 0
@@ -150,8 +150,8 @@ def test_probe_on_output_token_activations(tmp_path, shared_data):
 
 
 def test_eval_limit_is_validated_and_limits_faces(tmp_path, shared_data):
-    from debias_export.errors import ConfigError
-    from debias_export.recipe import parse_recipe
+    from debias_export.core.errors import ConfigError
+    from debias_export.workflow.recipe import parse_recipe
 
     raw = yaml.safe_load(_recipe(tmp_path, shared_data).read_text())
     raw["eval"] = {"alphas": [0.0], "k": 5, "limit": 1}

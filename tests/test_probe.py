@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from debias_export.errors import DebiasError, ShapeError
-from debias_export.probe import neurons_from_report, probe_social_neurons
+from debias_export.core.errors import DebiasError, ShapeError
+from debias_export.analysis.probe import neurons_from_report, probe_social_neurons
 
 
 def _planted(n_per=40, F=30, seed=0):
@@ -117,8 +117,8 @@ def test_cli_probe_on_capture(tmp_path, clip):
 
     from debias_export.capture import capture_activations
     from debias_export.cli.main import main
-    from debias_export.data import LabelledImages
-    from debias_export.testing import random_sae
+    from debias_export.data.datasets import LabelledImages
+    from debias_export.workflow.testing import random_sae
 
     rng = np.random.default_rng(0)
     lines = ["file,gender"]

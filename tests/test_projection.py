@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from debias_export import DebiasError, SAEEdit, apply_edits, load_edit
 from debias_export.adapters.transformers_compat import pooled
 from debias_export.edits.projection import ProjectionEdit, fold_projection, reference_map
-from debias_export.locate import tower_parts
-from debias_export.testing import random_sae
+from debias_export.analysis.locate import tower_parts
+from debias_export.workflow.testing import random_sae
 
 
 def make_edit(site, d, strength=1.0, amplify=0.5, seed=0, center=True, method="leace"):
@@ -259,7 +259,7 @@ def test_errors_name_the_problem(clip):
 
 def test_fitted_edit_erases_the_attribute_inside_the_model(clip):
     """End to end: fit LEACE on CLS activations of block 1, patch the block, re-read: no cross-covariance left."""
-    from debias_export.leace import one_hot
+    from debias_export.analysis.leace import one_hot
 
     g = torch.Generator().manual_seed(0)
     y = torch.arange(96) % 3

@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import save_file
 
 from debias_export import SAEEdit, load_edit
-from debias_export.capture import ActivationStore
+from debias_export.capture.store import ActivationStore
 from debias_export.cli.main import main
 from debias_export.edits.projection import ProjectionEdit, fold_all, reference_map
-from debias_export.leace import one_hot
-from debias_export.testing import random_sae, tiny_clip
+from debias_export.analysis.leace import one_hot
+from debias_export.workflow.testing import random_sae, tiny_clip
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDS = ["none", "site", "output", "every_writer"]

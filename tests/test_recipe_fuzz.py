@@ -9,8 +9,8 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from debias_export.errors import ConfigError, DebiasError
-from debias_export.recipe import Recipe, load_recipe, parse_recipe
+from debias_export.core.errors import ConfigError, DebiasError
+from debias_export.workflow.recipe import Recipe, load_recipe, parse_recipe
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -256,7 +256,7 @@ RECIPE_CASES = [
 
 @pytest.mark.parametrize("case_id,text,words", RECIPE_CASES, ids=[c[0] for c in RECIPE_CASES])
 def test_recipe_bad_input(case_id, text, words, tmp_path):
-    from debias_export.recipe import load_recipe
+    from debias_export.workflow.recipe import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
@@ -269,7 +269,7 @@ def test_recipe_bad_input(case_id, text, words, tmp_path):
 
 
 def test_recipe_file_missing(tmp_path):
-    from debias_export.recipe import load_recipe
+    from debias_export.workflow.recipe import load_recipe
 
     with pytest.raises(ConfigError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
@@ -277,7 +277,7 @@ def test_recipe_file_missing(tmp_path):
 
 @pytest.mark.parametrize("blob", [b"\xff\xfe\x00garbage", b"name: \x80\x81\n"], ids=["utf16-bom", "latin1"])
 def test_recipe_file_not_utf8(tmp_path, blob):
-    from debias_export.recipe import load_recipe
+    from debias_export.workflow.recipe import load_recipe
 
     path = tmp_path / "recipe.yaml"
     path.write_bytes(blob)
@@ -286,7 +286,7 @@ def test_recipe_file_not_utf8(tmp_path, blob):
 
 
 def test_recipe_path_is_a_directory(tmp_path):
-    from debias_export.recipe import load_recipe
+    from debias_export.workflow.recipe import load_recipe
 
     with pytest.raises(ConfigError, match=str(tmp_path)):
         load_recipe(tmp_path)

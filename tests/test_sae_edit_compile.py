@@ -4,7 +4,7 @@ import torch
 
 from debias_export import DebiasError, SAEEdit, apply_edits
 from debias_export.edits import reference_hook
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 CASES = [(t, l) for t in ("image", "text") for l in (0, 1, 2)]
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from debias_export.errors import DebiasError, ShapeError
+from debias_export.core.errors import DebiasError, ShapeError
 from debias_export.sae.importers import detect_format, load_any
-from debias_export.testing import random_sae
+from debias_export.workflow.testing import random_sae
 
 D, F, K = 12, 40, 4
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from debias_export.errors import DebiasError
+from debias_export.core.errors import DebiasError
 from debias_export.sae.importers import load_any
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
@@ -212,7 +212,7 @@ def test_any_json_config_over_valid_weights_is_safe(cfg):
 
 
 def test_truncated_weight_files_give_integrity_error(tmp_path):
-    from debias_export.errors import IntegrityError
+    from debias_export.core.errors import IntegrityError
 
     for fmt in sorted(LAYOUTS):
         d, F = 4, 6

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from debias_export.edits.sae_edit import SAEEdit, compile_sae_edit, reference_formula
-from debias_export.errors import DebiasError
+from debias_export.edits.sae.edit import SAEEdit, compile_sae_edit, reference_formula
+from debias_export.core.errors import DebiasError
 from debias_export.sae import load_any
 
 ROOT = Path(__file__).parent / "fixtures" / "sae"

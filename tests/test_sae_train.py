@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from debias_export.errors import ConfigError, DebiasError, ShapeError
+from debias_export.core.errors import ConfigError, DebiasError, ShapeError
 from debias_export.sae import SparseAutoencoder, load_any
-from debias_export.sae.train import (MatryoshkaTrainer, TrainConfig, batch_topk, fvu, geometric_median, lr_factor,
-                                     train_sae)
+from debias_export.sae.train import fvu, train_sae
+from debias_export.sae.trainer import MatryoshkaTrainer, TrainConfig, batch_topk, geometric_median, lr_factor
 
 
 def planted(n, d=32, nf=48, k=3, seed=0, noise=0.01):
@@ -180,7 +180,7 @@ def test_cli_train_sae(tmp_path):
 def test_cli_train_sae_on_capture_dir(tmp_path, clip):
     from debias_export.capture import capture_activations
     from debias_export.cli.main import main
-    from debias_export.data import TextPrompts
+    from debias_export.data.datasets import TextPrompts
 
     (tmp_path / "p.txt").write_text("\n".join(f"a photo of a {w}" for w in ["doctor", "nurse", "cat", "dog", "car"] * 4))
     capture_activations(clip, "text.1", TextPrompts(tmp_path / "p.txt"), tmp_path / "cap", tokens="all", progress=False)
@@ -188,7 +188,7 @@ def test_cli_train_sae_on_capture_dir(tmp_path, clip):
                  "--batch-size", "32", "--steps", "10", "--no-progress"]) == 0
     meta = SparseAutoencoder.load(tmp_path / "sae").cfg.metadata
     assert meta["site"].startswith("text.1") and meta["tower"] == "text" and meta["layer"] == 1
-    from debias_export.capture import ActivationStore
+    from debias_export.capture.store import ActivationStore
 
     store = ActivationStore(tmp_path / "cap")  # the library takes a store directly, too
     sae = train_sae(store, TrainConfig(d_in=32, k=4, batch_size=32, steps=10), progress=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from debias_export.edits import apply_edits
-from debias_export.eval.metrics import cosine_scores
+from debias_export.analysis.metrics import cosine_scores
 from debias_export.eval.retrieval import fairface_caption
 from study_common import Evaluator, capture, lab, sae_for, save_json
 from study_edits import probe, sae_edit

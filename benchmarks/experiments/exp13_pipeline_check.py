@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 
-from debias_export.capture import ActivationStore
-from debias_export.pipeline import run_recipe
-from debias_export.recipe import parse_recipe
+from debias_export.capture.store import ActivationStore
+from debias_export.workflow.pipeline import run_recipe
+from debias_export.workflow.recipe import parse_recipe
 from study_common import CACHE, DATA
 
 RECIPE = {

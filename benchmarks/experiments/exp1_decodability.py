@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from debias_export.leace import probe_accuracy, split_indices
+from debias_export.analysis.leace import probe_accuracy, split_indices
 from study_common import SOURCES, capture, embed_inputs, gender_ids, lab, save_json
 
 OUT = Path(__file__).parent / "results"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from debias_export.capture import ActivationStore, capture_activations
-from debias_export.data import TextPrompts
+from debias_export.data.datasets import TextPrompts
 from study_common import CACHE, DATA, capture, lab, sae_for, save_json
 from study_edits import latents, probe
 

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
-from debias_export.biaslab import lab as lab_mod
-from debias_export.biaslab.captions import AGE_GROUPS, age_group
+from debias_export.workflow.biaslab import lab as lab_mod
+from debias_export.data.captions import AGE_GROUPS, age_group
 
 DATA = Path(os.environ.get("DEBIAS_EXPORT_DATA", "/work/shared/data"))
 

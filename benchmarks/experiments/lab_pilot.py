@@ -18,10 +18,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from debias_export.biaslab.data import label_tensor, load_utkface, preload_images, split_utkface, subsample
-from debias_export.biaslab.model import build_model
-from debias_export.biaslab.settings import BiasLabSettings, minilm_path
-from debias_export.biaslab.train import cpu_info, deterministic, run_training, validation_metrics
+from debias_export.workflow.biaslab.data import label_tensor, load_utkface, preload_images, split_utkface, subsample
+from debias_export.workflow.biaslab.model import build_model
+from debias_export.adapters.dual_encoder import minilm_path
+from debias_export.workflow.biaslab.settings import BiasLabSettings
+from debias_export.workflow.biaslab.train import cpu_info, deterministic, run_training, validation_metrics
 
 DATA = os.environ.get("DEBIAS_EXPORT_DATA", "/work/shared/data")
 CACHE = Path(os.environ.get("LAB_PILOT_CACHE", "/tmp/lab-pilot"))

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
-from debias_export.biaslab import lab as lab_mod
-from debias_export.biaslab.data import load_utkface, split_utkface
-from debias_export.biaslab.settings import BiasLabSettings
+from debias_export.workflow.biaslab import lab as lab_mod
+from debias_export.workflow.biaslab.data import load_utkface, split_utkface
+from debias_export.workflow.biaslab.settings import BiasLabSettings
 from debias_export.export.manifest import atomic_output_dir
 
 ROOT = Path(__file__).resolve().parents[2]

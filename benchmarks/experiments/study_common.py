@@ -16,8 +16,8 @@ import torch
 
 from debias_export.adapters.dual_encoder import DualEncoderAdapter
 from debias_export.capture import ActivationStore, capture_activations
-from debias_export.data import LabelledImages, TextPrompts
-from debias_export.eval.metrics import cosine_scores, retrieval_skew, shuffled_skew, zero_shot_probs
+from debias_export.data.datasets import LabelledImages, TextPrompts
+from debias_export.analysis.metrics import cosine_scores, retrieval_skew, shuffled_skew, zero_shot_probs
 from debias_export.eval.retrieval import EvalData, utility_metrics
 from debias_export.sae import SparseAutoencoder
 from debias_export.sae.train import TrainConfig, train_sae
@@ -47,7 +47,7 @@ def utk_images() -> LabelledImages:
 
 def utk_captions() -> TextPrompts:
     """Captions built from UTKFace labels exactly as the pipeline does (data.captions_from)."""
-    from debias_export.pipeline import _caption_csv
+    from debias_export.workflow.pipeline import _caption_csv
 
     path = CACHE / "utk_captions.csv"
     if not path.is_file():

@@ -6,9 +6,9 @@ from typing import Any, Sequence
 import torch
 
 from debias_export.edits import ProjectionEdit, SAEEdit
-from debias_export.edits.sae_edit import reference_formula
-from debias_export.leace import fit_eraser, probe_accuracy, split_indices
-from debias_export.probe import neurons_from_report, probe_social_neurons
+from debias_export.edits.sae.edit import reference_formula
+from debias_export.analysis.leace import fit_eraser, probe_accuracy, split_indices
+from debias_export.analysis.probe import neurons_from_report, probe_social_neurons
 from study_common import gender_ids
 
 

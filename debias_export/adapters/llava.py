@@ -17,7 +17,7 @@ CLS), so there is no output-position pruning.
 ``[B, 3, H, W]``; with ``image_sizes`` (NeXT anyres input ``[B, tiles, 3, H, W]``) the per-image
 packed features (unpadded, with newline tokens) concatenated into ``[sum_i N_i, d_lm]``.
 
-Export plugs into :mod:`debias_export.export` (:func:`register_export`): ``save_pretrained`` of the
+Export (specs: :mod:`debias_export.export.families.llava`, built on :func:`save_base` / :func:`load_base`): ``save_pretrained`` of the
 base model + patch files + remote code (``AutoModelForImageTextToText``), and one ONNX graph
 ``vision_features`` (pixel_values -> image_features: patched vision tower + projector).
 """
@@ -27,12 +27,29 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
-from ..errors import DebiasError, IntegrityError
+from ..core.errors import DebiasError, IntegrityError
+from ..core.sites import Site
 from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
-from ..sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from .anatomy import TowerParts, register_tower_parts, vit_root
+from .base import ModelAdapter, OutputPositions, refuse_patched_export
+from .hf_clip import clip_pixel_values
+from .registry import register_adapter
 from .transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["llava"]["image"]
@@ -40,8 +57,6 @@ MODEL_TYPES = ("llava", "llava_next")
 
 
 def _llava_classes() -> dict[str, type]:
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
     return {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
 
 
@@ -50,6 +65,12 @@ class LlavaAdapter(ModelAdapter):
     """Adapter for LLaVA-1.5 / LLaVA-NeXT: edits the vision tower the language model reads."""
 
     family = "llava"
+    bias_metric = "vla_gender_bias"  # no text tower to retrieve with: yes/no questions about faces instead
+    tiny_name = "tiny-llava"
+
+    @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_llava(seed=seed)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -62,11 +83,7 @@ class LlavaAdapter(ModelAdapter):
     @classmethod
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "LlavaAdapter":
         """Load from a hub id or local dir (an exported patched dir comes back with its patches)."""
-        if (Path(spec) / "debias_config.json").is_file():
-            from ..export.loading import load_patched
-
-            return load_patched(spec)
-        from transformers import AutoConfig
+        refuse_patched_export(spec)
 
         try:
             config = AutoConfig.from_pretrained(spec)
@@ -77,8 +94,6 @@ class LlavaAdapter(ModelAdapter):
             raise DebiasError(f"cannot load LLaVA model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            from transformers import AutoProcessor
-
             processor = AutoProcessor.from_pretrained(spec)
         except Exception:  # noqa: BLE001 - weights without processor files still load
             processor = None
@@ -159,8 +174,6 @@ class LlavaAdapter(ModelAdapter):
             return {k: out[k] for k in ("pixel_values", "image_sizes") if k in out}
         if self.model.config.model_type == "llava_next":
             raise DebiasError("LLaVA-NeXT images need the model's processor (anyres tiling); load a checkpoint with processor files")
-        from .hf_clip import clip_pixel_values
-
         return {"pixel_values": clip_pixel_values(images, int(self.vision_config.image_size))}
 
     def prepare_texts(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -193,8 +206,6 @@ def tiny_llava_config(next_style: bool = False, vocab_size: int = 160, image_tok
                       vision_feature_layer: int | list[int] = -2, select_strategy: str = "default"):
     """LLaVA(-NeXT) config with a 3-block tiny CLIP vision tower (32px, patch 8: 16 patches) and a
     2-layer tiny Llama; the image token lies inside the vocabulary."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
-
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                               image_size=32, patch_size=8, projection_dim=16)
     text = LlamaConfig(vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
@@ -227,9 +238,6 @@ _TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 127))  # newline + printa
 def tiny_llava_processor(vocab_size: int = 160, image_token_index: int = 159, image_size: int = 32, patch_size: int = 8):
     """``LlavaProcessor`` for tiny LLaVA: one token per character (any English prompt tokenizes, offline,
     and the option letters "A"/"B" are single tokens), ``<image>`` at ``image_token_index``, 32px CLIP images."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(_TINY_SPECIALS + tuple(_TINY_CHARS))}
     # fill the gap up to the image token so ids are contiguous and match the model's embedding table
     vocab.update({f"[unused{i}]": i for i in range(len(vocab), image_token_index)})
@@ -263,8 +271,6 @@ def base_info(adapter: LlavaAdapter) -> dict[str, Any]:
 
 def load_base(path: Path, info: dict[str, Any] | None = None) -> LlavaAdapter:
     """Stock ``from_pretrained`` of a :func:`save_base` directory (no patches), processor if saved."""
-    from transformers import AutoConfig
-
     path = Path(path)
     info = info or {}
     kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
@@ -276,8 +282,6 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> LlavaAdapter:
         raise IntegrityError(f"cannot load LLaVA base model from {path}: {str(exc).splitlines()[0]}") from None
     processor = None
     if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
-        from transformers import AutoProcessor
-
         processor = AutoProcessor.from_pretrained(path)
     return LlavaAdapter(model.eval(), source=str(path), processor=processor)
 
@@ -308,26 +312,23 @@ class LlavaImageFeatures(nn.Module):
         return {"image_features": self.projector(feats)}
 
 
-def example_inputs(adapter: LlavaAdapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    vc = adapter.vision_config
-    size = int(vc.image_size)
-    return {"pixel_values": torch.randn(batch, int(getattr(vc, "num_channels", 3)), size, size, generator=g)}
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _llava_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    m = adapter.model
+    if len(adapter.feature_layers()) != 1:
+        raise DebiasError("locate reads one vision layer; this LLaVA concatenates several (vision_feature_layer is a list)")
+    drop_cls = m.config.vision_feature_select_strategy == "default"
+    projector = m.model.multi_modal_projector
+
+    def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        return (tokens[:, 1:] if drop_cls else tokens).mean(1)
+
+    def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        # the projector is non-linear (Linear-GELU-Linear): project every token, then average
+        return projector(tokens[:, 1:] if drop_cls else tokens).mean(1)
+
+    return TowerParts("self_attn.out_proj", "mlp.fc2", int(adapter.vision_config.num_attention_heads), readout, pool,
+                      stream_start=f"{vit_root(adapter, tower)}.pre_layrnorm", retrieval=False)
 
 
-def onnx_graphs(adapter: LlavaAdapter) -> list:
-    """One graph, ``vision_features`` (dynamic batch): what the LM receives per image (per tile for NeXT)."""
-    from ..export.onnx_specs import GraphSpec
-
-    return [GraphSpec("vision_features", "image", {"pixel_values": {0: "batch_size"}},
-                      {"image_features": {0: "batch_size"}}, lambda a: LlavaImageFeatures(a.model),
-                      example_inputs)]
-
-
-def register_export() -> None:
-    """Plug LLaVA into the export machinery (HF dir with remote code for AutoModelForImageTextToText + ONNX)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(LlavaAdapter.family, save_base, load_base, base_info,
-                               auto_class="AutoModelForImageTextToText"))
-    register_onnx_spec(LlavaAdapter.family)(onnx_graphs)
+register_tower_parts("llava", _llava_parts)

@@ -13,8 +13,8 @@ static 0; ``last`` and CoCa-style appended CLS -> every token. Rules run on ``to
 input (the token ids), the first module the text tower calls. open_clip 3.x blocks run
 batch-first ``[B, L, D]``; a seq-first stack disables pruning (the runtime indexes dim 1).
 
-Export plugs into :mod:`debias_export.export` (:func:`register_export`): the HF-style directory holds
-open_clip's own ``local-dir`` layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
+Export (specs: :mod:`debias_export.export.families.open_clip`, built on :func:`save_base` / :func:`load_base`):
+the HF-style directory holds open_clip's own ``local-dir`` layout (``open_clip_config.json`` + ``open_clip_model.safetensors``,
 base weights only, so ``open_clip.create_model("local-dir:DIR")`` loads the unpatched model) next to
 the machinery's ``debias_config.json`` / ``debias_patches.safetensors``; ONNX graphs are
 ``image_encoder`` (pixel_values -> image_embeds) and ``text_encoder`` (input_ids -> text_embeds).
@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ConfigError, DebiasError, IntegrityError
+from ..core.errors import ConfigError, DebiasError, IntegrityError
+from ..core.sites import Site
 from ..runtime import SiteEdit, ids_argmax
-from ..sites import Site
-from .base import ModelAdapter, OutputPositions, register_adapter
+from .anatomy import TowerParts, gather, register_tower_parts
+from .base import ModelAdapter, OutputPositions, refuse_patched_export
+from .registry import register_adapter
 
 _SUB_MODULES = {"attn_out": "attn", "mlp_out": "mlp.c_proj"}
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -42,7 +45,7 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 
 
 def _open_clip():
-    import open_clip
+    import open_clip  # heavy; loaded when the open_clip family is used
 
     return open_clip
 
@@ -65,6 +68,7 @@ class OpenCLIPAdapter(ModelAdapter):
     """Adapter for open_clip ``CLIP`` / ``CustomTextCLIP`` with ViT image and transformer text towers."""
 
     family = "open_clip"
+    tiny_name = "tiny-open-clip"
 
     def __init__(self, model: nn.Module, source: str | None = None, processor: Any = None,
                  model_cfg: dict | None = None, tokenizer: Any = None):
@@ -80,10 +84,14 @@ class OpenCLIPAdapter(ModelAdapter):
         return getattr(self.model, "_debias_open_clip_cfg", None)
 
     @classmethod
+    def tiny(cls, seed: int = 0) -> "ModelAdapter":
+        return tiny_open_clip(seed=seed)
+
+    @classmethod
     def matches(cls, model: nn.Module) -> bool:
         if not type(model).__module__.startswith("open_clip"):
             return False  # cheap check first: adapter_for asks every family, open_clip imports slowly
-        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.model import CLIP, CustomTextCLIP  # heavy; loaded when the open_clip family is used
 
         return isinstance(model, (CLIP, CustomTextCLIP))
 
@@ -98,10 +106,8 @@ class OpenCLIPAdapter(ModelAdapter):
             name, pretrained = name.split("@", 1)
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG)):
             name = "local-dir:" + name
-        if name.startswith("local-dir:") and (Path(name[len("local-dir:"):]) / "debias_config.json").is_file():
-            from ..export.loading import load_patched  # an exported patched model comes back patched
-
-            return load_patched(name[len("local-dir:"):])
+        if name.startswith("local-dir:"):
+            refuse_patched_export(name[len("local-dir:"):])
         cfg = oc.get_model_config(name) if not name.startswith("hf-hub:") else None
         if cfg is None and not name.startswith("hf-hub:"):
             raise DebiasError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
@@ -121,7 +127,7 @@ class OpenCLIPAdapter(ModelAdapter):
     @classmethod
     def from_config(cls, model_cfg: dict, seed: int = 0) -> "OpenCLIPAdapter":
         """Random-weight model from an open_clip ``model_cfg`` dict (tests, latency work)."""
-        from open_clip.model import CLIP, CustomTextCLIP
+        from open_clip.model import CLIP, CustomTextCLIP  # heavy; loaded when the open_clip family is used
 
         torch.manual_seed(seed)
         cfg = copy.deepcopy(model_cfg)
@@ -132,7 +138,7 @@ class OpenCLIPAdapter(ModelAdapter):
     # ----- structure ---------------------------------------------------------------------------
     def _text_root(self) -> str | None:
         """Prefix of the text tower's modules ('' for CLIP, 'text.' for CustomTextCLIP), None if unsupported."""
-        from open_clip.transformer import TextTransformer
+        from open_clip.transformer import TextTransformer  # heavy; loaded when the open_clip family is used
 
         if hasattr(self.model, "transformer") and hasattr(self.model, "token_embedding"):
             return ""
@@ -145,7 +151,7 @@ class OpenCLIPAdapter(ModelAdapter):
         return self.model.text if root == "text." else self.model
 
     def towers(self) -> tuple[str, ...]:
-        from open_clip.transformer import VisionTransformer
+        from open_clip.transformer import VisionTransformer  # heavy; loaded when the open_clip family is used
 
         out = []
         if isinstance(getattr(self.model, "visual", None), VisionTransformer):
@@ -217,7 +223,7 @@ class OpenCLIPAdapter(ModelAdapter):
     # ----- inputs ------------------------------------------------------------------------------
     def _preprocess(self):
         if self.processor is None:
-            from open_clip.model import get_model_preprocess_cfg
+            from open_clip.model import get_model_preprocess_cfg  # heavy; loaded when the open_clip family is used
             from open_clip.transform import PreprocessCfg, image_transform_v2
 
             cfg = {k: v for k, v in get_model_preprocess_cfg(self.model).items()
@@ -245,7 +251,7 @@ class OpenCLIPAdapter(ModelAdapter):
         ``attention_mask`` marks tokens up to the pooled one; the model itself takes no mask
         (causal attention keeps padding from reaching the EOT token)."""
         if self.tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
+            from open_clip.tokenizer import SimpleTokenizer  # heavy; loaded when the open_clip family is used
 
             self.tokenizer = SimpleTokenizer(context_length=self.model.context_length)
         ids = self.tokenizer(list(texts)).long()
@@ -298,8 +304,7 @@ def save_base(adapter: OpenCLIPAdapter, out: Path) -> None:
     """Write the (unpatched) model in open_clip's ``local-dir`` layout: ``open_clip_config.json`` +
     ``open_clip_model.safetensors``, so ``open_clip.create_model("local-dir:OUT")`` loads the base model.
     (open_clip prefers ``open_clip_model.safetensors`` over other ``*.safetensors`` in the dir.)"""
-    from open_clip.model import get_model_preprocess_cfg
-    from safetensors.torch import save_file
+    from open_clip.model import get_model_preprocess_cfg  # heavy; loaded when the open_clip family is used
 
     cfg = adapter.model_cfg
     if cfg is None:
@@ -336,67 +341,42 @@ def load_base(path: Path, info: dict[str, Any] | None = None) -> OpenCLIPAdapter
     return OpenCLIPAdapter(model.eval(), source=str(path), processor=preprocess, model_cfg=cfg)
 
 
-class OpenCLIPTowerGraph(nn.Module):
-    """ONNX graph of one tower: ``pixel_values -> image_embeds`` or ``input_ids -> text_embeds``.
+# ----- anatomy for locate / folding (adapters.anatomy) ------------------------------------------------
+def _open_clip_parts(adapter: ModelAdapter, tower: str) -> TowerParts:
+    from open_clip.transformer import text_global_pool  # heavy; loaded when the open_clip family is used
 
-    ``encode_image`` / ``encode_text`` of the live (patched) model, not normalised. Runs
-    ``nn.MultiheadAttention``'s standard path: its inference fast path is one fused op
-    (``_native_multi_head_attention``) that has no ONNX export, and validation then compares like with like.
-    """
-
-    def __init__(self, model: nn.Module, tower: str):
-        super().__init__()
-        self.model, self.tower = model, tower
-
-    def forward(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-                **_: Any) -> dict[str, torch.Tensor]:
-        fast = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
-            if self.tower == "image":
-                return {"image_embeds": self.model.encode_image(pixel_values)}
-            return {"text_embeds": self.model.encode_text(input_ids)}
-        finally:
-            torch.backends.mha.set_fastpath_enabled(fast)
-
-
-def example_inputs(adapter: OpenCLIPAdapter, tower: str, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random valid tower inputs. Text rows are always ``context_length`` wide (open_clip's fixed
-    positional table; ``seq`` is ignored) with the pooled EOT token at a random per-row position."""
+    m = adapter.model
     if tower == "image":
-        return {"pixel_values": torch.randn(batch, 3, *adapter.model.visual.image_size, generator=g)}
-    width = int(adapter.model.context_length)
-    text = adapter._text_module()
-    pool = text.text_pool_type if text is adapter.model else text.pool_type
-    vocab = int(adapter.model.vocab_size)
-    eot = adapter._eos_id() if pool == "eos" else vocab - 1  # argmax pooling: EOT must be the highest id
-    ids = torch.randint(1, max(2, min(eot, vocab - 1)), (batch, width), generator=g)
-    lengths = torch.randint(2, width + 1, (batch,), generator=g)
-    lengths[0] = width
-    ids = torch.where(torch.arange(width)[None, :] < lengths[:, None], ids, torch.zeros_like(ids))
-    ids[torch.arange(batch), lengths - 1] = eot
-    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-    return {"input_ids": ids.long(), "attention_mask": mask}
+        v = m.visual
+
+        def readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+            pooled, _ = v._pool(tokens)
+            return pooled @ v.proj if v.proj is not None else pooled
+
+        def pool(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+            if v.attn_pool is None and v.pool_type == "tok":
+                return tokens[:, 0]
+            return tokens[:, 1:].mean(1) if v.pool_type == "avg" else tokens.mean(1)
+
+        return TowerParts("attn.out_proj", "mlp.c_proj", 0, readout, pool, attn_write="ls_1", mlp_write="ls_2",
+                          stream_start="visual.ln_pre")
+    text = m.text if adapter._text_root() == "text." else m
+    if getattr(text, "cls_emb", None) is not None:
+        raise DebiasError("open_clip text towers with an appended CLS (CoCa) are not supported by locate")
+    pool_type = text.text_pool_type if text is m else text.pool_type
+    eos = getattr(text, "text_eos_id" if text is m else "eos_id", None)
+
+    def text_readout(tokens: torch.Tensor, batch: dict) -> torch.Tensor:
+        x = text_global_pool(text.ln_final(tokens), batch["input_ids"].to(tokens.device), pool_type=pool_type, eos_token_id=eos)
+        proj = text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+    root = adapter._text_root()
+    return TowerParts("attn.out_proj", "mlp.c_proj", 0, text_readout, gather(lambda b: adapter.output_token_index("text", b)),
+                      attn_write="ls_1", mlp_write="ls_2", embedding_writers=(f"{root}token_embedding",),
+                      stream_start=f"{root}positional_embedding")  # a Parameter, not an Embedding: not folded
 
 
-def onnx_graphs(adapter: OpenCLIPAdapter) -> list:
-    """``GraphSpec``s for :mod:`debias_export.export.onnx_export`: dynamic batch; the text length is fixed."""
-    from ..export.onnx_specs import GraphSpec
-
-    specs = []
-    for tower, name, inp, out in (("image", "image_encoder", "pixel_values", "image_embeds"),
-                                  ("text", "text_encoder", "input_ids", "text_embeds")):
-        if tower in adapter.towers():
-            specs.append(GraphSpec(name, tower, {inp: {0: "batch_size"}}, {out: {0: "batch_size"}},
-                                   lambda a, t=tower: OpenCLIPTowerGraph(a.model, t),
-                                   lambda a, b, s, g, t=tower: example_inputs(a, t, b, s, g)))
-    return specs
-
-
-def register_export() -> None:
-    """Plug open_clip into the export machinery (HF-style dir without remote code + ONNX graphs)."""
-    from ..export.onnx_specs import register_onnx_spec
-    from ..export.safetensors_export import HFDirSpec, register_hf_spec
-
-    register_hf_spec(HFDirSpec(OpenCLIPAdapter.family, save_base, load_base, base_info, auto_class=None))
-    register_onnx_spec(OpenCLIPAdapter.family)(onnx_graphs)
+register_tower_parts("open_clip", _open_clip_parts)

@@ -10,6 +10,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import zlib
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -109,8 +112,6 @@ def seeded_init_(model: nn.Module, seed: int, vision_prefixes: tuple[str, ...] =
     Norm weights 1 and biases 0; matrices, convolutions and embeddings ~ N(0, fan_in^-1/2) (embeddings:
     N(0, 0.02)); other vectors ~ N(0, d^-1/2); scalars (e.g. ``logit_scale``) keep their config value.
     """
-    import zlib
-
     names = _canonical_names(model, vision_prefixes)
     owners = {f"{mod_name}.{p}" if mod_name else p: mod for mod_name, mod in model.named_modules()
               for p, _ in mod.named_parameters(recurse=False)}
@@ -143,9 +144,6 @@ def save_processor_portable(processor: Any, out: Any) -> None:
     ``TokenizersBackend`` with a list of ``extra_special_tokens``; 4.57 reads ``preprocessor_config.json``,
     ``PreTrainedTokenizerFast`` and ``additional_special_tokens``. 5.x reads the 4.57 layout too.
     """
-    import json
-    from pathlib import Path
-
     out = Path(out)
     with quiet_transformers():
         processor.save_pretrained(out)

@@ -16,11 +16,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, check_exporter, exporter_info
 from .flops import count_params, edit_params, onnx_flops, torch_flops
-from .runners import (DTYPES, OrtRunner, PatchSet, TorchRunner, VariantSwitch, available_runtimes, bench_inputs,
-                      dtype_skip_reason, export_variants, machine_info, ort_profile)
+from .patchsets import PatchSet, VariantSwitch
+from .runners import OrtRunner, TorchRunner, available_runtimes, dtype_skip_reason, machine_info, ort_profile
+from .towers import DTYPES, bench_inputs, export_variants
 from .timing import paired_ratios, summarize, time_interleaved
 
 BASELINE = "unmodified"

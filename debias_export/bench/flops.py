@@ -16,16 +16,16 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import onnx
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 COUNTED_OPS = ("MatMul", "Gemm", "Conv")
 
 
 def torch_flops(fn: Callable[[], object]) -> int:
     """Total FLOPs of one call of ``fn`` (no grad), as counted by ``FlopCounterMode``."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         fn()
@@ -119,8 +119,6 @@ def onnx_flops(model_or_path: Any, input_shapes: Mapping[str, tuple[int, ...]]) 
     Returns ``{"total": int, "by_op": {op: int}, "nodes": int, "unresolved": [node names],
     "shape_inference": "onnx"|"onnx+symbolic", "initializer_params": int}``.
     """
-    import onnx
-
     model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else onnx.ModelProto.FromString(
         model_or_path.SerializeToString())
     _pin_inputs(model, input_shapes)
@@ -129,6 +127,7 @@ def onnx_flops(model_or_path: Any, input_shapes: Mapping[str, tuple[int, ...]]) 
     shapes = _shape_table(inferred)
     result = _count(inferred, shapes)
     if result["unresolved"]:
+        # optional extra ([cpu] / [gpu]): only to run graphs
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
         try:

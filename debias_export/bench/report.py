@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..export.manifest import atomic_output_dir
+
 BASELINE = "unmodified"
 
 
@@ -81,7 +83,7 @@ def markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per tower x runtime x dtype: median latency vs batch (p10-p90 band) on top, the paired
     patched/unmodified ratio (median, p10-p90 bars) below, where a 1% difference is visible."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -124,8 +126,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def write_report(result: dict[str, Any], out_dir: Path, overwrite: bool = False) -> Path:
     """Write the three files into ``out_dir`` via a temp dir + rename (never a half-written output)."""
-    from ..export.manifest import atomic_output_dir
-
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         (tmp / "bench.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

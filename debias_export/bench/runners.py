@@ -1,247 +1,36 @@
 """Runtimes that execute one tower of an unmodified and a patched model side by side.
 
-Variants share one set of base weights: a :class:`PatchSet` holds compiled
-:class:`~debias_export.runtime.SiteEdit` modules and installs / removes them on the model's own
-modules (a hook per site, done outside the timed region), so the eager comparison measures exactly the
-edit and not two copies of the model competing for cache. ONNX variants are exported from the same
-in-memory model with the patch installed or not, and run in separate onnxruntime sessions.
+Variants (:mod:`.patchsets`) share one set of base weights. ONNX variants are exported from the same
+in-memory model with the patch installed or not (:mod:`.towers`), and run in separate onnxruntime sessions.
 
 Runtimes: ``torch`` (eager, CPU), ``torch-cuda``, ``ort`` (onnxruntime CPU EP) and ``ort-cuda``.
 """
 from __future__ import annotations
 
+import ast
+import json
 import os
-from dataclasses import dataclass, field
+import platform
+import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import onnx
 import torch
-from torch import nn
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
-from ..export.onnx_export import DEFAULT_EXPORTER, DEFAULT_OPSET, export_graph
-from ..export.onnx_specs import GraphSpec
-from ..runtime import EDIT_ATTR, InstalledSiteEdit, SiteEdit
+from ..runtime import EDIT_ATTR
+from .patchsets import Call, VariantSwitch
+from .towers import DTYPES
 
 RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-# ----- patch sets -----------------------------------------------------------------------------------
-@dataclass
-class PatchSet:
-    """Compiled wrappers for one variant, detached from the model until :meth:`install`."""
-
-    name: str
-    entries: list[tuple[str, SiteEdit, str | None]] = field(default_factory=list)  # (module path, site edit, position module)
-    # folded edits: (module path, parent, child name, original module, folded copy), swapped like wrappers
-    swaps: list[tuple[str, nn.Module, str, nn.Module, nn.Module]] = field(default_factory=list)
-    folds: list[dict[str, Any]] = field(default_factory=list)  # fold records (edits.projection.fold_record)
-    _installed: list[InstalledSiteEdit] = field(default_factory=list)
-
-    @classmethod
-    def compile(cls, name: str, adapter: ModelAdapter, edits: list) -> "PatchSet":
-        """Compile ``edits`` with :func:`apply_edits`, then take the wrappers out again (model restored).
-
-        Projection edits that record a fold mode are folded instead: the folded copies of the modules they
-        change (same class, same shapes, so zero extra ops) are kept and the original weights restored.
-        """
-        import copy
-
-        from ..edits import apply_edits
-        from ..edits.install import install_edits
-        from ..edits.projection import split_folded
-
-        to_fold, to_patch = split_folded(list(edits))
-        swaps, folds = [], []
-        if to_fold:
-            installed = install_edits(adapter, to_fold)  # folds only: to_fold holds no patch edits
-            try:
-                folds = installed.fold_records()
-                paths = list(dict.fromkeys(p for _, h in installed.folds for p in h.folded))
-                copies = {p: copy.deepcopy(adapter.model.get_submodule(p)) for p in paths}
-            finally:
-                installed.remove()
-            for path, folded in copies.items():
-                parent_name, _, child = path.rpartition(".")
-                parent = adapter.model.get_submodule(parent_name) if parent_name else adapter.model
-                swaps.append((path, parent, child, getattr(parent, child), folded))
-        entries = []
-        if to_patch or not to_fold:  # apply_edits also gives the error for an empty edit list
-            handle = apply_edits(adapter, to_patch)
-            entries = _entries(adapter, handle._installed)
-            handle.remove()
-        clash = {p for p, _, _ in entries} & {s[0] for s in swaps}
-        if clash:
-            raise DebiasError(f"variant {name!r} both folds into and patches {sorted(clash)[0]}; use separate variants")
-        return cls(name, entries, swaps=swaps, folds=folds)
-
-    def paths(self) -> list[str]:
-        """Every module path this variant changes (patched or folded)."""
-        return [p for p, _, _ in self.entries] + [s[0] for s in self.swaps]
-
-    @classmethod
-    def discover(cls, name: str, adapter: ModelAdapter) -> "PatchSet":
-        """The site edits :func:`~debias_export.export.load_patched` installed (the model stays patched)."""
-        installed = list(getattr(adapter, "installed_patches", []) or [])
-        if not installed:
-            raise DebiasError("the loaded model has no debias patches to benchmark")
-        return cls(name, _entries(adapter, installed), _installed=installed)
-
-    def wrappers(self) -> list[SiteEdit]:
-        return [w for _, w, _ in self.entries]
-
-    def install(self, model: nn.Module) -> None:
-        # parents are held as objects, so a fold inside a block that a wrapper also wraps still lands
-        for _, parent, child, _, folded in self.swaps:
-            setattr(parent, child, folded)
-        for path, site_edit, position_path in self.entries:
-            position = model.get_submodule(position_path) if position_path is not None else None
-            self._installed.append(InstalledSiteEdit(model.get_submodule(path), site_edit, position))
-
-    def uninstall(self, model: nn.Module) -> None:
-        for item in reversed(self._installed):
-            item.remove()
-        self._installed.clear()
-        for _, parent, child, original, _ in self.swaps:
-            setattr(parent, child, original)
-
-    def to(self, **kw: Any) -> "PatchSet":
-        for w in self.wrappers():
-            w.to(**kw)  # the patched modules move with the model
-        for _, _, _, original, folded in self.swaps:  # whichever of the two is outside the model now
-            original.to(**kw)
-            folded.to(**kw)
-        return self
-
-
-def _entries(adapter: ModelAdapter, installed: list[InstalledSiteEdit]) -> list[tuple[str, SiteEdit, str | None]]:
-    """(module path, site edit, position module path) of installed site edits, for re-installing later."""
-    names = {id(m): n for n, m in adapter.model.named_modules()}
-    return [(names[id(item.module)], item.site_edit,
-             names[id(item.position_module)] if item.position_module is not None else None) for item in installed]
-
-
-class VariantSwitch:
-    """Keeps at most one :class:`PatchSet` installed in a model; ``None`` means unmodified."""
-
-    def __init__(self, model: nn.Module, variants: dict[str, PatchSet | None]):
-        self.model, self.variants, self.current = model, variants, None
-
-    def activate(self, name: str) -> None:
-        if name == self.current:
-            return
-        if self.current is not None and self.variants[self.current] is not None:
-            self.variants[self.current].uninstall(self.model)
-        if self.variants[name] is not None:
-            self.variants[name].install(self.model)
-        self.current = name
-
-    def reset(self) -> None:
-        """Leave the model unmodified (the patched state of a loaded patched model is restored by caller)."""
-        for name, ps in self.variants.items():
-            if ps is None:
-                self.activate(name)
-                return
-
-
-class Call:
-    """A timed callable with an untimed ``prepare`` step (variant switching, input placement)."""
-
-    def __init__(self, fn: Callable[[], object], prepare: Callable[[], None] | None = None):
-        self.fn, self.prepare = fn, prepare
-
-    def __call__(self) -> object:
-        return self.fn()
-
-
-# ----- inputs and tower wrappers --------------------------------------------------------------------
-def bench_inputs(adapter: ModelAdapter, tower: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic inputs: random pixels, or real CLIP-BPE prompts padded to the full context length."""
-    g = torch.Generator().manual_seed(seed)
-    if tower == "image":
-        size = _image_size(adapter)
-        return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
-    prompts = ["a photo of a nurse", "a photo of an engineer at work", "a portrait of a person",
-               "a close-up photo of a doctor smiling in a hospital corridor"]
-    tok = adapter.prepare_texts([prompts[i % len(prompts)] for i in range(batch)])
-    if not hasattr(adapter, "_tower_config"):
-        return tok
-    ctx = int(adapter._tower_config("text").max_position_embeddings)  # CLIP deployments pad to the context
-    ids, mask = tok["input_ids"], tok["attention_mask"]
-    pad = ctx - ids.shape[1]
-    if pad > 0:
-        ids = torch.nn.functional.pad(ids, (0, pad), value=0)
-        mask = torch.nn.functional.pad(mask, (0, pad), value=0)
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _image_size(adapter: ModelAdapter) -> int:
-    if hasattr(adapter, "image_size"):
-        return int(adapter.image_size())
-    if hasattr(adapter, "vision_config"):  # LLaVA
-        return int(adapter.vision_config.image_size)
-    raise DebiasError(f"cannot tell the image size of a {adapter.family} model for benchmark inputs")
-
-
-def random_llava_vision(seed: int = 0) -> ModelAdapter:
-    """LLaVA-1.5-7B's image path with random weights: real ViT-L/14-336 tower read at layer -2 and the
-    real 1024->4096->4096 projector; the Llama LM is cut to 0 layers and a 64-token vocabulary because
-    ``embed("image")`` (what the LM receives) never runs it and 7B weights do not fit this machine."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    from ..adapters.llava import LlavaAdapter
-    from ..real_configs import LLAVA_15_7B
-
-    vision = {k: v for k, v in LLAVA_15_7B["vision_config"].items() if k != "model_type"}
-    t = LLAVA_15_7B["text_config"]
-    text = LlamaConfig(vocab_size=64, hidden_size=t["hidden_size"], intermediate_size=16, num_hidden_layers=0,
-                       num_attention_heads=t["num_attention_heads"])
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=text, image_token_index=63,
-                      vision_feature_layer=LLAVA_15_7B["vision_feature_layer"],
-                      vision_feature_select_strategy=LLAVA_15_7B["vision_feature_select_strategy"],
-                      projector_hidden_act=LLAVA_15_7B["projector_hidden_act"])
-    adapter = LlavaAdapter.from_config(cfg, seed=seed)
-    adapter.source = "config:llava-1.5-7b (vision tower + projector; LM stubbed)"
-    return adapter
-
-
-class TowerModule(nn.Module):
-    """``pixel_values -> embeds`` or ``(input_ids, attention_mask) -> embeds`` for export."""
-
-    def __init__(self, adapter: ModelAdapter, tower: str):
-        super().__init__()
-        self.adapter, self.tower = adapter, tower
-        self.model = adapter.model  # registered so .to()/parameters() see the weights
-
-    def forward(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"embeds": self.adapter.embed(self.tower, inputs)}
-
-
-def input_names(tower: str) -> list[str]:
-    return ["pixel_values"] if tower == "image" else ["input_ids", "attention_mask"]
-
-
-def export_tower_onnx(adapter: ModelAdapter, tower: str, path: Path, inputs: dict[str, torch.Tensor],
-                      opset: int = DEFAULT_OPSET, exporter: str = DEFAULT_EXPORTER) -> Path:
-    """ONNX export of one tower's ``embed`` (batch and sequence axes dynamic) with the package's exporter.
-
-    Position-pruning pre-hooks on the text tower run during tracing, so they are in the graph.
-    """
-    axes = {0: "batch"} if tower == "image" else {0: "batch", 1: "sequence"}
-    spec = GraphSpec(path.stem, tower, {n: dict(axes) for n in input_names(tower)}, {"embeds": {0: "batch"}},
-                     build=lambda a: TowerModule(a, tower), example_inputs=lambda a, b, s, g: dict(inputs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    export_graph(spec, TowerModule(adapter, tower).eval(), inputs, path, opset=opset, exporter=exporter)
-    return path
 
 
 # ----- sessions ------------------------------------------------------------------------------------
 def ort_session(path: Path, device: str = "cpu", threads: int = 1, opt_level: str = "all",
                 profile_prefix: str | None = None):
     """onnxruntime session with fixed intra-op threads (recorded) and graph optimisation level."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -262,7 +51,7 @@ def available_runtimes() -> dict[str, str | None]:
     """Each runtime -> ``None`` when usable here, else the reason it is skipped."""
     out: dict[str, str | None] = {"torch": None}
     try:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
         ort_ok, cuda_ep = True, "CUDAExecutionProvider" in ort.get_available_providers()
     except ImportError:
@@ -366,10 +155,6 @@ def _scoped_node_names(path: Path) -> dict[str, str]:
     The dynamo exporter names nodes ``node_<Op>_<n>`` and records each node's module path in its
     ``pkg.torch.onnx.name_scopes`` metadata; the TorchScript exporter puts the scope in the name itself.
     """
-    import ast
-
-    import onnx
-
     out = {}
     for node in onnx.load(str(path), load_external_data=False).graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
@@ -380,7 +165,6 @@ def _scoped_node_names(path: Path) -> dict[str, str]:
     return out
 
 
-
 def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, threads: int = 1,
                 opt_level: str = "all", patch_modules: list[str] = ()) -> dict[str, Any]:
     """ORT's built-in profiler over ``runs`` calls (after one warm-up): ms per call by op type, and the
@@ -388,9 +172,6 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
     ``patch_over_rest`` = patch ms / other ms measures the edit's cost *within the same runs*, so unlike
     comparing two timed sessions it is insensitive to load drift.
     """
-    import json
-    import tempfile
-
     # the edit runs as a hook-called child named ``debias_edit``: its nodes carry that scope in their names
     # (TorchScript puts it under the block list's scope, so every patched site shares it)
     scope = f"/{EDIT_ATTR}/"
@@ -421,27 +202,8 @@ def ort_profile(path: Path, inputs: dict[str, torch.Tensor], runs: int = 3, thre
             "patch_over_rest": patch_ms / (total - patch_ms) if total > patch_ms else None}
 
 
-def export_variants(adapter: ModelAdapter, tower: str, switch: VariantSwitch, out_dir: Path, dtype: str = "fp32",
-                    device: str = "cpu", exporter: str = DEFAULT_EXPORTER) -> dict[str, Path]:
-    """Export one ONNX graph per variant (the model is switched to each variant for its trace)."""
-    adapter.model.to(device=device, dtype=DTYPES[dtype])
-    for ps in switch.variants.values():
-        if ps is not None:
-            ps.to(device=device, dtype=DTYPES[dtype])
-    example = {k: (v.to(device, DTYPES[dtype]) if v.is_floating_point() else v.to(device))
-               for k, v in bench_inputs(adapter, tower, 2).items()}
-    paths = {}
-    for name in switch.variants:
-        switch.activate(name)
-        paths[name] = export_tower_onnx(adapter, tower, out_dir / f"{tower}_{name}_{dtype}.onnx", example, exporter=exporter)
-    switch.reset()
-    return paths
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     """CPU model, core count, library versions and thread settings for the result JSON."""
-    import platform
-
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -454,7 +216,7 @@ def machine_info(threads: int) -> dict[str, Any]:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": threads,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
-        import onnxruntime
+        import onnxruntime  # optional extra ([cpu] / [gpu]): only to run graphs
 
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError, DebiasError
+from ..core.choices import BENCH_EXPORTERS, ORT_OPT_LEVELS
+from ..core.errors import ConfigError, DebiasError
 
 
 def _csv(value: str) -> list[str]:
@@ -24,8 +25,8 @@ def _ints(value: str) -> list[int]:
 
 def random_sae_edits(adapter, modes: list[str], sites: list[str], expansion: int, n_neurons: int, seed: int = 0):
     """Synthetic SAE edits (random SAE, F = expansion * d) for latency/FLOPs work on random-weight models."""
-    from ..edits.sae_edit import SAEEdit
-    from ..testing import random_sae
+    from ..edits.sae.edit import SAEEdit
+    from ..workflow.testing import random_sae
 
     variants = {}
     for spec in modes:
@@ -71,11 +72,11 @@ def _load_export(path: str):
 @click.option("--reps", default=20, show_default=True, help="Timed interleaved repetitions per variant.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed interleaved warm-up calls per variant.")
 @click.option("--threads", default=1, show_default=True, help="torch threads and ORT intra-op threads (fixed, recorded).")
-@click.option("--opt-level", default="all", show_default=True, type=click.Choice(["disable", "basic", "extended", "all"]),
+@click.option("--opt-level", default="all", show_default=True, type=click.Choice(ORT_OPT_LEVELS),
               help="onnxruntime graph optimisation level.")
 @click.option("--order", default="abab", show_default=True, type=click.Choice(["abab", "rotate"]),
               help="Interleaving: same variant order every round, or rotate the starting variant.")
-@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(["dynamo", "torchscript"]),
+@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(BENCH_EXPORTERS),
               help="ONNX exporter for the ort runtimes: torch.export-based (dynamo) or the legacy TorchScript tracer.")
 @click.option("--no-flops", is_flag=True, help="Skip FLOPs counting.")
 @click.option("--profile", is_flag=True, help="Add an ORT per-op-type profile of each variant.")
@@ -103,14 +104,14 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
         meta["export_dir"] = str(export_dir)
     else:
         if arch and arch.startswith("llava"):
-            from ..bench.runners import random_llava_vision
+            from ..bench.towers import random_llava_vision
 
             if arch != "llava-1.5-7b":
                 raise ConfigError(f"unknown LLaVA architecture {arch!r}; known: llava-1.5-7b")
             adapter = random_llava_vision()
             meta["arch"] = arch
         elif arch:
-            from ..real_configs import random_clip
+            from ..adapters.real_configs import random_clip
 
             only = _csv(towers) if towers else []
             # one tower requested: build only it (ViT-L/14-336 alone is 1.2 GB of fp32 weights)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from .common import NON_NEGATIVE_INT, POSITIVE_INT, SEED, refuse_existing
 
 RECIPE_OVERRIDES = ("seed", "epochs", "max_images", "threads")
@@ -36,11 +36,11 @@ def bias_lab(out_dir: Path, retrain: bool, data_dir: Path | None, cache_root: Pa
     """The bias lab (frozen MiniLM text tower + small CLIP ViT trained on UTKFace label captions): measure its
     social bias on FairFace 540 / PAIRS; ``--retrain`` reproduces it from the recipe (same CPU: identical)."""
     from ..adapters.dual_encoder import DualEncoderAdapter
-    from ..biaslab import lab as lab_mod
-    from ..biaslab.settings import BiasLabSettings
+    from ..data.datasets import resolve_data_dir
     from ..eval.report import write_report
-    from ..eval.retrieval import resolve_data_dir
     from ..export.manifest import atomic_output_dir
+    from ..workflow.biaslab import lab as lab_mod
+    from ..workflow.biaslab.settings import BiasLabSettings
 
     refuse_existing(out_dir, overwrite)
     data_dir = resolve_data_dir(data_dir)  # a missing data folder fails before anything is loaded or trained
@@ -83,7 +83,7 @@ def _compare_to_shipped(folder: Path, settings, shipped: dict, lab_mod) -> dict:
     """Is a retrained lab the shipped one? Bit-identical weights, or how far apart (another CPU kind)."""
     import torch
 
-    from ..biaslab.model import read_trained
+    from ..workflow.biaslab.model import read_trained
 
     if settings.to_dict() != shipped["settings"]:
         return {"same_recipe": False, "summary": "recipe differs from the shipped one (overrides): no comparison"}

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.choices import CAPTURE_DTYPES, TOKEN_MODES
+from ..core.errors import DebiasError
 from .common import POSITIVE_INT, SEED, model_option
 
 
@@ -21,12 +22,12 @@ from .common import POSITIVE_INT, SEED, model_option
 @click.option("--prompt-pairing", type=click.Choice(["cross", "rows"]), default="cross", show_default=True,
               help="template,concept CSVs: every template x every concept, or one prompt per row.")
 @click.option("--where", multiple=True, metavar="COL=V1[,V2]", help="Keep only rows whose COL is one of the values (repeatable).")
-@click.option("--tokens", type=click.Choice(["random-k", "output", "all"]), default="random-k", show_default=True,
+@click.option("--tokens", type=click.Choice(TOKEN_MODES), default="random-k", show_default=True,
               help="Which token positions to store per input.")
 @click.option("--k", default=2, show_default=True, type=POSITIVE_INT, help="Positions per input for random-k (with replacement).")
 @click.option("--batch-size", default=32, show_default=True, type=POSITIVE_INT)
 @click.option("--shard-size", default=None, type=POSITIVE_INT, help="Inputs per shard (default 4096; 128 with --tokens all).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(CAPTURE_DTYPES), default="float32", show_default=True,
               help="Storage dtype of the activations.")
 @click.option("--limit", default=None, type=POSITIVE_INT, help="Capture only the first N inputs (after --where).")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random-k draws.")
@@ -39,7 +40,7 @@ def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str |
             no_progress: bool) -> None:
     """Capture SITE activations of MODEL over labelled images or prompts into shards under OUT (resumable)."""
     from ..capture import capture_activations
-    from ..data import LabelledImages, TextPrompts, parse_where, resolve_data_path
+    from ..data.datasets import LabelledImages, TextPrompts, parse_where, resolve_data_path
     from .common import load_model_spec
 
     if (images_csv is None) == (texts_path is None):

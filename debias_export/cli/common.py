@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from ..adapters.specs import load_model_spec  # noqa: F401  (re-exported for commands)
-from ..errors import DebiasError
+from ..core.fileio import refuse_existing  # noqa: F401  (re-exported for commands)
+
+
+def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Any:
+    """:func:`debias_export.workflow.model_specs.load_model_spec`, imported when a command runs."""
+    from ..workflow.model_specs import load_model_spec as load  # torch + transformers: not at --help time
+
+    return load(spec, family=family, **kwargs)
+
 
 model_option = click.option("--model", "model_spec", required=True,
                             help="Hub id or local directory; 'tiny-clip' (tiny random CLIP) or 'arch:clip-vit-base-patch16' (real config, random weights).")
@@ -83,12 +90,6 @@ allow_mismatch_option = click.option(
 POSITIVE_INT = click.IntRange(min=1)
 NON_NEGATIVE_INT = click.IntRange(min=0)
 SEED = click.IntRange(min=0, max=2**63 - 1)  # what torch.manual_seed accepts
-
-
-def refuse_existing(path: Path, overwrite: bool) -> None:
-    """Output directories are never clobbered silently."""
-    if path.exists() and not overwrite:
-        raise DebiasError(f"output {path} already exists (pass --overwrite to replace it)")
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -11,10 +11,19 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
-from ..model_match import allow_mismatch as mismatch_allowed
-from .common import (NON_NEGATIVE_INT, POSITIVE_INT, FiniteFloat, FloatList, allow_mismatch_option, load_model_spec,
-                     model_option, refuse_existing)
+from ..core.choices import PVALUE_CORRECTIONS
+from ..core.errors import DebiasError
+from ..core.model_match import allow_mismatch as mismatch_allowed
+from .common import (
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    FiniteFloat,
+    FloatList,
+    allow_mismatch_option,
+    load_model_spec,
+    model_option,
+    refuse_existing,
+)
 
 # options read by only one kind of metric: given explicitly for the other, they are an error, not ignored
 RETRIEVAL_ONLY = ("k", "shuffles")
@@ -49,7 +58,7 @@ def _refuse_options(ctx: click.Context, names: tuple[str, ...], family: str) -> 
               help="Quick runs: the first N FairFace images (CLIP-style); a gender-balanced sample of N faces (llava).")
 @click.option("--faces", default="fairface540", show_default=True,
               help="llava: labelled face set under the data dir (a folder with labels.csv: file,gender).")
-@click.option("--correction", type=click.Choice(["bh", "bonferroni"]), default="bh", show_default=True,
+@click.option("--correction", type=click.Choice(PVALUE_CORRECTIONS), default="bh", show_default=True,
               help="llava: multiple-testing correction of the per-question Mann-Whitney U p-values.")
 @click.option("--batch-size", default=8, show_default=True, type=POSITIVE_INT, help="llava: prompts per forward pass.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -61,6 +70,7 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
     """Evaluate a model's bias (and utility); with --patched/--edit, before vs after; with --alphas, a sweep."""
     import torch
 
+    from ..eval.llava_eval import write_llava_report
     from ..eval.report import write_report
 
     if patched_dir is not None and edit_dir is not None:
@@ -71,7 +81,8 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
     refuse_existing(out_dir, overwrite)
     sets = [s.strip() for s in prompt_sets.split(",")] if prompt_sets else None
     adapter = load_model_spec(model_spec)
-    if adapter.family != "llava" and limit is not None and k > limit:  # before minutes of embedding
+    vla = adapter.bias_metric == "vla_gender_bias"  # the family's metric: yes/no questions instead of retrieval
+    if not vla and limit is not None and k > limit:  # before minutes of embedding
         raise DebiasError(f"--k {k} is larger than the image pool of --limit {limit} images")
     edit = None
     if edit_dir is not None:
@@ -83,13 +94,13 @@ def eval_cmd(ctx: click.Context, model_spec: str, patched_dir: Path | None, edit
     with torch.no_grad(), mismatch_allowed(allow_mismatch):  # one block: a mismatch is said once, not per alpha
         if edit is not None:
             edit.validate(adapter)  # site, width and recorded model: now, not after minutes of embedding
-        if adapter.family == "llava":
+        if vla:
             _refuse_options(ctx, RETRIEVAL_ONLY, adapter.family)
             result = _llava(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, faces, correction, batch_size)
         else:
             _refuse_options(ctx, LLAVA_ONLY, adapter.family)
             result = _retrieval(adapter, patched_dir, edit, alpha_list, data_dir, sets, limit, k, shuffles)
-    write_report(result, out_dir, overwrite=overwrite)
+    (write_llava_report if vla else write_report)(result, out_dir, overwrite=overwrite)
     click.echo(f"wrote {out_dir}/report.md and metrics.json")
 
 

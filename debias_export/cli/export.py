@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
-from ..model_match import allow_mismatch as mismatch_allowed
+from ..core.choices import ONNX_EXPORTERS
+from ..core.errors import DebiasError
+from ..core.model_match import allow_mismatch as mismatch_allowed
 from .common import allow_mismatch_option, load_model_spec, model_option
 
 
@@ -22,7 +23,7 @@ def _mb(n: int) -> str:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output dir (gets hf/ and onnx/).")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="Also export and validate ONNX graphs.")
 @click.option("--tower", "towers", multiple=True, help="Only these towers in ONNX (default: all).")
-@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(["dynamo", "torchscript", "optimum"]),
+@click.option("--exporter", default="dynamo", show_default=True, type=click.Choice(ONNX_EXPORTERS),
               help="ONNX exporter: torch.export-based (dynamo), the legacy TorchScript tracer, or optimum-onnx (if installed).")
 @click.option("--opset", default=20, show_default=True, type=int)
 @click.option("--atol", default=1e-4, show_default=True, type=float, help="ONNX vs PyTorch tolerance.")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.choices import TOWERS
+from ..core.errors import DebiasError
 from .common import POSITIVE_INT, SEED, FiniteFloat, model_option
 
 
@@ -17,7 +18,7 @@ def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str
     Text-tower decodability and attribution need labelled texts; captions built from the image labels
     carry exactly the attributes under study. Duplicates are dropped so no caption sits in both the
     probe's train and test split."""
-    from ..data import CAPTION_TEMPLATES, label_caption
+    from ..data.captions import CAPTION_TEMPLATES, label_caption
 
     seen: dict[str, dict[str, str]] = {}
     for template in CAPTION_TEMPLATES:
@@ -32,7 +33,7 @@ def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str
 
 
 def _labels_csv(data: str) -> Path:
-    from ..data import resolve_data_path
+    from ..data.datasets import resolve_data_path
 
     path = resolve_data_path(data)
     if path.is_dir():
@@ -44,7 +45,7 @@ def _labels_csv(data: str) -> Path:
 
 def _default_prompts(labels_csv: Path) -> Path:
     """Neutral occupation prompts next to the data set, else in the shared data dir."""
-    from ..data import default_data_dir
+    from ..data.datasets import default_data_dir
 
     local = labels_csv.parent.parent / "prompts" / "occupations.csv"
     if local.is_file():
@@ -54,7 +55,7 @@ def _default_prompts(labels_csv: Path) -> Path:
 
 @click.command("locate")
 @model_option
-@click.option("--tower", type=click.Choice(["image", "text"]), default="image", show_default=True)
+@click.option("--tower", type=click.Choice(TOWERS), default="image", show_default=True)
 @click.option("--data", "data", required=True, help="Folder with labels.csv + images/ (e.g. fairface540), or the CSV.")
 @click.option("--column", "columns", multiple=True, required=True, help="Attribute column (repeatable); the first is ablated.")
 @click.option("--prompts", "prompts_path", default=None, help="Neutral prompts (.txt or template,concept CSV) for MaxSkew@k.")
@@ -77,8 +78,8 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     """Where does the bias of MODEL's TOWER come from? Curves per block and a ranking of components."""
     import torch
 
-    from ..data import LabelledImages, TextPrompts, resolve_data_path
-    from ..locate import locate_bias
+    from ..analysis.locate import locate_bias
+    from ..data.datasets import LabelledImages, TextPrompts, resolve_data_path
     from .common import load_model_spec, refuse_existing, write_json
 
     if not 0.0 < test_fraction < 1.0:
@@ -105,7 +106,7 @@ def locate(model_spec: str, tower: str, data: str, columns: tuple[str, ...], pro
     captions = label_captions(images.rows, columns) if tower == "text" else None
     pairs = None
     if use_pairs and prompts is not None:
-        from ..data import default_data_dir
+        from ..data.datasets import default_data_dir
         from ..eval.retrieval import EvalData
 
         if (default_data_dir() / "pairs" / "labels.csv").is_file():

@@ -1,6 +1,6 @@
-"""``debias-export`` command line. Each command lives in its own module under ``cli/``.
+"""``debias-export`` command line. Each command lives in its own module under ``cli/``, imported on use.
 
-Errors: a :class:`~debias_export.errors.DebiasError` (or click usage error) prints one line and exits
+Errors: a :class:`~debias_export.core.errors.DebiasError` (or click usage error) prints one line and exits
 2; anything else is a bug and also prints one line unless ``--debug`` asks for the traceback.
 """
 from __future__ import annotations
@@ -9,31 +9,53 @@ import importlib
 import logging
 import os
 import sys
+from typing import Any
 
 import click
 
-from ..errors import DebiasError
-from ..fileio import disk_full
+from ..core.errors import DebiasError
+from ..core.fileio import disk_full
 
-# (module, command attribute) pairs; a module per command keeps files small and imports lazy-ish.
-COMMANDS = [
-    ("capture", "capture"),
-    ("train_sae", "train_sae"),
-    ("probe", "probe"),
-    ("patch", "patch"),
-    ("export", "export"),
-    ("validate", "validate"),
-    ("verify", "verify"),
-    ("run", "run"),
-    ("bench", "bench"),
-    ("eval", "eval_cmd"),
-    ("locate", "locate"),
-    ("bias_lab", "bias_lab"),
-    ("project", "project"),
-]
+# command name -> (module under cli/, attribute). Commands are imported when invoked (or listed by --help), and
+# a command module imports only click and core/ at its top, so `debias-export [COMMAND] --help` loads no torch.
+COMMANDS = {
+    "capture": ("capture", "capture"),
+    "train-sae": ("train_sae", "train_sae"),
+    "probe": ("probe", "probe"),
+    "patch": ("patch", "patch"),
+    "export": ("export", "export"),
+    "validate": ("validate", "validate"),
+    "verify": ("verify", "verify"),
+    "run": ("run", "run"),
+    "bench": ("bench", "bench"),
+    "eval": ("eval", "eval_cmd"),
+    "locate": ("locate", "locate"),
+    "bias-lab": ("bias_lab", "bias_lab"),
+    "project": ("project", "project"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """A click group whose commands are imported by module name on first use (click's documented lazy-loading pattern)."""
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            module, attr = self.lazy_commands[cmd_name]
+            command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
+            if command.name != cmd_name:
+                raise RuntimeError(f"cli.{module}.{attr} is named {command.name!r}, listed as {cmd_name!r}")
+            self.add_command(command)
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -42,16 +64,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
     if debug:
         os.environ["DEBIAS_EXPORT_DEBUG"] = "1"
-
-
-for _module, _attr in COMMANDS:
-    try:
-        _mod = importlib.import_module(f"debias_export.cli.{_module}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"debias_export.cli.{_module}":
-            raise
-        continue  # command not built yet
-    cli.add_command(getattr(_mod, _attr))
 
 
 class _StderrHandler(logging.Handler):

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError, DebiasError
-from ..model_match import FINGERPRINT_KEY, allow_mismatch as mismatch_allowed, model_fingerprint
+from ..core.choices import SAE_MODES
+from ..core.errors import ConfigError, DebiasError
+from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
+from ..core.model_match import allow_mismatch as mismatch_allowed
 from .common import FiniteFloat, allow_mismatch_option, load_model_spec, model_option
 
 
@@ -61,7 +63,7 @@ def parse_neurons(text: str) -> list[int]:
               help="Take the neurons of every group of a probe report instead of --neurons.")
 @click.option("--alpha", default=0.6, show_default=True, type=FiniteFloat(0.0, 1.0), help="Mixing weight a.")
 @click.option("--value", default=0.0, show_default=True, type=FiniteFloat(), help="Value v the neurons are set to.")
-@click.option("--mode", default="reconstruct", show_default=True, type=click.Choice(["reconstruct", "residual"]))
+@click.option("--mode", default="reconstruct", show_default=True, type=click.Choice(SAE_MODES))
 @click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")

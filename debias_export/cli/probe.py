@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import DebiasError
+from ..core.errors import DebiasError
 from .common import POSITIVE_INT, FiniteFloat
 
 
@@ -30,12 +30,12 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
           groups: str | None, which: str, tau: float, top_n: int, min_group_size: int, out_path: Path,
           overwrite: bool) -> None:
     """Probe the SAE latents of CAPTURE per COLUMN group and write the social neurons to OUT."""
-    from ..probe import latents_from_capture, probe_social_neurons
+    from ..analysis.probe import latents_from_capture, probe_social_neurons
     from ..sae.importers import load_any
     from .common import refuse_existing, write_json
 
     refuse_existing(out_path, overwrite)
-    from ..capture import ActivationStore
+    from ..capture.store import ActivationStore
 
     width = ActivationStore(capture_dir).width
     sae = load_any(sae_dir, d_in=width, hookpoint=hookpoint)

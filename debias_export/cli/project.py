@@ -5,32 +5,13 @@ from pathlib import Path
 
 import click
 
-from ..errors import ConfigError
-from ..model_match import allow_mismatch as mismatch_allowed, check_made_for, record_of
+from ..core.choices import EXPORT_FOLDS, PROJECTION_METHODS
+from ..core.errors import ConfigError
+from ..core.model_match import allow_mismatch as mismatch_allowed
+from ..core.model_match import check_made_for, record_of
 from .common import FiniteFloat, allow_mismatch_option
 
-METHODS = {"leace": "leace", "mean-diff": "mean_diff"}
-
-
-def read_fair_directions(path: Path):
-    """``[d, m]`` raw fair directions from a safetensors file holding one tensor (or one named ``directions``, or
-    ``fair`` as ``locate`` writes it); a ``[d]`` vector is one direction."""
-    from ..sae.model import read_safetensors
-
-    tensors = read_safetensors(path)
-    if "directions" in tensors:
-        t = tensors["directions"]
-    elif "fair" in tensors:  # `debias-export locate`'s directions.safetensors
-        t = tensors["fair"]
-    elif len(tensors) == 1:
-        (t,) = tensors.values()
-    else:
-        raise ConfigError(f"--fair-from {path} holds {len(tensors)} tensors; name the one to use 'directions'")
-    if t.dim() == 1:  # one direction
-        t = t[:, None]
-    if t.dim() != 2:
-        raise ConfigError(f"--fair-from {path}: directions must be [d, m], got shape {tuple(t.shape)}")
-    return t.float()
+METHODS = PROJECTION_METHODS
 
 
 @click.command("project")
@@ -45,7 +26,7 @@ def read_fair_directions(path: Path):
               help="safetensors with raw fair directions [d, m]; orthonormalised against the bias subspace.")
 @click.option("--no-center", is_flag=True,
               help="Drop the mean term (a linear map; needed to fold into bias-free output projections).")
-@click.option("--fold", type=click.Choice(["none", "site", "output", "every_writer"]), default="none", show_default=True,
+@click.option("--fold", type=click.Choice(EXPORT_FOLDS), default="none", show_default=True,
               help="How `export` applies it: none = fused low-rank patch; site = into the capture site's Linear "
                    "(attn_out/mlp_out); output = into the tower's final projection (fitted on embeddings); "
                    "every_writer = into every write to the residual stream.")
@@ -59,9 +40,9 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     """Fit a projection edit o' = o - b*A(o - mu) + g*F F^T o on CAPTURE labelled by COLUMN; write OUT."""
     import torch
 
-    from ..capture import ActivationStore
+    from ..capture.store import ActivationStore
     from ..edits import apply_edits
-    from ..edits.projection import fit_from_capture, fold_projection
+    from ..edits.projection import fit_from_capture, fold_projection, read_fair_directions
     from ..export import atomic_output_dir
     from .common import load_model_spec, refuse_existing
 

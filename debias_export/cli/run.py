@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..recipe import load_recipe
+from ..workflow.recipe import load_recipe
 from .common import allow_mismatch_option
 
 
@@ -15,8 +15,8 @@ from .common import allow_mismatch_option
 @allow_mismatch_option
 def run(recipe_path: str, out: str | None, overwrite: bool | None, no_progress: bool, allow_mismatch: bool) -> None:
     """Run a recipe end to end: capture, train-sae, probe, patch, export, validate (bench, eval)."""
-    from ..model_match import allow_mismatch as mismatch_allowed
-    from ..pipeline import run_recipe
+    from ..core.model_match import allow_mismatch as mismatch_allowed
+    from ..workflow.pipeline import run_recipe
 
     recipe = load_recipe(recipe_path)
     if out:

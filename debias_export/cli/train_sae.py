@@ -2,53 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
 
 import click
-import torch
 
-from ..errors import DebiasError, check_finite
-from ..sae.model import read_safetensors
+from ..core.errors import DebiasError
 from .common import NON_NEGATIVE_INT, POSITIVE_INT, SEED, FiniteFloat, FloatList
-
-
-class ActivationShards:
-    """Re-iterable ``[N, d]`` tensors named ``activations`` in every ``*.safetensors`` of a folder, by name."""
-
-    def __init__(self, folder: str | Path, key: str = "activations"):
-        self.folder, self.key = Path(folder), key
-        self.files = sorted(p for p in self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
-        if not self.files:
-            raise DebiasError(f"no *.safetensors activation shards in {self.folder}")
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for path in self.files:
-            tensors = read_safetensors(path)
-            if self.key not in tensors:
-                raise DebiasError(f"shard {path} has no tensor named {self.key!r}")
-            check_finite(f"activations in {path}", tensors[self.key])
-            yield tensors[self.key]
-
-
-def open_activations(folder: Path) -> tuple[Any, int, dict[str, Any]]:
-    """``(re-iterable [N, d] tensors, d, metadata)`` from a capture dir or a folder of plain shards."""
-    from ..capture import MANIFEST, ActivationStore
-
-    if (folder / MANIFEST).is_file():
-        store = ActivationStore(folder)
-        s = store.settings
-        site = str(store.site)
-        layer = site.split(".")[1] if site.count(".") >= 1 else None
-        meta = {"model": s.get("model"), "tower": s.get("tower"), "site": site, **store.model_record,
-                "layer": int(layer) if layer and layer.lstrip("-").isdigit() else None,
-                "capture": {"dir": str(folder), "tokens": s.get("tokens"), "num_tokens": store.num_tokens,
-                            "source": s.get("source")}}
-        return store, store.width, meta  # train_sae reads its shards one at a time
-    shards = ActivationShards(folder)
-    first = next(iter(shards))
-    if first.ndim != 2:
-        raise DebiasError(f"{shards.files[0]}: activations have shape {tuple(first.shape)}, expected [N, d]")
-    return shards, int(first.shape[1]), {"capture": {"dir": str(folder)}}
 
 
 @click.command("train-sae")
@@ -78,7 +36,9 @@ def train_sae(act_dir: Path, out_dir: Path, k: int, expansion: int, batch_size: 
               groups: list[float] | None, dead_tokens: int, seed: int, device: str, checkpoint_dir: Path | None, checkpoint_every: int,
               max_steps_this_run: int | None, overwrite: bool, no_progress: bool) -> None:
     """Train a Matryoshka BatchTopK SAE on ACTIVATIONS and save it to OUT (cfg.json + sae.safetensors)."""
-    from ..sae.train import DEFAULT_GROUPS, TrainConfig, train_sae as run_training
+    from ..capture.shards import open_activations
+    from ..sae.train import DEFAULT_GROUPS, TrainConfig
+    from ..sae.train import train_sae as run_training
     from .common import refuse_existing
 
     refuse_existing(out_dir, overwrite)

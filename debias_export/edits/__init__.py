@@ -1,8 +1,8 @@
-"""Edit kinds. Importing this package registers every built-in kind."""
-from .base import (EditConfig, PatchHandle, apply_edits, compile_edit, load_edit, patch_tensors, register_edit,
+"""Edit kinds, one package each (``sae/``, ``projection/``); importing this package registers both."""
+from .base import (EditConfig, PatchHandle, apply_edits, compile_edit, current_patch, load_edit, patch_tensors, register_edit,
                    registered_edit_kinds)
-from .sae_edit import SAEEdit, reference_formula, reference_hook
-from .projection import ProjectionEdit  # noqa: F401
+from .sae import SAEEdit, reference_formula, reference_hook
+from .projection import ProjectionEdit
 
-__all__ = ["EditConfig", "PatchHandle", "apply_edits", "compile_edit", "load_edit", "patch_tensors", "register_edit",
+__all__ = ["EditConfig", "PatchHandle", "apply_edits", "current_patch", "compile_edit", "load_edit", "patch_tensors", "register_edit",
            "registered_edit_kinds", "SAEEdit", "ProjectionEdit", "reference_formula", "reference_hook"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters import ModelAdapter, OutputPositions, adapter_for
-from ..errors import DebiasError
+from ..core.errors import DebiasError
+from ..core.sites import Site
 from ..runtime import InstalledSiteEdit, SiteEdit
-from ..sites import Site
+from ..sae.model import read_safetensors
 
 EDIT_CONFIG = "edit_config.json"
 EDIT_WEIGHTS = "edit.safetensors"
@@ -88,8 +90,6 @@ def registered_edit_kinds() -> dict[str, type[EditConfig]]:
 
 def load_edit(path: str | Path) -> EditConfig:
     """Load an edit folder written by :meth:`EditConfig.save`."""
-    from ..sae.model import read_safetensors
-
     path = Path(path)
     cfg_file = path / EDIT_CONFIG
     if not cfg_file.is_file():
@@ -140,7 +140,7 @@ class PatchHandle:
             item.remove()
         self._installed.clear()
         self.records.clear()
-        self.adapter.model._debias_patch = None
+        _PATCHES.pop(self.adapter.model, None)
         return self.adapter.model
 
     @contextmanager
@@ -169,10 +169,20 @@ class PatchHandle:
         return [item.module for item in self._installed]
 
 
+# The live patch of each model, keyed weakly by the model (not a private attribute on the user's module):
+# set by apply_edits, cleared by PatchHandle.remove, read only through current_patch.
+_PATCHES: "weakref.WeakKeyDictionary[nn.Module, PatchHandle]" = weakref.WeakKeyDictionary()
+
+
+def current_patch(model: "nn.Module | ModelAdapter") -> PatchHandle | None:
+    """The :class:`PatchHandle` that :func:`apply_edits` installed on ``model`` and that is not removed yet, or None."""
+    return _PATCHES.get(model.model if isinstance(model, ModelAdapter) else model)
+
+
 def apply_edits(model: "nn.Module | ModelAdapter", edits: "EditConfig | list[EditConfig]") -> PatchHandle:
     """Compile ``edits`` into ``model`` in place (the one verb). Several edits on one site chain in order."""
     adapter = adapter_for(model)
-    if getattr(adapter.model, "_debias_patch", None):
+    if current_patch(adapter.model):
         raise DebiasError("model is already patched; call remove() on the existing patch first")
     edits = [edits] if isinstance(edits, EditConfig) else list(edits)
     if not edits:
@@ -199,7 +209,7 @@ def apply_edits(model: "nn.Module | ModelAdapter", edits: "EditConfig | list[Edi
     except Exception:
         handle.remove()
         raise
-    adapter.model._debias_patch = handle
+    _PATCHES[adapter.model] = handle
     return handle
 
 

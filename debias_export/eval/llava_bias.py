@@ -23,8 +23,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ..data import load_rgb, read_csv_table
-from ..errors import ConfigError, DebiasError
+from ..adapters import ModelAdapter
+from ..core.errors import ConfigError, DebiasError
+from ..data.datasets import load_rgb, read_csv_table
 
 LLAVA15_TEMPLATE = ("USER: <image>\n{question}\nA. Yes\nB. No\n"
                     "Answer with the option's letter from the given choices directly. ASSISTANT:")
@@ -105,8 +106,6 @@ def yes_probabilities(model: Any, processor: Any, images: Sequence[Any], questio
     ``LlavaProcessor`` (expands ``<image>`` to the image tokens). Prompts are right-padded and the
     logits read at each row's last real token, so batching does not change the numbers.
     """
-    from ..adapters import ModelAdapter
-
     model = model.model if isinstance(model, ModelAdapter) else model
     tok = processor.tokenizer
     ids = list(option_ids) if option_ids is not None else option_token_ids(tok)

@@ -3,8 +3,8 @@
 Wraps :mod:`debias_export.eval.llava_bias` (the metric) with what the CLI and the pipeline need:
 labelled faces + yes/no questions from the shared data (loaded once), before/after an edit or a
 patched export, an alpha sweep, the ``metrics.json`` / ``report.md`` content and the compact numbers
-a recipe's ``run.json`` carries. Result dicts carry ``"metric": "vla_gender_bias"`` so
-:func:`debias_export.eval.report.write_report` can tell them from retrieval results.
+a recipe's ``run.json`` carries. Result dicts carry ``"metric": "vla_gender_bias"``; :func:`write_llava_report`
+writes them with this module's renderer.
 """
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..errors import ConfigError, DebiasError
+from ..adapters import ModelAdapter
+from ..core.errors import ConfigError, DebiasError
+from ..data.datasets import load_rgb, resolve_data_dir
+from ..edits.install import edits_installed
 from .llava_bias import Question, gender_bias_report, load_labelled_faces, questions_from_prompts, yes_probabilities
+from .report import write_report
 
 METRIC = "vla_gender_bias"
 PROMPT_SET_CATEGORIES = {"adjectives": "trait", "occupations": "occupation", "activities": "activity"}
@@ -36,9 +40,6 @@ class LlavaEvalData:
     def load(cls, data_dir: str | Path | None = None, dataset: str = "fairface540", limit: int | None = None,
              prompt_sets: Sequence[str] | None = None, seed: int = 0) -> "LlavaEvalData":
         """``limit``: a gender-balanced random sample of that many faces (``limit // 2`` per gender, seeded)."""
-        from ..data import load_rgb
-        from .retrieval import resolve_data_dir
-
         root = resolve_data_dir(data_dir)
         if limit is not None and limit < 2:
             raise DebiasError(f"--limit must be >= 2 for the gender bias metric (one face per gender), got {limit}")
@@ -98,9 +99,6 @@ def compare_llava(adapter: Any, patched: Any, data: LlavaEvalData, correction: s
                   batch_size: int = 8, base: torch.Tensor | None = None) -> dict[str, Any]:
     """Before/after: ``patched`` is a patched adapter (an export) or edit(s) applied to ``adapter`` for the call.
     ``base``: the unmodified model's P(yes) matrix when already computed."""
-    from ..adapters import ModelAdapter
-    from ..edits.install import edits_installed
-
     proc = processor_of(adapter)
     base = yes_matrix(adapter, data, proc, batch_size) if base is None else base
     if isinstance(patched, ModelAdapter):
@@ -116,8 +114,6 @@ def compare_llava(adapter: Any, patched: Any, data: LlavaEvalData, correction: s
 def sweep_llava(adapter: Any, make_edit: Callable[[float], Any], alphas: Sequence[float], data: LlavaEvalData,
                 correction: str = "bh", batch_size: int = 8, base: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Summary numbers of ``make_edit(alpha)`` applied at each alpha (the bias/fidelity trade-off)."""
-    from ..edits.install import edits_installed
-
     proc = processor_of(adapter)
     base = yes_matrix(adapter, data, proc, batch_size) if base is None else base
     rows = []
@@ -141,17 +137,15 @@ def recipe_eval(recipe: Any, adapter: Any, make_edit: Callable[[float], Any], ou
     Faces: FairFace 540 under ``data.dir``, a gender-balanced sample of ``eval.limit`` faces (else
     ``data.limit``; all 540 when neither is set); questions: every shared prompt concept.
     """
-    from .report import write_report
-
     limit = recipe.eval.limit if recipe.eval.limit is not None else recipe.data.limit
     data = LlavaEvalData.load(recipe.data.dir, limit=limit, seed=recipe.seed)
     with torch.no_grad():
         base = yes_matrix(adapter, data)
         cmp = compare_llava(adapter, make_edit(recipe.edit.alpha), data, base=base)
-        write_report(cmp, out / "compare", overwrite=True)
+        write_llava_report(cmp, out / "compare", overwrite=True)
         rows = sweep_llava(adapter, make_edit, recipe.eval.alphas, data, base=base)
     if rows:
-        write_report(rows, out / "sweep", overwrite=True)
+        write_llava_report(rows, out / "sweep", overwrite=True)
     return {"metric": METRIC, "test": cmp["base"]["test"], "correction": cmp["base"]["correction"],
             "data": data.describe(), "vla_gender_bias_before": summary(cmp["base"]),
             "vla_gender_bias_after": summary(cmp["patched"]), "fidelity": cmp["fidelity"],
@@ -159,13 +153,6 @@ def recipe_eval(recipe: Any, adapter: Any, make_edit: Callable[[float], Any], ou
 
 
 # ----- reports -----------------------------------------------------------------------------------
-def is_llava_result(result: Any) -> bool:
-    """Whether ``result`` came from this module (evaluate / compare / sweep)."""
-    if isinstance(result, list):
-        return bool(result) and result[0].get("metric") == METRIC
-    return isinstance(result, dict) and result.get("metric") == METRIC
-
-
 def _f(x: Any) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -208,7 +195,7 @@ def markdown_llava(result: Any) -> str:
 
 def plot_llava_sweep(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Disproportion rate and mean |P(yes) - 0.5| vs alpha, with the answer shift beside them."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,3 +231,15 @@ def llava_run_table(summaries: list[dict[str, Any]]) -> list[str]:
                      f"| {b['mean_abs_dev']:.4f} | {a['mean_abs_dev']:.4f} | {b['mean_abs_gap']:.4f} | {a['mean_abs_gap']:.4f} "
                      f"| {fid['mean_abs_delta_p_yes']:.4f} |")
     return lines + [""]
+
+
+def render_llava(result: Any, folder: Path) -> None:
+    """``report.md`` (+ the trade-off plot of a sweep) of a VLAGenderBias result."""
+    (folder / "report.md").write_text(markdown_llava(result))
+    if isinstance(result, list):
+        plot_llava_sweep(result, folder / "tradeoff.png")
+
+
+def write_llava_report(result: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """``metrics.json`` + ``report.md`` (+ plot) of a VLAGenderBias result, atomically."""
+    return write_report(result, out_dir, overwrite=overwrite, render=render_llava)

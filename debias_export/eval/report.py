@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from ..export.manifest import atomic_output_dir
 from .retrieval import ATTRIBUTES
 
 
@@ -91,7 +92,7 @@ def markdown_sweep(rows: list[dict]) -> str:
 
 def plot_sweep(rows: list[dict], path: str | Path) -> None:
     """MaxSkew vs alpha, utility vs alpha and the MaxSkew/utility trade-off curve."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,7 +121,7 @@ def plot_sweep(rows: list[dict], path: str | Path) -> None:
 
 def plot_skew_bars(res: dict, path: str | Path) -> None:
     """MaxSkew per prompt set and attribute, with the shuffled-label noise floor when present."""
-    import matplotlib
+    import matplotlib  # heavy; only for plots
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -142,27 +143,29 @@ def plot_skew_bars(res: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: Any, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write ``metrics.json``, ``report.md`` and plots atomically into ``out_dir``."""
-    from ..export.manifest import atomic_output_dir
+def render_retrieval(result: Any, folder: Path) -> None:
+    """``report.md`` + plots of a retrieval result: an alpha sweep (list), a before/after comparison or one evaluation."""
+    if isinstance(result, list):
+        (folder / "report.md").write_text(markdown_sweep(result))
+        plot_sweep(result, folder / "tradeoff.png")
+    elif "patched" in result:
+        (folder / "report.md").write_text(markdown_compare(result) + "\n" + markdown_evaluation(result["base"], "Base model"))
+        plot_skew_bars(result["base"], folder / "skew_base.png")
+        plot_skew_bars(result["patched"], folder / "skew_patched.png")
+    else:
+        (folder / "report.md").write_text(markdown_evaluation(result))
+        plot_skew_bars(result, folder / "skew.png")
 
-    from .llava_eval import is_llava_result, markdown_llava, plot_llava_sweep
 
+def write_report(result: Any, out_dir: str | Path, overwrite: bool = False,
+                 render: Callable[[Any, Path], None] = render_retrieval) -> Path:
+    """Write ``metrics.json`` and what ``render(result, folder)`` draws (``report.md``, plots) atomically into ``out_dir``.
+
+    ``render``: the renderer of the metric that produced ``result`` (retrieval by default; the llava metric
+    passes its own, :func:`~debias_export.eval.llava_eval.render_llava`).
+    """
     out = Path(out_dir)
     with atomic_output_dir(out, overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
-        if is_llava_result(result):  # VLAGenderBias results (llava family): their own tables
-            (tmp / "report.md").write_text(markdown_llava(result))
-            if isinstance(result, list):
-                plot_llava_sweep(result, tmp / "tradeoff.png")
-        elif isinstance(result, list):
-            (tmp / "report.md").write_text(markdown_sweep(result))
-            plot_sweep(result, tmp / "tradeoff.png")
-        elif "patched" in result:
-            (tmp / "report.md").write_text(markdown_compare(result) + "\n" + markdown_evaluation(result["base"], "Base model"))
-            plot_skew_bars(result["base"], tmp / "skew_base.png")
-            plot_skew_bars(result["patched"], tmp / "skew_patched.png")
-        else:
-            (tmp / "report.md").write_text(markdown_evaluation(result))
-            plot_skew_bars(result, tmp / "skew.png")
+        render(result, tmp)
     return out

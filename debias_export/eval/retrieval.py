@@ -6,15 +6,30 @@ the neutral prompt sets in ``prompts/*.csv`` plus :data:`STEREOTYPE_CONCEPTS`.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from ..data import is_missing_label, load_rgb, read_csv_table
-from ..errors import DebiasError
+from ..adapters import ModelAdapter
+from ..analysis.lens import run_with_stream
+from ..analysis.metrics import (
+    accuracy,
+    confidence_gap,
+    cosine_scores,
+    embedding_cosine,
+    paired_bootstrap_change,
+    recall_at_k,
+    retrieval_skew,
+    shuffled_skew,
+    zero_shot_agreement,
+    zero_shot_probs,
+)
+from ..core.errors import DebiasError
+from ..data.captions import fairface_caption
+from ..data.datasets import is_missing_label, load_rgb, read_csv_table, resolve_data_dir
+from ..edits.install import edits_installed
 
 # Occupations with strong gender stereotypes in both directions (our own set, see the report).
 STEREOTYPE_CONCEPTS = ("nurse", "housekeeper", "receptionist", "nanny", "secretary", "hairdresser", "librarian",
@@ -35,23 +50,9 @@ PAIRS_LABELS = {
                         "dangerous person", "trustworthy person"),
 }
 PAIRS_TEMPLATE = "a photo of a {}"
-FAIRFACE_AGE_WORDS = {"0-2": "baby", "3-9": "child", "10-19": "teenage", "20-29": "young", "30-39": "young",
-                      "40-49": "middle-aged", "50-59": "middle-aged", "60-69": "older", "70+": "elderly"}
-FAIRFACE_RACE_WORDS = {"White": "White", "Black": "Black", "Latino_Hispanic": "Latino", "East Asian": "East Asian",
-                       "Southeast Asian": "Southeast Asian", "Indian": "Indian", "Middle Eastern": "Middle Eastern"}
 OCCUPATION_DROP_AGES = ("0-2", "70+")  # implausible workers: dropped from the age attribute for occupation prompts
 ATTRIBUTES = ("gender", "race", "age")
 _PIXEL_CACHE: dict[tuple, torch.Tensor] = {}
-
-
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """``data_dir`` or ``$DEBIAS_EXPORT_DATA`` or ``../shared/data`` relative to the project root."""
-    if data_dir is None:
-        data_dir = os.environ.get("DEBIAS_EXPORT_DATA") or Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    path = Path(data_dir).resolve()
-    if not path.is_dir():
-        raise DebiasError(f"data directory {path} does not exist (pass --data or set DEBIAS_EXPORT_DATA)")
-    return path
 
 
 def _read_csv(path: Path) -> list[dict]:
@@ -68,16 +69,6 @@ def load_prompt_sets(data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
         sets[name] = [(t.format(c), c) for t in templates for c in concepts]
     sets["stereotypes"] = [(t.format(c), c) for t in STEREOTYPE_TEMPLATES for c in STEREOTYPE_CONCEPTS]
     return sets
-
-
-def fairface_caption(row: dict) -> str:
-    """Label caption for a FairFace row, e.g. ``a photo of a young Black woman``."""
-    age = row["age"]
-    child = age in ("0-2", "3-9", "10-19")
-    noun = ("girl" if child else "woman") if row["gender"] == "Female" else ("boy" if child else "man")
-    adj = {"3-9": None}.get(age, FAIRFACE_AGE_WORDS[age])
-    words = " ".join(w for w in (adj, FAIRFACE_RACE_WORDS[row["race"]], noun) if w)
-    return ("a photo of an " if words[0].lower() in "aeiou" else "a photo of a ") + words
 
 
 @dataclass
@@ -122,12 +113,16 @@ class EvalData:
         data.inputs["pairs"] = pixels([str(root / "pairs" / r["file"]) for r in pairs])
         return data
 
+    def layer_pairs_gaps(self, adapter, tower: str, batch_size: int = 64) -> list[dict[str, float]]:
+        """:func:`pairs_gap_curve` of this data (what ``analysis.locate`` asks for)."""
+        return pairs_gap_curve(adapter, tower, self, batch_size)
+
     def texts(self) -> dict[str, list[str]]:
         """Every text group the metrics embed."""
         out = {f"prompts/{k}": [p for p, _ in v] for k, v in self.prompt_sets.items()}
         for section, labels in PAIRS_LABELS.items():
             out[f"pairs/{section}"] = [PAIRS_TEMPLATE.format(x) for x in labels]
-        out["captions"] = sorted({fairface_caption(r) for r in self.fairface})
+        out["captions"] = sorted({c for r in self.fairface if (c := fairface_caption(r)) is not None})
         out["gender"] = ["a photo of a woman", "a photo of a man"]
         out["age"] = [f"a photo of a {w} person" for w in ("baby", "child", "teenage", "young", "middle-aged", "older", "elderly")]
         out["concepts/occupations"] = sorted({f"a photo of a {c}" for _, c in self.prompt_sets.get("occupations", [])})
@@ -156,8 +151,6 @@ def embed(adapter, data: EvalData, batch_size: int = 64) -> dict[str, torch.Tens
 
 def bias_metrics(emb: dict[str, torch.Tensor], data: EvalData, k: int = 50, shuffles: int = 0, seed: int = 0) -> dict:
     """MaxSkew@k/NDKL@k per prompt set and attribute (+ shuffled-label noise floor when ``shuffles``)."""
-    from .metrics import cosine_scores, retrieval_skew, shuffled_skew
-
     out: dict[str, Any] = {}
     for name in data.prompt_sets:
         scores = cosine_scores(emb[f"text:prompts/{name}"], emb["fairface"])
@@ -201,8 +194,6 @@ def _concept_lean(scores: torch.Tensor, data: EvalData, name: str, k: int, top: 
 
 def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 100.0) -> dict:
     """PAIRS counterfactual gaps per section: 4 groups (race x gender) and gender / race marginals."""
-    from .metrics import confidence_gap, zero_shot_probs
-
     out = {}
     for section in PAIRS_LABELS:
         probs = zero_shot_probs(emb["pairs"], emb[f"text:pairs/{section}"], scale)
@@ -222,8 +213,6 @@ def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 1
 
 def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[int] = (5, 10, 50)) -> dict:
     """Caption-to-image recall@k on FairFace and zero-shot gender / age accuracy (sanity numbers)."""
-    from .metrics import accuracy, cosine_scores, recall_at_k, zero_shot_probs
-
     captions = data.texts()["captions"]
     truth = [fairface_caption(r) for r in data.fairface]
     relevant = torch.tensor([[t == c for t in truth] for c in captions])
@@ -240,8 +229,6 @@ def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[i
 
 def fidelity_metrics(base: dict[str, torch.Tensor], patched: dict[str, torch.Tensor]) -> dict:
     """How much a patch moves embeddings / zero-shot decisions (patched vs unmodified model)."""
-    from .metrics import embedding_cosine, zero_shot_agreement, zero_shot_probs
-
     out = {"image_cosine": embedding_cosine(patched["fairface"], base["fairface"]),
            "pairs_image_cosine": embedding_cosine(patched["pairs"], base["pairs"])}
     texts = [k for k in base if k.startswith("text:prompts/")]
@@ -273,9 +260,6 @@ def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 
             prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> dict:
     """Before/after metrics plus fidelity. ``patched``: an adapter, edit(s) applied to the base for the call,
     or an installer ``fn(adapter) -> handle`` (e.g. a fold) whose ``handle.remove()`` undoes it."""
-    from ..adapters import ModelAdapter
-    from ..edits.install import edits_installed
-
     data = _as_data(base_adapter, data_dir, data, prompt_sets)
     base_emb = embed(base_adapter, data)
     if isinstance(patched, ModelAdapter):
@@ -292,8 +276,6 @@ def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 
 def bias_change(base: dict, patched: dict, data: EvalData, n: int = 1000, seed: int = 0) -> dict:
     """Relative MaxSkew change per prompt set and attribute with a 95% paired bootstrap CI over concepts
     (a concept's templates are resampled together); the interval says whether a change is beyond noise."""
-    from .metrics import paired_bootstrap_change
-
     out: dict[str, dict] = {}
     for name, per in base["retrieval"].items():
         concepts = [c for _, c in data.prompt_sets[name]]
@@ -308,8 +290,6 @@ def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Pat
                 prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> list[dict]:
     """Evaluate ``make_edit(alpha)`` applied at each alpha: the trade-off curve. ``make_edit`` returns an edit,
     a list of edits, or an installer ``fn(adapter) -> handle with remove()`` (see :func:`compare`)."""
-    from ..edits.install import edits_installed
-
     data = _as_data(adapter, data_dir, data, prompt_sets)
     base_emb = embed(adapter, data)
     rows = []
@@ -321,3 +301,29 @@ def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Pat
         res["fidelity"] = fidelity_metrics(base_emb, emb)
         rows.append(res)
     return rows
+
+
+@torch.no_grad()
+def pairs_gap_curve(adapter: ModelAdapter, tower: str, data: Any, batch_size: int = 64) -> list[dict[str, float]]:
+    """Per consumed layer, the mean PAIRS gender confidence gap per section (and their mean, ``"mean"``).
+
+    Image tower: PAIRS images read out at each layer, scored against the final label-prompt embeddings;
+    text tower: the label prompts read out at each layer, scored against the final PAIRS image embeddings.
+    """
+    norm = torch.nn.functional.normalize
+    final = embed(adapter, data, batch_size)  # the real model's "pairs" and "text:pairs/<section>" embeddings
+    if tower == "image":
+        _, _, lens = run_with_stream(adapter, "image", {"pixel_values": data.inputs["pairs"]}, batch_size, with_lens=True)
+        per_layer = [{**final, "pairs": norm(layer, dim=-1)} for layer in lens]
+    else:
+        texts = {k: v for k, v in data.texts().items() if k.startswith("pairs/")}
+        lens = {f"text:{k}": run_with_stream(adapter, "text", adapter.prepare_texts(v), batch_size, with_lens=True)[2]
+                for k, v in texts.items()}
+        per_layer = [{**final, **{k: norm(t[layer], dim=-1) for k, t in lens.items()}}
+                     for layer in range(next(iter(lens.values())).shape[0])]
+    out = []
+    for emb in per_layer:
+        res = pairs_metrics(emb, data)
+        gaps = {section: float(v["gender_gap"]) for section, v in res.items()}
+        out.append({**gaps, "mean": sum(gaps.values()) / len(gaps)})
+    return out

@@ -2,6 +2,10 @@
 
 ``export_bundle`` writes ``DIR/hf`` and ``DIR/onnx`` (both validated) plus ``DIR/export_report.json``
 and a top-level ``DIR/manifest.json`` covering everything; ``validate_bundle`` re-checks one.
+
+Machinery: ``hf_dir`` (format + per-family save/load spec), ``safetensors_export`` (writer), ``loading``
+(reader + reload check), ``onnx_specs`` (graph specs) + ``onnx_export`` (exporters, validation), ``manifest``.
+Each family's specs live in ``families/<family>.py``, imported by name on first use (``registry``).
 """
 from __future__ import annotations
 
@@ -11,14 +15,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
-from .loading import load_patched, read_debias_config
+from ..core.errors import DebiasError
+from ..edits import current_patch
+from .hf_dir import HFDirSpec, hf_spec, patch_handle, register_hf_spec, unpatched
+from .loading import check_reload, load_patched, read_debias_config
 from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
 from .onnx_export import (DEFAULT_EXPORTER, DEFAULT_OPSET, EXPORTERS, VALIDATION_SHAPES, check_exporter, check_graph,
                           export_graph, export_onnx, exporter_info, validate_onnx_dir)
 from .onnx_specs import GraphSpec, graph_specs, register_onnx_spec
-from .safetensors_export import (HFDirSpec, check_reload, export_folded, export_patched, hf_spec, patch_handle,
-                                 register_hf_spec, unpatched)
+from .safetensors_export import export_folded, export_patched
 
 BUNDLE_REPORT = "export_report.json"
 
@@ -42,7 +47,7 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
     """
     out_dir = Path(out_dir)
     folds = list(folds or [])
-    handle = getattr(adapter.model, "_debias_patch", None)
+    handle = current_patch(adapter.model)
     stock = bool(folds) and not (handle is not None and handle.records)
     if folds and not stock:
         provenance = {**(provenance or {}), "folds": folds}
@@ -87,15 +92,3 @@ def validate_bundle(path: str | Path, atol: float = 1e-4, seed: int = 0,
     if onnx_dir.is_dir():
         report["onnx"] = validate_onnx_dir(onnx_dir, adapter, atol=atol, shapes=shapes, seed=seed)
     return report
-
-
-def _register_family_exports() -> None:
-    """Families outside HF CLIP plug their save/load/ONNX pieces into the tables above."""
-    from ..adapters import dual_encoder, llava, open_clip_family
-
-    open_clip_family.register_export()
-    llava.register_export()
-    dual_encoder.register_export()
-
-
-_register_family_exports()

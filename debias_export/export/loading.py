@@ -1,17 +1,20 @@
-"""Production loading of an exported patched model, without remote code."""
+"""Production loading of an exported patched model, without remote code; the reload check exports run."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..adapters import ModelAdapter
-from ..errors import DebiasError, IntegrityError
+from ..core.errors import DebiasError, IntegrityError, ValidationError
 from ..edits.base import site_resolver
 from ..runtime import install_patches
 from ..sae.model import read_safetensors
+from .hf_dir import DEBIAS_CONFIG, DEBIAS_PATCHES, READABLE_FORMATS, hf_spec
 from .manifest import verify_manifest
-from .safetensors_export import DEBIAS_CONFIG, DEBIAS_PATCHES, FORMAT, READABLE_FORMATS, hf_spec
+from .onnx_specs import example_inputs
 
 
 def read_debias_config(path: str | Path) -> dict[str, Any]:
@@ -62,3 +65,18 @@ def load_patched(path: str | Path, verify: bool = True) -> ModelAdapter:
     adapter.debias_config = cfg
     adapter.installed_patches = installed  # what bench takes out and puts back (InstalledSiteEdit.remove)
     return adapter
+
+
+@torch.no_grad()
+def check_reload(adapter: ModelAdapter, path: Path, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, Any]:
+    """Reload ``path`` with :func:`load_patched` and require bit-identical tower outputs."""
+    loaded = load_patched(path, verify=True)
+    report = {}
+    for tower in adapter.towers():
+        inputs = example_inputs(adapter, tower, batch, seq, seed)
+        want, got = adapter.embed(tower, inputs), loaded.embed(tower, inputs)
+        if want.shape != got.shape or not torch.equal(want, got):
+            diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
+            raise ValidationError(f"reloaded {tower} tower from {path} differs from the patched model (max |diff| {diff:.3g})")
+        report[tower] = {"identical": True, "shape": list(want.shape)}
+    return report

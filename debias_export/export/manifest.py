@@ -16,8 +16,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import DebiasError, IntegrityError
-from ..fileio import DiskFullError, apply_default_modes, claim, disk_full, remove_stale_temp_dirs, temp_names
+from ..core.errors import DebiasError, IntegrityError
+from ..core.fileio import (
+    DiskFullError,
+    apply_default_modes,
+    claim,
+    disk_full,
+    refuse_existing,
+    remove_stale_temp_dirs,
+    temp_names,
+)
+from ..core.version import __version__
 
 MANIFEST = "manifest.json"
 FORMAT = "debias-export-manifest/1"
@@ -36,8 +45,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     if "debias-export" not in out:  # running from a source tree that is not pip-installed
-        from .. import __version__
-
         out["debias-export"] = __version__
     return out
 
@@ -164,11 +171,9 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
     On any exception the temp dir is deleted and an existing ``out_dir`` is left untouched. With
     ``overwrite`` the old directory is moved aside only after the new one is complete, then removed.
     Temp dirs that an earlier, killed run left next to ``out_dir`` are removed first
-    (:func:`~debias_export.fileio.remove_stale_temp_dirs`); files are published with the umask's mode
-    (:func:`~debias_export.fileio.apply_default_modes`); a full disk is one :class:`DiskFullError` line.
+    (:func:`~debias_export.core.fileio.remove_stale_temp_dirs`); files are published with the umask's mode
+    (:func:`~debias_export.core.fileio.apply_default_modes`); a full disk is one :class:`DiskFullError` line.
     """
-    from ..cli.common import refuse_existing
-
     out_dir = Path(out_dir)
     refuse_existing(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -22,23 +22,23 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import onnx
 import torch
 from torch import nn
 
 from ..adapters import ModelAdapter, adapter_for
-from ..errors import ConfigError, DebiasError, ValidationError
+from ..core.choices import DEFAULT_EXPORTER, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS
+from ..core.errors import ConfigError, DebiasError, ValidationError
+from ..edits import current_patch
+from .hf_dir import unpatched
 from .manifest import atomic_output_dir, write_manifest
 from .onnx_specs import GraphSpec, graph_specs
 
 ONNX_REPORT = "onnx_report.json"
-EXPORTERS = ("dynamo", "torchscript", "optimum")
-DEFAULT_EXPORTER = "dynamo"
+EXPORTERS = ONNX_EXPORTERS
 # Opset 20: torch.onnx's default target, which the dynamo exporter writes natively and onnxruntime >= 1.17
 # runs. Dynamo's translations start at 18 (below, onnx's version converter may silently leave 18); the
 # TorchScript tracers need 17 for LayerNormalization and stop at 20.
-DEFAULT_OPSET = 20
-MIN_OPSET = {"dynamo": 18, "torchscript": 17, "optimum": 17}
-MAX_OPSET = {"dynamo": 23, "torchscript": 20, "optimum": 20}
 # Validation shapes (batch, text length): deliberately unlike each spec's export_shape (2, 7), so a
 # graph whose batch or sequence axis got frozen during tracing fails here.
 VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 11))
@@ -191,8 +191,6 @@ def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
     shapes would happen to pass. The TorchScript tracers label every axis they were told is dynamic,
     frozen or not: for them only validation on other shapes (:data:`VALIDATION_SHAPES`) tells.
     """
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     values = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
     for name, axes in {**spec.inputs, **spec.outputs}.items():
@@ -210,8 +208,6 @@ def check_symbolic_axes(spec: GraphSpec, path: Path) -> None:
 
 def graph_ops(path: Path) -> tuple[dict[str, int], int]:
     """Op-type counts of a graph (custom domains -> ValidationError) and its opset."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     if custom:
@@ -222,7 +218,7 @@ def graph_ops(path: Path) -> tuple[dict[str, int], int]:
 
 def providers() -> list[str]:
     """onnxruntime providers to validate on: CUDA when available, always CPU."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     have = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
@@ -236,12 +232,10 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
     Also records ``edit_effect``: how far the patched PyTorch output is from the unpatched one, so a
     report shows the graph carries an edit that matters (parity + effect > atol => edit present).
     """
-    import onnxruntime as ort
-
-    from .safetensors_export import unpatched
+    import onnxruntime as ort  # optional extra ([cpu] / [gpu]): only to run graphs
 
     module = module if module is not None else spec.build(adapter)
-    handle = getattr(adapter.model, "_debias_patch", None)
+    handle = current_patch(adapter.model)
     g = torch.Generator().manual_seed(seed)
     report: dict[str, Any] = {"shapes": [list(s) for s in shapes], "max_abs_diff": {}, "providers": {}}
     effect = 0.0
@@ -294,7 +288,7 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     check_exporter(exporter, opset)
     if atol < 0:
         raise ConfigError(f"atol must be >= 0, got {atol}")
-    handle = getattr(adapter.model, "_debias_patch", None)
+    handle = current_patch(adapter.model)
     patched = bool(handle is not None and handle.records)
     if not patched and not allow_unpatched:
         raise DebiasError("model has no debias patch to export; apply_edits(...) first (or allow_unpatched=True to export the plain model)")

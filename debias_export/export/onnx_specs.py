@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..adapters import ModelAdapter
-from ..errors import DebiasError
+from ..core.errors import DebiasError
+from .registry import exportable_families, load_family_specs
 
 Axes = dict[str, dict[int, str]]
 
@@ -51,9 +52,10 @@ def register_onnx_spec(family: str):
 
 def graph_specs(adapter: ModelAdapter, towers: list[str] | None = None) -> list[GraphSpec]:
     """The graphs to export for ``adapter`` (all towers it has, or the ones named)."""
+    load_family_specs(adapter.family)
     fn = _SPECS.get(adapter.family)
     if fn is None:
-        raise DebiasError(f"ONNX export does not support model family {adapter.family!r}; supported: {', '.join(sorted(_SPECS))}")
+        raise DebiasError(f"ONNX export does not support model family {adapter.family!r}; supported: {', '.join(exportable_families())}")
     specs = fn(adapter)
     if towers:
         have = {s.tower for s in specs}
@@ -72,21 +74,8 @@ def optimum_config_class(base: type, inputs: Axes, outputs: Axes) -> type:
     })
 
 
-def _clip_optimum_config(tower: str, inputs: Axes, outputs: Axes) -> Callable[[nn.Module], Any]:
-    """``GraphSpec.optimum_config`` for a CLIP tower; imports optimum only when called."""
-
-    def build(module: nn.Module) -> Any:
-        # optional dependency, imported on request (--exporter optimum) only
-        from optimum.exporters.onnx.model_configs import CLIPTextWithProjectionOnnxConfig, CLIPVisionModelOnnxConfig
-
-        base = CLIPVisionModelOnnxConfig if tower == "image" else CLIPTextWithProjectionOnnxConfig
-        return optimum_config_class(base, inputs, outputs)(module.config, task="feature-extraction")
-
-    return build
-
-
-# ----- Hugging Face CLIP -----------------------------------------------------------------------------
-def _tower_shell(klass: type, config: Any, parts: dict[str, nn.Module]) -> nn.Module:
+# ----- helpers for family specs ----------------------------------------------------------------------
+def tower_shell(klass: type, config: Any, parts: dict[str, nn.Module]) -> nn.Module:
     """A stock one-tower class (e.g. ``CLIPVisionModelWithProjection``) over the full model's modules.
 
     Built on the meta device (no weight allocation), then the real -- possibly patched -- modules
@@ -98,68 +87,6 @@ def _tower_shell(klass: type, config: Any, parts: dict[str, nn.Module]) -> nn.Mo
     for name, module in parts.items():
         setattr(shell, name, module)
     return shell.eval()
-
-
-def _clip_tower(adapter: ModelAdapter, tower: str) -> nn.Module:
-    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-
-    model = adapter.model
-    if not isinstance(model, CLIPModel):
-        return model  # already a one-tower-with-projection model
-    if tower == "image":
-        return _tower_shell(CLIPVisionModelWithProjection, model.config.vision_config,
-                            {"vision_model": model.vision_model, "visual_projection": model.visual_projection})
-    return _tower_shell(CLIPTextModelWithProjection, model.config.text_config,
-                        {"text_model": model.text_model, "text_projection": model.text_projection})
-
-
-def clip_image_inputs(adapter: ModelAdapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    size = adapter.image_size()
-    return {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
-
-
-def clip_text_inputs(adapter: ModelAdapter, batch: int, seq: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random CLIP-like token rows: BOS, words, EOS at a random per-row position, then padding.
-
-    Per-row EOS positions exercise the dynamic output-position pruning; ids stay below BOS/EOS so
-    first-EOS and argmax pooling agree (as with real CLIP tokenizers).
-    """
-    cfg = adapter._tower_config("text")
-    eos, vocab = int(cfg.eos_token_id), int(cfg.vocab_size)
-    if not 0 <= eos < vocab:
-        # CLIP pools at the EOS token; a tower whose EOS id has no embedding row cannot run on real text
-        raise DebiasError(f"text config eos_token_id {eos} is outside the vocabulary (vocab_size {vocab}); "
-                          "fix the model's text config")
-    bos = int(getattr(cfg, "bos_token_id", None) or max(0, eos - 1))
-    if not 0 <= bos < vocab:  # small configs often keep CLIP's default BOS 49406: start rows with word ids
-        bos = None
-    seq = min(seq, int(cfg.max_position_embeddings))
-    high = max(3, min(x for x in (bos, eos, vocab) if x is not None))
-    ids = torch.randint(1, high, (batch, seq), generator=g)
-    lengths = torch.randint(2, seq + 1, (batch,), generator=g) if seq >= 2 else torch.ones(batch, dtype=torch.long)
-    lengths[0] = seq  # at least one full row so the padded width is really ``seq``
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    if seq > 1 and bos is not None:
-        ids[:, 0] = bos
-    ids = torch.where(mask.bool(), ids, torch.full_like(ids, int(cfg.pad_token_id or 0)))
-    ids[torch.arange(batch), lengths - 1] = eos
-    return {"input_ids": ids.long(), "attention_mask": mask}
-
-
-@register_onnx_spec("hf_clip")
-def hf_clip_graphs(adapter: ModelAdapter) -> list[GraphSpec]:
-    specs = []
-    if "image" in adapter.towers():
-        ins = {"pixel_values": {0: "batch_size"}}  # CLIP position embeddings fix the image size
-        outs = {"image_embeds": {0: "batch_size"}, "last_hidden_state": {0: "batch_size"}}
-        specs.append(GraphSpec("vision_model", "image", ins, outs, lambda a: _clip_tower(a, "image"), clip_image_inputs,
-                               _clip_optimum_config("image", ins, outs)))
-    if "text" in adapter.towers():
-        ins = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "sequence_length"}}
-        outs = {"text_embeds": {0: "batch_size"}, "last_hidden_state": {0: "batch_size", 1: "sequence_length"}}
-        specs.append(GraphSpec("text_model", "text", ins, outs, lambda a: _clip_tower(a, "text"), clip_text_inputs,
-                               _clip_optimum_config("text", ins, outs)))
-    return specs
 
 
 def example_inputs(adapter: ModelAdapter, tower: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -12,118 +12,37 @@ Layout::
     debias_runtime.py            verbatim copy of debias_export/runtime.py (torch only)
     manifest.json                SHA-256 + size of every file, package versions, provenance
 
-Families plug in with :func:`register_hf_spec` (how to save/load the base model, which auto class).
+Families plug in with :func:`~.hf_dir.register_hf_spec` (how to save/load the base model, which auto class) from
+their ``families/<family>.py`` module.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from .. import runtime
 from ..adapters import ModelAdapter, adapter_for
-from ..adapters.transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable
-from ..edits import PatchHandle, patch_tensors
-from ..errors import DebiasError, ValidationError
+from ..core.errors import DebiasError
+from ..edits import PatchHandle, current_patch, patch_tensors
+from .hf_dir import (
+    DEBIAS_CONFIG,
+    DEBIAS_PATCHES,
+    FORMAT,
+    MODELING_FILE,
+    RUNTIME_FILE,
+    hf_spec,
+    patch_handle,
+    unpatched,
+)
+from .loading import check_reload
 from .manifest import atomic_output_dir, write_manifest
 
-DEBIAS_CONFIG = "debias_config.json"
-DEBIAS_PATCHES = "debias_patches.safetensors"
-MODELING_FILE = "modeling_debias.py"
-RUNTIME_FILE = "debias_runtime.py"
-FORMAT = "debias-export-hf/2"  # /2: patches name sites, not module paths
-READABLE_FORMATS = ("debias-export-hf/1", FORMAT)  # /1 records also carry the absolute site name
 TEMPLATE = Path(__file__).parent / "templates" / "hf_modeling.py"
-
-
-@dataclass(frozen=True)
-class HFDirSpec:
-    """How one family's base model is saved and reloaded as a Hugging Face directory."""
-
-    family: str
-    save_base: Callable[[ModelAdapter, Path], None]  # write the UNPATCHED model (weights, config, processor)
-    load_base: Callable[[Path, dict[str, Any]], ModelAdapter]  # stock load (no remote code) from base info
-    base_info: Callable[[ModelAdapter], dict[str, Any]]  # {"module", "class", ...} recorded in debias_config
-    auto_class: str | None = "AutoModel"  # key of config.json auto_map; None: no remote code for this family
-
-
-_HF_SPECS: dict[str, HFDirSpec] = {}
-
-
-def register_hf_spec(spec: HFDirSpec) -> HFDirSpec:
-    _HF_SPECS[spec.family] = spec
-    return spec
-
-
-def hf_spec(family: str) -> HFDirSpec:
-    if family not in _HF_SPECS:
-        raise DebiasError(f"safetensors export does not support model family {family!r}; supported: {', '.join(sorted(_HF_SPECS))}")
-    return _HF_SPECS[family]
-
-
-# ----- Hugging Face CLIP -------------------------------------------------------------------------------
-def _hf_save_base(adapter: ModelAdapter, out: Path) -> None:
-    save_pretrained_portable(adapter.model, out)
-    if adapter.processor is not None:
-        save_processor_portable(adapter.processor, out)
-
-
-def _hf_base_info(adapter: ModelAdapter) -> dict[str, Any]:
-    model = adapter.model
-    return {"module": "transformers", "class": type(model).__name__,
-            "attn_implementation": getattr(model.config, "_attn_implementation", None), "dtype": str(model.dtype)}
-
-
-def _hf_load_base(path: Path, info: dict[str, Any]) -> ModelAdapter:
-    import transformers
-
-    from ..adapters.hf_clip import HFCLIPAdapter
-
-    klass = getattr(transformers, info["class"], None)
-    if klass is None:
-        raise DebiasError(f"transformers has no class {info['class']!r} named in {path / DEBIAS_CONFIG}")
-    kwargs = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
-    with quiet_transformers():
-        model = klass.from_pretrained(path, **kwargs)
-    processor = None
-    if (path / "preprocessor_config.json").is_file():
-        from transformers import CLIPProcessor
-
-        processor = CLIPProcessor.from_pretrained(path)
-    return HFCLIPAdapter(model.eval(), source=str(path), processor=processor)
-
-
-register_hf_spec(HFDirSpec("hf_clip", _hf_save_base, _hf_load_base, _hf_base_info))
-
-
-# ----- machinery ---------------------------------------------------------------------------------------
-def patch_handle(obj: "PatchHandle | ModelAdapter | nn.Module") -> PatchHandle:
-    """The live patch of a patched model; a clear error for a model that was never patched."""
-    if isinstance(obj, PatchHandle):
-        handle = obj
-    else:
-        handle = getattr(adapter_for(obj).model, "_debias_patch", None)
-    if handle is None or not handle.records:
-        raise DebiasError("model has no debias patch to export; apply_edits(...) first "
-                          "(a plain model is exported with save_pretrained, or export_onnx(..., allow_unpatched=True))")
-    return handle
-
-
-@contextlib.contextmanager
-def unpatched(handle: PatchHandle | None) -> Iterator[None]:
-    """Temporarily take the patch's edits out (the patch stays valid and is put back after)."""
-    if handle is None:
-        yield
-        return
-    with handle.suspended():
-        yield
 
 
 def _edit_summary(edit: Any) -> dict[str, Any]:
@@ -180,24 +99,6 @@ def write_hf_dir(adapter: ModelAdapter, handle: PatchHandle, out: Path, provenan
     write_manifest(out, kind="hf", provenance=provenance, extra={"family": adapter.family})
 
 
-@torch.no_grad()
-def check_reload(adapter: ModelAdapter, path: Path, batch: int = 2, seq: int = 7, seed: int = 0) -> dict[str, Any]:
-    """Reload ``path`` with :func:`load_patched` and require bit-identical tower outputs."""
-    from .loading import load_patched
-    from .onnx_specs import example_inputs
-
-    loaded = load_patched(path, verify=True)
-    report = {}
-    for tower in adapter.towers():
-        inputs = example_inputs(adapter, tower, batch, seq, seed)
-        want, got = adapter.embed(tower, inputs), loaded.embed(tower, inputs)
-        if want.shape != got.shape or not torch.equal(want, got):
-            diff = (want - got).abs().max().item() if want.shape == got.shape else float("nan")
-            raise ValidationError(f"reloaded {tower} tower from {path} differs from the patched model (max |diff| {diff:.3g})")
-        report[tower] = {"identical": True, "shape": list(want.shape)}
-    return report
-
-
 def export_folded(adapter: ModelAdapter, out_dir: str | Path, folds: list[dict[str, Any]], overwrite: bool = False,
                   provenance: dict[str, Any] | None = None, validate: bool = True) -> Path:
     """Write a model whose edits are all folded into its weights as a STOCK directory; returns ``out_dir``.
@@ -207,7 +108,7 @@ def export_folded(adapter: ModelAdapter, out_dir: str | Path, folds: list[dict[s
     sit beside it for :func:`load_patched`/``validate``. ``folds``: :func:`edits.projection.fold_record` dicts.
     """
     adapter = adapter_for(adapter)
-    if getattr(adapter.model, "_debias_patch", None):
+    if current_patch(adapter.model):
         raise DebiasError("model also carries a runtime patch; export it with export_patched (folds are in its weights)")
     if not folds:
         raise DebiasError("no folded edits to export")

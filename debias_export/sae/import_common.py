@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, DebiasError, IntegrityError, ShapeError
+from ..core.errors import ConfigError, DebiasError, IntegrityError, ShapeError
 from .model import SAEConfig, SparseAutoencoder
 
 log = logging.getLogger("debias_export.sae")

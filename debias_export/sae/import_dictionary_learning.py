@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeError
+from ..core.errors import ConfigError, ShapeError
 from .import_common import Tensors, finish, gated_as_threshold, load_pt, matrix, pos_int, read_json, unsupported, vector
 from .model import SparseAutoencoder
 

@@ -21,9 +21,8 @@ from typing import Any
 
 import torch
 
-from ..errors import DebiasError, IntegrityError, ShapeError
-from .import_common import (Tensors, finish, gated_as_threshold, load_pt, matrix, pos_int, read_json, unsupported,
-                            vector)
+from ..core.errors import DebiasError, IntegrityError, ShapeError
+from .import_common import Tensors, finish, gated_as_threshold, load_pt, matrix, pos_int, read_json, unsupported, vector
 from .model import SparseAutoencoder
 
 PRISMA_CONFIG = "config.json"

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ShapeError
+from ..core.errors import ConfigError, ShapeError
 from .import_common import Tensors, finish, gated_as_threshold, matrix, pos_int, read_json, unsupported, vector
 from .model import SAE_CONFIG, SparseAutoencoder, read_safetensors
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ShapeError
+from ..core.errors import ShapeError
 from .import_common import Tensors, finish, matrix, pos_int, read_json, unsupported, vector
 from .model import SAE_CONFIG, SAE_WEIGHTS, SparseAutoencoder, read_safetensors
 

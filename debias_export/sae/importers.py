@@ -42,7 +42,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ConfigError, DebiasError, ShapeError
+from ..core.errors import ConfigError, DebiasError, ShapeError
 from .import_common import read_json, safetensors_keys
 from .import_dictionary_learning import DL_WEIGHTS, load_dictionary_learning
 from .import_prisma import PRISMA_CONFIG, checkpoint_files, load_prisma

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import DebiasError, IntegrityError, ShapeError, check_finite
-from ..fileio import apply_default_modes
+from ..core.errors import DebiasError, IntegrityError, ShapeError, check_finite
+from ..core.fileio import apply_default_modes
 
 ACTIVATIONS = ("threshold", "relu", "topk")
 SAE_WEIGHTS = "sae.safetensors"

@@ -1,0 +1,140 @@
+"""Social-neuron probing (DeBiasLens, section 3.2).
+
+For each group ``g`` of a label column (e.g. gender): ``E_g`` are the SAE latents that are non-zero on at
+least ``tau * n_g`` of ``g``'s samples; ``S_g = E_g \\ U_{h != g} E_h`` are the latents frequent in ``g`` and
+in no other group; ``S_g`` is ranked by mean activation within ``g`` and the top ``top_n`` are kept.
+Per-image latents are ``SAE.encode`` of the per-image mean activation over tokens, as in DeBiasLens.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..capture.store import ActivationStore
+from ..core.errors import DebiasError, ShapeError
+from ..data.datasets import labelled_indices, read_csv_table
+
+METHOD = "debiaslens-social-neurons"
+
+
+def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: float = 0.1, top_n: int = 1,
+                         min_group_size: int = 1, groups: Sequence[str] | None = None,
+                         sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Find group-specific SAE latents; returns a JSON-ready report (see the module docstring).
+
+    ``labels`` holds one label per row of ``latents [N, F]``; rows with a missing label are left out
+    (and counted). ``groups`` restricts/orders the groups (each must have samples); every group needs
+    at least ``min_group_size`` samples and there must be two or more. ``selectivity`` is the group's
+    mean activation over the mean of the other groups' means; ``null`` when the latent never fires
+    outside the group (infinite selectivity; JSON has no infinity).
+    """
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 2:
+        raise ShapeError(f"latents must be a [N, F] tensor, got {getattr(latents, 'shape', type(latents).__name__)}")
+    if len(labels) != latents.shape[0]:
+        raise ShapeError(f"{len(labels)} labels for {latents.shape[0]} rows of latents")
+    if not 0.0 <= tau <= 1.0:
+        raise DebiasError(f"tau={tau} must be within [0, 1]")
+    if top_n < 1 or min_group_size < 1:
+        raise DebiasError(f"top_n and min_group_size must be >= 1 (got {top_n}, {min_group_size})")
+    if not bool(torch.isfinite(latents).all()):
+        raise DebiasError("latents contain NaN or Inf values")
+    keep = labelled_indices(labels)
+    names = [str(labels[i]) for i in keep]
+    lat = latents[keep].float()
+    present = sorted(set(names))
+    order = [str(g) for g in groups] if groups is not None else present
+    for g in order:
+        n_g = names.count(g)
+        if n_g == 0:
+            raise DebiasError(f"group {g!r} has no samples (groups present: {', '.join(present) or 'none'})")
+        if n_g < min_group_size:
+            raise DebiasError(f"group {g!r} has {n_g} samples, fewer than min_group_size={min_group_size}")
+    if len(order) < 2:
+        raise DebiasError(f"probing needs at least two groups, found {len(order)} ({', '.join(order) or 'none'})")
+    masks = {g: torch.tensor([n == g for n in names]) for g in order}
+    active = lat != 0
+    freq = {g: active[m].float().mean(0) for g, m in masks.items()}
+    # count >= tau * n_g; the epsilon keeps e.g. 0.1 * 30 = 3.0000000000000004 from rejecting a count of 3
+    frequent = {g: (active[m].sum(0).double() >= tau * int(m.sum()) - 1e-9) for g, m in masks.items()}
+    means = {g: lat[m].mean(0) for g, m in masks.items()}
+    report_groups: dict[str, Any] = {}
+    selected: set[int] = set()
+    for g in order:
+        others = [h for h in order if h != g]
+        union_others = torch.stack([frequent[h] for h in others]).any(0)
+        specific = frequent[g] & ~union_others
+        idx = specific.nonzero().flatten()
+        ranked = idx[means[g][idx].argsort(descending=True, stable=True)][:top_n].tolist()
+        other_mean = torch.stack([means[h] for h in others]).mean(0)
+        neurons = []
+        for i in ranked:
+            om = float(other_mean[i])
+            neurons.append({"index": int(i), "mean_activation": float(means[g][i]), "frequency": float(freq[g][i]),
+                            "other_mean_activation": om,
+                            "selectivity": float(means[g][i]) / om if om > 0 else None})
+        selected.update(ranked)
+        report_groups[g] = {"n": int(masks[g].sum()), "num_frequent": int(frequent[g].sum()),
+                            "num_specific": int(specific.sum()), "neurons": neurons}
+    return {"method": METHOD, "tau": tau, "top_n": top_n, "min_group_size": min_group_size,
+            "num_samples": len(keep), "num_unlabelled": latents.shape[0] - len(keep),
+            "num_latents": int(latents.shape[1]), "groups": report_groups, "neurons": sorted(selected),
+            "sources": dict(sources or {})}
+
+
+def neurons_from_report(report: dict[str, Any], groups: Sequence[str] | None = None) -> list[int]:
+    """The latent indices selected by a probe report (all groups, or only ``groups``)."""
+    try:
+        chosen = report["groups"] if groups is None else {g: report["groups"][g] for g in groups}
+        return sorted({int(n["index"]) for g in chosen.values() for n in g["neurons"]})
+    except (KeyError, TypeError) as exc:
+        raise DebiasError(f"not a probe report (missing {exc})") from None
+
+
+def read_label_csv(path: str | Path, column: str) -> tuple[list[str | None], list[str | None]]:
+    """``(file names or None, labels)`` from a CSV with a ``column`` (and optionally ``file``) header."""
+    fields, rows = read_csv_table(path, "label file")
+    if column not in fields:
+        raise DebiasError(f"label CSV {path} has no column {column!r}; columns: {', '.join(fields)}")
+    files = [r.get("file") for r in rows] if "file" in fields else [None] * len(rows)
+    return files, [r[column] for r in rows]
+
+
+@torch.no_grad()
+def latents_from_capture(capture_dir: str | Path, sae, column: str, which: str = "mean_activations",
+                         labels_csv: str | Path | None = None, batch_size: int = 4096
+                         ) -> tuple[torch.Tensor, list[Any], dict[str, Any]]:
+    """Per-input SAE latents of a capture directory and the ``column`` label of each input.
+
+    ``which``: ``mean_activations`` (mean over tokens, DeBiasLens) or ``output_activations`` (pooled
+    token). Labels come from the capture's row metadata, or from ``labels_csv`` (joined on ``file``
+    when both have it, else by row order).
+    """
+    if which not in ("mean_activations", "output_activations"):
+        raise DebiasError(f"unknown activations {which!r}; expected mean_activations or output_activations")
+    store = ActivationStore(capture_dir)
+    if store.width != sae.d_in:
+        raise ShapeError(f"SAE width {sae.d_in} does not match the capture's site width {store.width} ({store.site})")
+    x = store.mean_activations() if which == "mean_activations" else store.output_activations()
+    latents = torch.cat([sae.encode(x[i:i + batch_size].float()) for i in range(0, x.shape[0], batch_size)])
+    if labels_csv is None:
+        labels = store.labels(column)
+    else:
+        files, csv_labels = read_label_csv(labels_csv, column)
+        rows = store.rows
+        if all(f is not None for f in files) and rows and "file" in rows[0]:
+            by_file = dict(zip(files, csv_labels))
+            missing = [r["file"] for r in rows if r["file"] not in by_file]
+            if missing:
+                raise DebiasError(f"{len(missing)} captured files are not in {labels_csv} (e.g. {missing[0]!r})")
+            labels = [by_file[r["file"]] for r in rows]
+        elif len(csv_labels) == len(rows):
+            labels = csv_labels
+        else:
+            raise DebiasError(f"{labels_csv} has {len(csv_labels)} rows but the capture has {len(rows)} inputs "
+                              "(and no 'file' column to join on)")
+    sources = {"capture": str(capture_dir), "site": store.site, "activations": which, "column": column,
+               "labels": str(labels_csv) if labels_csv else "capture rows", "model": store.settings.get("model"),
+               "data": store.settings.get("source")}
+    return latents, labels, sources

@@ -1,0 +1,22 @@
+"""Every choice list the CLI, recipes and validators share, in one place (no torch: the CLI reads them at --help).
+
+The registries they mirror check against these (``edits`` kinds, SAE modes, fold modes, ONNX exporters),
+and tests assert that each list equals what its registry accepts.
+"""
+
+EDIT_KINDS = ("sae", "projection")  # == edits.registered_edit_kinds()
+SAE_MODES = ("reconstruct", "residual")
+FOLD_MODES = ("site", "output", "every_writer")  # where a projection can be folded into weights
+EXPORT_FOLDS = ("none", *FOLD_MODES)  # what a projection edit records for export: "none" = runtime patch
+PROJECTION_METHODS = {"leace": "leace", "mean-diff": "mean_diff"}  # CLI spelling -> analysis.leace method
+TOKEN_MODES = ("random-k", "output", "all")  # which token positions a capture keeps
+CAPTURE_DTYPES = ("float32", "float16", "bfloat16")
+ONNX_EXPORTERS = ("dynamo", "torchscript", "optimum")
+DEFAULT_EXPORTER = "dynamo"
+BENCH_EXPORTERS = ("dynamo", "torchscript")  # optimum needs transformers<4.58: not a benchmark route
+ORT_OPT_LEVELS = ("disable", "basic", "extended", "all")
+TOWERS = ("image", "text")
+PVALUE_CORRECTIONS = ("bh", "bonferroni")
+DEFAULT_OPSET = 20
+MIN_OPSET = {"dynamo": 18, "torchscript": 17, "optimum": 17}  # per exporter
+MAX_OPSET = {"dynamo": 23, "torchscript": 20, "optimum": 20}

@@ -1,0 +1,61 @@
+"""Caption builders and the label vocabularies behind them (FairFace and UTKFace), in one place.
+
+:func:`label_caption` is the one caption of a labelled face ("a photo of a young Black woman"): the text
+inputs of probes and locate, the retrieval ground truth of the caption-recall metric, and (with its
+UTKFace vocabulary) the word tables the bias lab's training captions use.
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+# UTKFace integer ages -> caption words. Children get "girl"/"boy" nouns, adults an adjective.
+AGE_GROUPS = [  # (max age inclusive, adjective, female noun, male noun)
+    (2, "baby", "girl", "boy"),
+    (12, "little", "girl", "boy"),
+    (19, "teenage", "girl", "boy"),
+    (34, "young", "woman", "man"),
+    (54, "middle-aged", "woman", "man"),
+    (74, "older", "woman", "man"),
+    (200, "elderly", "woman", "man"),
+]
+RACE_WORDS = {"White": "White", "Black": "Black", "Asian": "Asian", "Indian": "Indian", "Others": None}
+
+FAIRFACE_AGE_WORDS = {"0-2": "baby", "3-9": "child", "10-19": "teenage", "20-29": "young", "30-39": "young",
+                      "40-49": "middle-aged", "50-59": "middle-aged", "60-69": "older", "70+": "elderly"}
+FAIRFACE_RACE_WORDS = {"White": "White", "Black": "Black", "Latino_Hispanic": "Latino", "East Asian": "East Asian",
+                       "Southeast Asian": "Southeast Asian", "Indian": "Indian", "Middle Eastern": "Middle Eastern"}
+
+
+def age_group(age: int) -> int:
+    """:data:`AGE_GROUPS` index of an integer age."""
+    return next(i for i, (hi, *_rest) in enumerate(AGE_GROUPS) if age <= hi)
+
+
+CAPTION_TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a close-up photo of the face of a {}")
+
+
+def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0]) -> str | None:
+    """A caption naming a face's labels ("a photo of a young Black woman"), or None without a Male/Female gender.
+
+    Understands FairFace rows (age bins, FairFace race names) and UTKFace rows (integer ages); unknown
+    race/age values are left out. Used to give text towers labelled inputs (probing, locate).
+    """
+    gender = row.get("gender")
+    if gender not in ("Male", "Female"):
+        return None
+    age = str(row.get("age", "") or "")
+    if age.isdigit():
+        adj, fem, male = AGE_GROUPS[age_group(int(age))][1:]
+    else:
+        child = age in ("0-2", "3-9", "10-19")
+        adj, fem, male = (None if age == "3-9" else FAIRFACE_AGE_WORDS.get(age)), ("girl" if child else "woman"), ("boy" if child else "man")
+    race = FAIRFACE_RACE_WORDS.get(row.get("race", "")) or RACE_WORDS.get(row.get("race", ""))
+    words = " ".join(w for w in (adj, race, fem if gender == "Female" else male) if w)
+    return re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", template.format(words))  # "a elderly" -> "an elderly"
+
+
+def fairface_caption(row: Mapping[str, str]) -> str | None:
+    """The caption-recall ground truth of a FairFace row: :func:`label_caption` with the default template
+    (None for a row without a Male/Female gender: it matches no caption)."""
+    return label_caption(row)

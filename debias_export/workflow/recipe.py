@@ -1,0 +1,369 @@
+"""YAML recipes: a typed schema, parsed strictly (unknown/missing keys and bad values name their key path).
+
+A recipe chains capture -> train-sae -> probe -> patch -> export -> validate (-> bench -> eval); with
+``edit.kind: projection`` it chains capture -> fit (LEACE / mean difference of ``probe.column``) -> fold or
+patch -> export -> validate (-> bench -> eval) and trains no SAE. Paths in
+``data`` are relative to ``data.dir`` (default: ``$DEBIAS_EXPORT_DATA`` or ``../shared/data``); ``output.dir``
+is relative to the current directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
+from ..core.choices import EXPORT_FOLDS as FOLDS
+from ..core.errors import ConfigError
+
+BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
+
+
+@dataclass
+class ModelSection:
+    spec: str  # hub id, local dir, "tiny-clip[:seed]", or "arch:<real config name>" (random weights)
+    family: Optional[str] = None
+
+
+@dataclass
+class DataSection:
+    dir: Optional[str] = None
+    images: Optional[str] = None  # labelled image CSV (relative to dir)
+    image_dir: Optional[str] = None
+    texts: Optional[str] = None  # prompts file for text-tower capture
+    captions_from: Optional[str] = None  # labelled image CSV whose labels become captions (text tower)
+    limit: Optional[int] = None
+
+
+@dataclass
+class CaptureSection:
+    tokens: str = "random-k"
+    k: int = 2
+    batch_size: int = 32
+
+
+@dataclass
+class SAESection:
+    path: Optional[str] = None  # reuse/import an SAE instead of training
+    k: int = 20
+    expansion: int = 8
+    batch_size: int = 4096
+    steps: int = 1000
+    lr: Optional[float] = None
+
+
+@dataclass
+class ProbeSection:
+    column: str = "gender"
+    tau: float = 0.1
+    top_n: int = 1
+    # which per-input activations are encoded for probing: the mean over the captured tokens (DeBiasLens) or
+    # the token the tower output reads (CLS/EOS) - what a last-block edit touches
+    activations: str = "mean"
+
+
+@dataclass
+class EditSection:
+    kind: str = "sae"  # sae (DeBiasLens neuron edit) | projection (LEACE / mean-difference erasure of probe.column)
+    alpha: float = 0.6
+    value: float = 0.0
+    mode: str = "reconstruct"
+    neurons: Optional[list[int]] = None  # explicit neurons instead of the probe's
+    # kind: projection (fitted on the capture, labels from probe.column; the eval sweep's alpha is b)
+    method: str = "leace"  # leace | mean_diff
+    strength: float = 1.0  # b
+    amplify: float = 0.0  # g, needs fair_from
+    fair_from: Optional[str] = None  # safetensors with raw fair directions [d, m] (relative to the current dir)
+    center: bool = True
+    fold: str = "none"  # none (fused patch) | site | output | every_writer
+
+
+PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold")
+
+
+@dataclass
+class ExportSection:
+    onnx: bool = True
+    opset: int = 20
+    atol: float = 1e-4
+    exporter: str = "dynamo"  # dynamo | torchscript | optimum (where optimum-onnx is installed)
+
+
+@dataclass
+class BenchSection:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    reps: int = 10
+    runtimes: list[str] = field(default_factory=lambda: ["torch", "ort"])
+
+
+@dataclass
+class EvalSection:
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.6, 0.9])
+    k: int = 50
+    # faces evaluated: the first N of FairFace 540 (CLIP-style families) or a gender-balanced sample of N
+    # (LLaVA, where every face costs one LM forward per question; defaults to data.limit there)
+    limit: Optional[int] = None
+
+
+@dataclass
+class OutputSection:
+    dir: str
+    overwrite: bool = False
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSection
+    site: str
+    output: OutputSection
+    seed: int = 0
+    data: DataSection = field(default_factory=DataSection)
+    capture: CaptureSection = field(default_factory=CaptureSection)
+    sae: SAESection = field(default_factory=SAESection)
+    probe: ProbeSection = field(default_factory=ProbeSection)
+    edit: EditSection = field(default_factory=EditSection)
+    export: ExportSection = field(default_factory=ExportSection)
+    bench: Optional[BenchSection] = None
+    eval: Optional[EvalSection] = None
+    # Each variant is a mapping with a ``name`` plus any sections to override; it runs as its own recipe.
+    variants: Optional[list[dict]] = None
+    source: Optional[str] = None  # path of the YAML file (set by the loader)
+
+
+def _show(value: Any) -> str:
+    """repr() that cannot fail (ints past Python's digit limit) and stays short."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "<integer with too many digits>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; errors name the key path."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], path)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {_show(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
+        return value
+    if tp is float:
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
+        return number
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: dict, path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in raw:
+        if key not in fields:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key {where!r} (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], hints[name], where)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing key {where!r}")
+    return cls(**kwargs)
+
+
+def _check_values(r: Recipe, where: str) -> None:
+    def bad(key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {msg}")
+
+    if not 0.0 <= r.edit.alpha <= 1.0:
+        raise bad("edit.alpha", f"must be in [0, 1], got {r.edit.alpha}")
+    _check_edit_kind(r.edit, bad)
+    if r.edit.mode not in SAE_MODES:
+        raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
+    if r.capture.tokens not in ("random-k", "output", "all"):
+        raise bad("capture.tokens", f"must be random-k, output or all, got {r.capture.tokens!r}")
+    for key, val in (("capture.k", r.capture.k), ("capture.batch_size", r.capture.batch_size), ("sae.k", r.sae.k),
+                     ("sae.expansion", r.sae.expansion), ("sae.batch_size", r.sae.batch_size), ("sae.steps", r.sae.steps),
+                     ("probe.top_n", r.probe.top_n)):
+        if val <= 0:
+            raise bad(key, f"must be positive, got {val}")
+    if r.edit.neurons is not None:
+        if any(n < 0 for n in r.edit.neurons):
+            raise bad("edit.neurons", f"must be >= 0, got {_show(r.edit.neurons)}")
+        if len(set(r.edit.neurons)) != len(r.edit.neurons):
+            raise bad("edit.neurons", f"duplicated neuron ids in {_show(r.edit.neurons)}")
+    if r.data.limit is not None and r.data.limit < 0:
+        raise bad("data.limit", f"must be >= 0, got {r.data.limit}")
+    if r.export.atol < 0:
+        raise bad("export.atol", f"must be >= 0, got {r.export.atol}")
+    if r.export.exporter not in ONNX_EXPORTERS:
+        raise bad("export.exporter", f"must be one of {', '.join(ONNX_EXPORTERS)}, got {_show(r.export.exporter)}")
+    lo, hi = MIN_OPSET[r.export.exporter], MAX_OPSET[r.export.exporter]
+    if not lo <= r.export.opset <= hi:
+        raise bad("export.opset", f"must be in [{lo}, {hi}] for the {r.export.exporter} exporter, got {r.export.opset}")
+    if r.sae.lr is not None and r.sae.lr <= 0:
+        raise bad("sae.lr", f"must be positive, got {r.sae.lr}")
+    if r.bench is not None:
+        if r.bench.reps <= 0:
+            raise bad("bench.reps", f"must be positive, got {r.bench.reps}")
+        if not r.bench.batch_sizes or any(b <= 0 for b in r.bench.batch_sizes):
+            raise bad("bench.batch_sizes", f"must be positive integers, got {_show(r.bench.batch_sizes)}")
+        unknown = [x for x in r.bench.runtimes if x not in BENCH_RUNTIMES]
+        if unknown:
+            raise bad("bench.runtimes", f"unknown {_show(unknown)}; expected some of {', '.join(BENCH_RUNTIMES)}")
+    if r.eval is not None:
+        if any(not 0.0 <= a <= 1.0 for a in r.eval.alphas):
+            raise bad("eval.alphas", f"must lie in [0, 1], got {_show(r.eval.alphas)}")
+        if r.eval.k <= 0:
+            raise bad("eval.k", f"must be positive, got {r.eval.k}")
+        if r.eval.limit is not None and r.eval.limit < 2:
+            raise bad("eval.limit", f"must be >= 2 (faces of both genders), got {r.eval.limit}")
+    if r.probe.activations not in ("mean", "output"):
+        raise bad("probe.activations", f"must be mean or output, got {r.probe.activations!r}")
+    if not 0.0 < r.probe.tau <= 1.0:
+        raise bad("probe.tau", f"must be in (0, 1], got {r.probe.tau}")
+    given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]
+    if len(given) != 1:
+        raise bad("data", f"needs exactly one of images (labelled image CSV), texts or captions_from; got {given or 'none'}")
+
+
+def _check_edit_kind(e: EditSection, bad: Any) -> None:
+    if e.kind not in EDIT_KINDS:
+        raise bad("edit.kind", f"must be sae or projection, got {e.kind!r}")
+    if e.kind == "sae":
+        defaults = EditSection()
+        for key in PROJECTION_FIELDS:
+            if getattr(e, key) != getattr(defaults, key):
+                raise bad(f"edit.{key}", "only applies to edit.kind: projection")
+        return
+    if e.method not in ("leace", "mean_diff"):
+        raise bad("edit.method", f"must be leace or mean_diff, got {e.method!r}")
+    if e.fold not in FOLDS:
+        raise bad("edit.fold", f"must be one of {', '.join(FOLDS)}, got {e.fold!r}")
+    if not 0.0 <= e.strength <= 1.0:
+        raise bad("edit.strength", f"must be in [0, 1], got {e.strength}")
+    if e.amplify != 0.0 and not e.fair_from:
+        raise bad("edit.amplify", "needs edit.fair_from (there are no fair directions to amplify)")
+    if e.neurons is not None:
+        raise bad("edit.neurons", "only applies to edit.kind: sae")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_recipe(raw: Any, where: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML); each variant is validated as a full recipe too."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: top level must be a mapping, got {type(raw).__name__}")
+    try:
+        recipe = _build(Recipe, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_values(recipe, where)
+    names = []
+    for i, variant in enumerate(recipe.variants or []):
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"].strip():
+            raise ConfigError(f"{where}: variants[{i}] must be a mapping with a non-empty 'name'")
+        if "variants" in variant or "output" in variant:
+            raise ConfigError(f"{where}: variants[{i}] may not set 'variants' or 'output'")
+        if variant["name"] in names or "/" in variant["name"]:
+            raise ConfigError(f"{where}: variants[{i}].name {variant['name']!r} is duplicated or contains '/'")
+        names.append(variant["name"])
+        base = {k: v for k, v in raw.items() if k != "variants"}
+        parse_recipe(_merge(base, variant), where=f"{where}: variants[{i}] ({variant['name']})")
+    return recipe
+
+
+def expand_variants(recipe: Recipe) -> list[Recipe]:
+    """The recipes a (possibly multi-variant) recipe runs, each named after its variant."""
+    if not recipe.variants:
+        return [recipe]
+    base = dataclasses.asdict(recipe)
+    base.pop("variants")
+    base.pop("source")
+    out = []
+    for variant in recipe.variants:
+        r = _build(Recipe, _merge(base, variant), "")
+        r.source = recipe.source
+        out.append(r)
+    return out
+
+
+def _check_duplicate_keys(node: Any, path: str, file: Path) -> None:
+    """Refuse a mapping that repeats a key (YAML's last value would win silently), naming key path and line."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            where = f"{path}.{key}" if path else str(key)
+            if key is not None and key != "<<":  # "<<" merge keys may repeat
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise ConfigError(f"{file} line {line}: duplicate key {where!r} (first at line {seen[key]})")
+                seen[key] = line
+            _check_duplicate_keys(value_node, where, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicate_keys(item, f"{path}[{i}]", file)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", path)  # nodes only: nothing is constructed
+        raw = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe {path} is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer past Python's int-string digit limit
+        raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0][:80]})") from None
+    recipe = parse_recipe(raw, where=str(path))
+    recipe.source = str(path)
+    return recipe

@@ -41,6 +41,14 @@ def portable_state_dict(model: nn.Module, vision_prefixes: tuple[str, ...]) -> d
 
     ``None`` when nothing needs renaming (``save_pretrained`` writes the portable layout itself).
     """
+    flat = _flattened_prefixes(model, vision_prefixes)
+    if not flat:
+        return None
+    return {_name_4x(key, flat): value for key, value in model.state_dict().items()}
+
+
+def _flattened_prefixes(model: nn.Module, vision_prefixes: tuple[str, ...]) -> list[str]:
+    """The ``vision_prefixes`` (with a trailing dot) whose CLIP vision tower has no inner ``vision_model`` (5.x)."""
     flat = []
     for prefix in vision_prefixes:
         try:
@@ -49,16 +57,15 @@ def portable_state_dict(model: nn.Module, vision_prefixes: tuple[str, ...]) -> d
             continue
         if not isinstance(getattr(tower, "vision_model", None), nn.Module):
             flat.append(prefix + ".")
-    if not flat:
-        return None
-    out = {}
-    for key, value in model.state_dict().items():
-        for prefix in flat:
-            if key.startswith(prefix):
-                key = prefix + "vision_model." + key[len(prefix):]
-                break
-        out[key] = value
-    return out
+    return flat
+
+
+def _name_4x(name: str, flat: list[str]) -> str:
+    """``name`` in the 4.x layout: ``vision_model.`` re-inserted after the first flattened prefix it starts with."""
+    for prefix in flat:
+        if name.startswith(prefix):
+            return prefix + "vision_model." + name[len(prefix):]
+    return name
 
 
 def save_pretrained_portable(model: nn.Module, out: Any, vision_prefixes: tuple[str, ...] = ()) -> None:
@@ -85,23 +92,8 @@ def quiet_transformers() -> Iterator[None]:
 
 def _canonical_names(model: nn.Module, vision_prefixes: tuple[str, ...]) -> dict[str, str]:
     """Parameter name -> its name in the 4.x layout (5.x flattens CLIP vision towers at ``vision_prefixes``)."""
-    flat = []
-    for prefix in vision_prefixes:
-        try:
-            tower = model.get_submodule(prefix)
-        except AttributeError:
-            continue
-        if not isinstance(getattr(tower, "vision_model", None), nn.Module):
-            flat.append(prefix + ".")
-    out = {}
-    for name, _ in model.named_parameters():
-        canonical = name
-        for prefix in flat:
-            if name.startswith(prefix):
-                canonical = prefix + "vision_model." + name[len(prefix):]
-                break
-        out[name] = canonical
-    return out
+    flat = _flattened_prefixes(model, vision_prefixes)
+    return {name: _name_4x(name, flat) for name, _ in model.named_parameters()}
 
 
 @torch.no_grad()

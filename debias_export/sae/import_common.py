@@ -69,13 +69,16 @@ class Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self.raw
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, ndim: int | None = None) -> torch.Tensor:
+        """The tensor as float32; with ``ndim`` (1 or 2) a ShapeError when it is not a vector / matrix."""
         t = self.raw.get(name)
         if t is None:
             have = ", ".join(sorted(map(str, self.raw))) or "none"
             raise DebiasError(f"{self.file} has no tensor {name!r} (has: {have})")
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise DebiasError(f"{self.file}: {name!r} is not a float tensor")
+        if ndim is not None and t.ndim != ndim:
+            raise ShapeError(f"{self.file}: {name} has shape {tuple(t.shape)}, expected a {'vector' if ndim == 1 else 'matrix'}")
         if t.dtype in HALF_DTYPES:
             self.half.add(str(t.dtype).replace("torch.", ""))
         return t.detach().float()

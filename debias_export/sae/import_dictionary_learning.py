@@ -73,22 +73,16 @@ def load_dictionary_learning(path: str | Path, d_in: int | None = None) -> Spars
         cls = _class_from_keys(sd, w_file)
     t = Tensors(sd, w_file)
     bias_name = {"AutoEncoder": "bias", "GatedAutoEncoder": "decoder_bias", "AutoEncoderNew": "decoder.bias"}.get(cls, "b_dec")
-    b_dec = t.get(bias_name)
-    if b_dec.ndim != 1:
-        raise ShapeError(f"{w_file}: {bias_name} has shape {tuple(b_dec.shape)}, expected a vector")
+    b_dec = t.get(bias_name, ndim=1)
     d = b_dec.shape[0]
     thr, k, activation = None, None, "threshold"
     if cls in ("MatryoshkaBatchTopKSAE", "JumpReluAutoEncoder"):
-        b_enc = t.get("b_enc")
-        if b_enc.ndim != 1:
-            raise ShapeError(f"{w_file}: b_enc has shape {tuple(b_enc.shape)}, expected a vector")
+        b_enc = t.get("b_enc", ndim=1)
         F = b_enc.shape[0]
         W_enc = matrix(t.get("W_enc"), (d, F), "W_enc", w_file)
         W_dec = matrix(t.get("W_dec"), (F, d), "W_dec", w_file)
     else:
-        enc = t.get("encoder.weight")
-        if enc.ndim != 2:
-            raise ShapeError(f"{w_file}: encoder.weight has shape {tuple(enc.shape)}, expected a matrix")
+        enc = t.get("encoder.weight", ndim=2)
         F = enc.shape[0]
         W_enc = matrix(enc, (F, d), "encoder.weight (nn.Linear [dict_size, activation_dim])", w_file).t()
         W_dec = matrix(t.get("decoder.weight"), (d, F), "decoder.weight (nn.Linear [activation_dim, dict_size])",

@@ -93,13 +93,9 @@ def load_prisma(path: str | Path, d_in: int | None = None, checkpoint: str | Non
     obj = _load_prisma_pt(w_file)
     sd = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
     t = Tensors(sd, w_file)
-    b_dec = t.get("b_dec")
-    if b_dec.ndim != 1:
-        raise ShapeError(f"{w_file}: b_dec has shape {tuple(b_dec.shape)}, expected a vector")
+    b_dec = t.get("b_dec", ndim=1)
     d = b_dec.shape[0]
-    W_enc = t.get("W_enc")
-    if W_enc.ndim != 2:
-        raise ShapeError(f"{w_file}: W_enc has shape {tuple(W_enc.shape)}, expected a matrix")
+    W_enc = t.get("W_enc", ndim=2)
     F = W_enc.shape[1]
     W_enc = matrix(W_enc, (d, F), "W_enc", w_file)
     if "d_in" in cfg and cfg["d_in"] != d:

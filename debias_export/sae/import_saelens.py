@@ -83,14 +83,10 @@ def load_saelens(path: str | Path, d_in: int | None = None) -> SparseAutoencoder
     activation, k = _activation_kind(cfg, arch, cfg_file)
 
     t = Tensors(read_safetensors(w_file), w_file)
-    b_dec = t.get("b_dec")
-    if b_dec.ndim != 1:
-        raise ShapeError(f"{w_file}: b_dec has shape {tuple(b_dec.shape)}, expected a vector")
+    b_dec = t.get("b_dec", ndim=1)
     d = b_dec.shape[0]
     first_bias = "b_mag" if arch == "gated" else "b_enc"
-    bias0 = t.get(first_bias)
-    if bias0.ndim != 1:
-        raise ShapeError(f"{w_file}: {first_bias} has shape {tuple(bias0.shape)}, expected a vector")
+    bias0 = t.get(first_bias, ndim=1)
     F = bias0.shape[0]
     for key, want in (("d_in", d), ("d_sae", F)):
         if key in cfg and cfg[key] != want:

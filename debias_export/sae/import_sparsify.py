@@ -30,13 +30,9 @@ def load_sparsify(path: str | Path, d_in: int | None = None) -> SparseAutoencode
     t = Tensors(read_safetensors(w_file), w_file)
     if "W_skip" in t:
         raise unsupported("sparsify coder", "skip_connection", "plain top-k SAEs", w_file)
-    b_dec = t.get("b_dec")
-    if b_dec.ndim != 1:
-        raise ShapeError(f"{w_file}: b_dec has shape {tuple(b_dec.shape)}, expected a vector")
+    b_dec = t.get("b_dec", ndim=1)
     d = b_dec.shape[0]
-    b_enc = t.get("encoder.bias")
-    if b_enc.ndim != 1:
-        raise ShapeError(f"{w_file}: encoder.bias has shape {tuple(b_enc.shape)}, expected a vector")
+    b_enc = t.get("encoder.bias", ndim=1)
     F = b_enc.shape[0]
     if "d_in" in cfg and cfg["d_in"] != d:
         raise ShapeError(f"{cfg_file}: d_in={cfg['d_in']!r} but the weights imply {d}")

@@ -11,6 +11,7 @@ Objects travel between ranks as JSON in uint8 tensors, never pickled.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -158,15 +159,15 @@ def launched_world_size() -> int:
 
 @contextlib.contextmanager
 def distributed_session(device: str = "auto") -> Iterator[tuple[Dist, torch.device]]:
-    """Join the launcher's process group (if any), pick this rank's device, and leave the group at the end.
+    """Join the launcher's process group (if any) and pick this rank's device.
 
-    Run directly (no ``WORLD_SIZE`` > 1) this is a single process and opens no group. A group that the caller
-    already initialised is used as it is and left open.
+    Run directly (no ``WORLD_SIZE`` > 1) this is a single process and opens no group. The group, once opened,
+    stays open for the process's later commands (a launcher's rendezvous cannot be joined twice) and is
+    left at exit; a group that the caller initialised is used as it is.
     """
     world = launched_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     dev = resolve_device(device, local_rank)
-    opened = False
     if world > 1 and not tdist.is_initialized():
         missing = [v for v in LAUNCH_VARS if v not in os.environ]
         if missing:
@@ -176,9 +177,10 @@ def distributed_session(device: str = "auto") -> Iterator[tuple[Dist, torch.devi
             torch.cuda.set_device(dev)
         backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-        opened = True
-    try:
-        yield Dist.current(), dev
-    finally:
-        if opened:
-            tdist.destroy_process_group()
+        atexit.register(_leave)
+    yield Dist.current(), dev
+
+
+def _leave() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()

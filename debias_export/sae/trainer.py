@@ -3,7 +3,7 @@
 One step on a batch ``x`` (already divided by the input scale, see below):
 
 - ``pre = relu((x - b_dec) @ W_enc + b_enc)``; BatchTopK keeps the ``k * B`` largest entries of the
-  whole batch (not ``k`` per row), giving ``f``.
+  whole batch (not ``k`` per row; ties with the ``k * B``-th all kept), giving ``f``.
 - Matryoshka loss: latents are split into nested groups (fractions 1/16, 1/8, 1/4, rest); the loss is
   the mean over groups of the squared reconstruction error of the prefix reconstruction using groups
   ``1..g`` (per-row squared L2 summed over features, averaged over rows, as dictionary_learning does).
@@ -153,22 +153,25 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 
 
 def batch_topk(pre: torch.Tensor, k: int, dist: Dist | None = None) -> torch.Tensor:
-    """Keep the ``k * B`` largest entries of the whole ``[B, F]`` batch.
+    """Keep the ``k * B`` largest entries of the whole ``[B, F]`` batch (entries tied with the ``k * B``-th are
+    all kept).
 
-    Under a process group ``pre`` is this rank's rows of the global batch (every rank has as many): the
-    ``k * B_global`` largest entries over all ranks are kept, as one process with the whole batch would.
+    Ties come from rows that repeat (random-k draws with replacement, epoch wrap-around); keeping every tied
+    entry treats equal rows alike, where ``topk``'s choice among them would depend on the memory layout, and
+    so the result does not depend on how the batch is split. Under a process group ``pre`` is this rank's
+    rows of the global batch (every rank has as many) and the ``k * B_global`` largest over all ranks are kept.
     """
-    if dist is not None and dist.enabled:
-        n_keep = k * pre.shape[0] * dist.world_size
-        local = pre.detach().flatten()
-        everyone = dist.cat(local.topk(min(n_keep, local.numel()), sorted=False).values)
-        if everyone.numel() <= n_keep:
-            return pre
-        kth = everyone.topk(n_keep, sorted=False).values.min()
-        return torch.where(pre >= kth, pre, torch.zeros_like(pre))
-    flat = pre.flatten()
-    vals, idx = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
-    return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
+    world = dist.world_size if dist is not None else 1
+    n_keep = k * pre.shape[0] * world
+    local = pre.detach().flatten()
+    top = local.topk(min(n_keep, local.numel()), sorted=False).values
+    if world > 1:
+        top = dist.cat(top)
+        if top.numel() > n_keep:
+            top = top.topk(n_keep, sorted=False).values
+    if top.numel() < n_keep:  # fewer entries than asked for: keep everything
+        return pre
+    return torch.where(pre >= top.min(), pre, torch.zeros_like(pre))
 
 
 def fold_input_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:

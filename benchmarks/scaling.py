@@ -83,6 +83,7 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['processes']} | {r['threads_per_process']} | {r['capture_images_per_s']} | "
                      f"{r['sae_steps_per_s']} | {r['loadavg_after'][0]} |")
+    lines += ["", "On a shared box the rates measure CPU share as much as scaling: compare the load averages."]
     (args.out / "scaling.md").write_text("\n".join(lines) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -35,12 +35,14 @@ class CaptureResult:
     seconds: float
     computed_inputs: int
     settings: dict
+    processes: int = 1
 
     def summary(self) -> str:
-        per = f", {1000 * self.seconds / self.computed_inputs:.1f} ms/input" if self.computed_inputs else ""
+        per = f", {self.computed_inputs / self.seconds:.1f} inputs/s" if self.computed_inputs and self.seconds > 0 else ""
+        procs = f" by {self.processes} processes" if self.processes > 1 else ""
         return (f"captured {self.num_inputs} inputs -> {self.num_tokens} tokens x {self.settings['width']} at "
                 f"{self.settings['site']} ({self.settings['tokens']}) into {self.out_dir}: {self.num_shards} shards "
-                f"({self.resumed_shards} resumed) in {self.seconds:.1f} s{per}")
+                f"({self.resumed_shards} resumed) in {self.seconds:.1f} s{procs}{per}")
 
 
 class _StopForward(Exception):

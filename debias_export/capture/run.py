@@ -13,6 +13,11 @@ token mode, k, seed, dtype, shard size) are hashed into a cache key: rerunning w
 resumes or returns at once, different settings in the same directory are refused unless ``overwrite``.
 Random-k positions are drawn per input from a generator seeded by ``(seed, input index)``, so results
 do not depend on batch size or on where a run was interrupted.
+
+Under torchrun / ``accelerate launch`` the shards are dealt out in rounds (shard ``resumed + r * world + rank``
+to ``rank``): every rank writes its own shards, rank 0 records each finished round in the manifest (each
+entry names the ``rank`` that wrote it). A shard is the same bytes whoever writes it, so the capture and its
+cache key equal the single-process ones, and an interrupted run resumes with any number of processes.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from ..core.model_match import FINGERPRINT_KEY
 from ..core.model_match import model_fingerprint as family_fingerprint
 from ..core.sites import Site
 from ..data.datasets import LabelledImages, TextPrompts
+from ..sae.distributed import Dist, autocast, check_precision
 from .format import (
     DTYPES,
     FORMAT,
@@ -91,13 +97,17 @@ def _select(tokens: str, k: int, seed: int, first_row: int, valid: torch.Tensor,
 def capture_activations(adapter: ModelAdapter, site: str | Site, source: LabelledImages | TextPrompts,
                         out_dir: str | os.PathLike, tokens: str = "random-k", k: int = 2, batch_size: int = 32,
                         seed: int = 0, shard_size: int | None = None, dtype: str = "float32", overwrite: bool = False,
-                        progress: bool = True) -> CaptureResult:
+                        progress: bool = True, precision: str = "fp32", dist: Dist | None = None) -> CaptureResult:
     """Capture ``site`` activations of ``source`` into ``out_dir`` (see the module docstring for the layout).
 
     ``tokens``: ``random-k`` (k positions per input drawn with replacement, DeBiasLens default k=2),
     ``output`` (the token the tower pools), ``all`` (every real token; text padding excluded).
     ``shard_size`` inputs per shard bounds memory (default 4096, or 128 for ``all``).
+    The tower runs on the device its weights are on; ``precision`` ``bf16`` / ``fp16`` autocasts its matmuls
+    (part of the cache key). Under a process group (``dist``, default: the initialised one) the shards are
+    split between the ranks, each rank writes its own shards and rank 0 the manifest.
     """
+    check_precision(precision)
     if tokens not in TOKEN_MODES:
         raise DebiasError(f"unknown token mode {tokens!r}; expected one of {', '.join(TOKEN_MODES)}")
     if dtype not in DTYPES:
@@ -117,33 +127,53 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
                 "site": site.name, "site_module": module_path, "tower": site.tower, "width": adapter.width(site.tower),
                 "tokens": tokens, "k": k if tokens == "random-k" else None, "seed": seed, "dtype": dtype,
                 "shard_size": shard_size, "source": source.describe()}
+    if precision != "fp32":  # only then: captures made before --precision existed keep their cache key
+        settings["precision"] = precision
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    dist = dist or Dist.current()
+    dist.check_same("capture settings (cache key)", key)
     out = Path(out_dir)
-    shards, old = _prepare_out_dir(out, key, overwrite)
     n = len(source)
     n_shards = -(-n // shard_size)
-    if old is not None and old.get("status") == "complete" and len(shards) == n_shards:
+    shards, complete = _prepare_on_main(dist, out, key, overwrite, n_shards)
+    if complete is not None:
         # Same settings, already complete: nothing to do (the manifest keeps the original timing).
-        return CaptureResult(out, n, old["counts"]["tokens"], n_shards, n_shards, 0.0, 0, settings)
+        return CaptureResult(out, n, complete, n_shards, n_shards, 0.0, 0, settings, dist.world_size)
+    device = next(adapter.model.parameters()).device
+    if dist.is_main and dist.world_size > n_shards - len(shards):
+        print(f"warning: {n_shards - len(shards)} shard(s) left for {dist.world_size} processes: some stay idle "
+              "(a smaller --shard-size splits the work further)", file=sys.stderr)
     # what SAEs trained on this capture are made for (outside ``settings``: not part of the cache key, so
-    # captures made before it existed still resume)
+    # captures made before it existed still resume); ``runtime`` says how it ran (not part of the key either)
     manifest = {"format": FORMAT, "version": VERSION, "cache_key": key, "status": "running", "settings": settings,
-                "shards": shards, FINGERPRINT_KEY: family_fingerprint(adapter)}
+                "shards": shards, FINGERPRINT_KEY: family_fingerprint(adapter),
+                "runtime": {"device": device.type, "precision": precision, "processes": dist.world_size}}
     resumed = len(shards)
+    todo = list(range(resumed, n_shards))
     start_time = time.perf_counter()
     computed = 0
-    bar = _progress_bar(n, sum(e["inputs"] for e in shards), source.tower, progress)
+    bar = _progress_bar(n, sum(e["inputs"] for e in shards), source.tower, progress and dist.is_main)
     was_training = adapter.model.training
     adapter.model.eval()
     try:
-        with torch.no_grad():
-            for s in range(resumed, n_shards):
-                lo, hi = s * shard_size, min((s + 1) * shard_size, n)
-                entry = _capture_shard(adapter, module, site.tower, source, out, s, lo, hi, tokens, k, seed,
-                                       DTYPES[dtype], batch_size, bar)
-                computed += hi - lo
-                shards.append(entry)
-                _write_manifest(out, manifest)  # a crash after this point resumes after shard s
+        with torch.no_grad(), autocast(device, precision):
+            # Round r: rank i captures todo[r * world + i]; rank 0 then records the whole round, so the manifest
+            # always lists a prefix of the shards and a rerun (with any number of processes) resumes after it.
+            for first in range(0, len(todo), dist.world_size):
+                mine = first + dist.rank
+                entry = None
+                if mine < len(todo):
+                    s = todo[mine]
+                    lo, hi = s * shard_size, min((s + 1) * shard_size, n)
+                    entry = _capture_shard(adapter, module, site.tower, source, out, s, lo, hi, tokens, k, seed,
+                                           DTYPES[dtype], batch_size, bar)
+                    entry["rank"] = dist.rank
+                round_entries = [e for e in dist.gather_json(entry) if e is not None]
+                computed += sum(e["inputs"] for e in round_entries)
+                bar.update(sum(e["inputs"] for e in round_entries if e["rank"] != dist.rank))
+                shards.extend(round_entries)
+                if dist.is_main:
+                    _write_manifest(out, manifest)  # a crash after this point resumes after this round
     finally:
         bar.close()
         adapter.model.train(was_training)
@@ -152,8 +182,29 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
     manifest.update(status="complete", counts={"inputs": n, "tokens": n_tokens, "shards": len(shards)},
                     timing={"seconds": round(seconds, 3), "computed_inputs": computed,
                             "seconds_per_input": round(seconds / computed, 6) if computed else None})
-    _write_manifest(out, manifest)  # written last: a complete capture.json means a complete capture
-    return CaptureResult(out, n, n_tokens, len(shards), resumed, seconds, computed, settings)
+    if dist.is_main:
+        _write_manifest(out, manifest)  # written last: a complete capture.json means a complete capture
+    dist.barrier()  # nobody reads the capture before its manifest says complete
+    return CaptureResult(out, n, n_tokens, len(shards), resumed, seconds, computed, settings, dist.world_size)
+
+
+def _prepare_on_main(dist: Dist, out: Path, key: str, overwrite: bool, n_shards: int) -> tuple[list[dict], int | None]:
+    """Rank 0 checks, clears or resumes ``out`` and tells the others: the shards done, and the token count
+    when the capture is already complete. Its refusal is raised on every rank (nobody waits forever)."""
+    answer: dict = {}
+    if dist.is_main:
+        try:
+            shards, old = _prepare_out_dir(out, key, overwrite)
+            done = old is not None and old.get("status") == "complete" and len(shards) == n_shards
+            answer = {"shards": shards, "complete": old["counts"]["tokens"] if done else None}
+        except DebiasError as exc:
+            if not dist.enabled:
+                raise
+            answer = {"error": str(exc)}
+    answer = dist.broadcast_json(answer)
+    if "error" in answer:
+        raise DebiasError(answer["error"])
+    return answer["shards"], answer["complete"]
 
 
 def _progress_bar(total: int, initial: int, tower: str, enabled: bool):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from ..core.choices import CAPTURE_DTYPES, TOKEN_MODES
+from ..core.choices import CAPTURE_DTYPES, PRECISIONS, TOKEN_MODES
 from ..core.errors import DebiasError
 from .common import POSITIVE_INT, SEED, model_option
 
@@ -18,7 +18,9 @@ from .common import POSITIVE_INT, SEED, model_option
 @click.option("--image-dir", default=None, help="Folder the file column is relative to (default: <csv dir>/images or <csv dir>).")
 @click.option("--file-column", default="file", show_default=True, help="CSV column naming the image file.")
 @click.option("--columns", default=None, help="Comma-separated label columns to keep (default: all).")
-@click.option("--texts", "texts_path", default=None, help="Prompt file: .txt (one per line) or CSV (template,concept).")
+@click.option("--texts", "texts_path", default=None,
+              help="Prompt file: .txt (one prompt per line), a CSV with a text (or prompt) column and label "
+                   "columns (e.g. text,gender), or a template,concept CSV.")
 @click.option("--prompt-pairing", type=click.Choice(["cross", "rows"]), default="cross", show_default=True,
               help="template,concept CSVs: every template x every concept, or one prompt per row.")
 @click.option("--where", multiple=True, metavar="COL=V1[,V2]", help="Keep only rows whose COL is one of the values (repeatable).")
@@ -33,14 +35,23 @@ from .common import POSITIVE_INT, SEED, model_option
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the random-k draws.")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Capture directory.")
 @click.option("--overwrite", is_flag=True, help="Replace a capture with different settings in --out.")
+@click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda[:i]",
+              help="Where the tower runs (auto: this process's GPU if CUDA is there, else the CPU).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="Compute precision: bf16 / fp16 autocast the tower's matmuls (weights stay fp32).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str | None, file_column: str,
             columns: str | None, texts_path: str | None, prompt_pairing: str, where: tuple[str, ...], tokens: str, k: int, batch_size: int,
             shard_size: int | None, dtype: str, limit: int | None, seed: int, out_dir: Path, overwrite: bool,
-            no_progress: bool) -> None:
-    """Capture SITE activations of MODEL over labelled images or prompts into shards under OUT (resumable)."""
+            device: str, precision: str, no_progress: bool) -> None:
+    """Capture SITE activations of MODEL over labelled images or prompts into shards under OUT (resumable).
+
+    Runs as it is under `torchrun --nproc_per_node N` or `accelerate launch`: the shards are split between the
+    processes, and rerunning the same command resumes an interrupted capture.
+    """
     from ..capture import capture_activations
     from ..data.datasets import LabelledImages, TextPrompts, parse_where, resolve_data_path
+    from ..sae.distributed import distributed_session
     from .common import load_model_spec
 
     if (images_csv is None) == (texts_path is None):
@@ -54,8 +65,12 @@ def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str |
         if image_dir is not None or columns is not None:
             raise DebiasError("--image-dir and --columns apply to --images only")
         source = TextPrompts(resolve_data_path(texts_path), limit=limit, filter=filt, pairing=prompt_pairing)
-    adapter = load_model_spec(model_spec)
-    result = capture_activations(adapter, site, source, out_dir, tokens=tokens, k=k, batch_size=batch_size,
-                                 seed=seed, shard_size=shard_size, dtype=dtype, overwrite=overwrite,
-                                 progress=not no_progress)
-    click.echo(result.summary())
+    with distributed_session(device) as (dist, dev):
+        adapter = load_model_spec(model_spec)
+        adapter.model.to(dev)
+        result = capture_activations(adapter, site, source, out_dir, tokens=tokens, k=k, batch_size=batch_size,
+                                     seed=seed, shard_size=shard_size, dtype=dtype, overwrite=overwrite,
+                                     progress=not no_progress, precision=precision, dist=dist)
+    if dist.is_main:
+        click.echo(f"{result.summary()}; next: debias-export train-sae --activations {out_dir} --out {out_dir}-sae "
+                   "--steps 1000")

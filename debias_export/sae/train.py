@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -17,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError, ShapeError
 from ..core.fileio import apply_default_modes
+from .distributed import Dist
 from .model import SparseAutoencoder, read_safetensors
 from .trainer import DEFAULT_GROUPS, NORM_BATCHES, MatryoshkaTrainer, TrainConfig
 
@@ -110,7 +113,7 @@ def _load_checkpoint(path: Path, trainer: MatryoshkaTrainer) -> None:
 
 def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConfig,
               checkpoint_dir: str | Path | None = None, *, max_steps_this_call: int | None = None,
-              progress: bool = True) -> SparseAutoencoder:
+              progress: bool = True, dist: Dist | None = None) -> SparseAutoencoder:
     """Train a Matryoshka BatchTopK SAE on ``[N, d_in]`` activations.
 
     ``activations``: a tensor, a re-iterable of shard tensors (list, ...), an ``ActivationStore``, or a
@@ -120,14 +123,26 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
     and a rerun resumes from the newest checkpoint. ``max_steps_this_call`` stops early (after a
     checkpoint) for time-limited jobs. Same data + seed give byte-identical weights on the same machine and
     library versions (another CPU may round differently: equal up to float rounding there).
+
+    Under a process group (``dist``, default: the initialised one) every rank reads the same stream of global
+    batches (one shard in memory at a time) and computes on its ``1 / world`` slice of each; gradients and the
+    batch statistics are reduced across ranks (:meth:`MatryoshkaTrainer.train_step`), so the result equals
+    the single-process run with the same ``batch_size`` up to float rounding. Rank 0 writes the checkpoints
+    (a shared ``checkpoint_dir``); every rank resumes from the newest.
     """
+    dist = dist or Dist.current()
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"batch size {cfg.batch_size} does not split evenly over {dist.world_size} processes")
     source = _as_source(activations)
-    trainer = MatryoshkaTrainer(cfg)
+    trainer = MatryoshkaTrainer(cfg, dist)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     latest = None
     if ckpt is not None:
-        ckpt.mkdir(parents=True, exist_ok=True)
+        if dist.is_main:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
         latest = _latest_checkpoint(ckpt)
+        dist.check_same("newest checkpoint", str(latest))  # a checkpoint dir that is not shared fails here
         if latest is not None:
             _load_checkpoint(latest, trainer)
     batches = iterate_batches(source, cfg.batch_size, cfg.seed, cfg.d_in)
@@ -139,21 +154,27 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
     for _ in range(trainer.step_count):  # resume: skip the batches already trained on
         next(batches)
     stop = cfg.total_steps if max_steps_this_call is None else min(cfg.total_steps, trainer.step_count + max_steps_this_call)
-    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, disable=not progress, desc="train-sae")
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step_count, disable=not (progress and dist.is_main),
+               desc="train-sae", file=sys.stderr, dynamic_ncols=True)
     stats: dict[str, float] = {}
     saved_step = trainer.step_count if ckpt is not None and latest is not None else None
+    share = cfg.batch_size // dist.world_size
+    start_step, start_time = trainer.step_count, time.perf_counter()
     while trainer.step_count < stop:
-        stats = trainer.train_step(next(batches))
+        stats = trainer.train_step(next(batches)[dist.rank * share:(dist.rank + 1) * share])
         if not math.isfinite(stats["loss"]):
             raise DebiasError(f"SAE training diverged at step {trainer.step_count} (loss {stats['loss']}); lower --lr")
         bar.update(1)
         bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats['fvu']:.3f}", dead=stats["dead"])
         if ckpt is not None and trainer.step_count % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, trainer)
+            if dist.is_main:
+                _save_checkpoint(ckpt, trainer)
             saved_step = trainer.step_count
     bar.close()
-    if ckpt is not None and saved_step != trainer.step_count:
+    seconds = time.perf_counter() - start_time
+    if ckpt is not None and saved_step != trainer.step_count and dist.is_main:
         _save_checkpoint(ckpt, trainer)
+    dist.barrier()  # the checkpoint is on disk before any rank moves on
     sae = trainer.export(first)
     eval_fvu = fvu(sae, first)
     sae.cfg.metadata = {**cfg.metadata, "training": {
@@ -162,7 +183,9 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
         "settings": {k: v for k, v in asdict(cfg).items() if k != "metadata"}, "lr": cfg.learning_rate,
         "warmup_steps": cfg.warmup, "group_sizes": trainer.sizes, "seed": cfg.seed,
         "final_train_fvu": stats.get("fvu"), "final_fvu": eval_fvu,  # on the first <= 8 training batches
-        "threshold": float(sae.threshold)}}
+        "threshold": float(sae.threshold),
+        "runtime": {"device": trainer.device.type, "precision": cfg.precision, "processes": dist.world_size,
+                    "steps_this_run": trainer.step_count - start_step, "seconds_this_run": round(seconds, 3)}}}
     return sae
 
 

@@ -3,7 +3,7 @@
 One step on a batch ``x`` (already divided by the input scale, see below):
 
 - ``pre = relu((x - b_dec) @ W_enc + b_enc)``; BatchTopK keeps the ``k * B`` largest entries of the
-  whole batch (not ``k`` per row), giving ``f``.
+  whole batch (not ``k`` per row; ties with the ``k * B``-th all kept), giving ``f``.
 - Matryoshka loss: latents are split into nested groups (fractions 1/16, 1/8, 1/4, rest); the loss is
   the mean over groups of the squared reconstruction error of the prefix reconstruction using groups
   ``1..g`` (per-row squared L2 summed over features, averaged over rows, as dictionary_learning does).
@@ -30,7 +30,9 @@ from typing import Any, Iterable
 
 import torch
 
+from ..core.choices import TRAIN_PRECISIONS
 from ..core.errors import ConfigError, DebiasError, check_finite
+from .distributed import Dist, autocast, resolve_device
 from .model import SAEConfig, SparseAutoencoder
 
 DEFAULT_GROUPS = [0.0625, 0.125, 0.25, 0.5625]
@@ -61,7 +63,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     normalize: bool = True
     checkpoint_every: int = 1000
-    device: str = "cpu"  # bit-for-bit determinism is promised on CPU only
+    device: str = "cpu"  # auto | cpu | cuda[:i]; bit-for-bit determinism is promised on CPU only
+    precision: str = "fp32"  # fp32 | bf16: autocast of the matmuls; weights, Adam state and threshold stay fp32
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +87,9 @@ class TrainConfig:
             raise ConfigError(f"dead_tokens and checkpoint_every must be positive (got {self.dead_tokens}, {self.checkpoint_every})")
         if self.warmup + int(self.decay_fraction * self.total_steps) > self.total_steps:
             raise ConfigError(f"warmup_steps={self.warmup} plus decay steps exceed total steps {self.total_steps}")
+        if self.precision not in TRAIN_PRECISIONS:
+            raise ConfigError(f"SAE training precision {self.precision!r} unknown; expected one of "
+                              f"{', '.join(TRAIN_PRECISIONS)} (fp16 would need loss scaling: use bf16)")
         self.group_sizes()  # validates the fractions
 
     @property
@@ -117,6 +123,8 @@ class TrainConfig:
     def settings_hash(self) -> str:
         """Hash of every setting that changes the result (a checkpoint from other settings is refused)."""
         d = {k: v for k, v in asdict(self).items() if k not in _NON_TRAINING_FIELDS}
+        if d["precision"] == "fp32":  # only then: checkpoints from before --precision still resume
+            del d["precision"]
         d["total_steps"], d["warmup"], d["lr_resolved"] = self.total_steps, self.warmup, self.learning_rate
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -144,11 +152,26 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
     return guess
 
 
-def batch_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k * B`` largest entries of the whole ``[B, F]`` batch."""
-    flat = pre.flatten()
-    vals, idx = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False)
-    return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
+def batch_topk(pre: torch.Tensor, k: int, dist: Dist | None = None) -> torch.Tensor:
+    """Keep the ``k * B`` largest entries of the whole ``[B, F]`` batch (entries tied with the ``k * B``-th are
+    all kept).
+
+    Ties come from rows that repeat (random-k draws with replacement, epoch wrap-around); keeping every tied
+    entry treats equal rows alike, where ``topk``'s choice among them would depend on the memory layout, and
+    so the result does not depend on how the batch is split. Under a process group ``pre`` is this rank's
+    rows of the global batch (every rank has as many) and the ``k * B_global`` largest over all ranks are kept.
+    """
+    world = dist.world_size if dist is not None else 1
+    n_keep = k * pre.shape[0] * world
+    local = pre.detach().flatten()
+    top = local.topk(min(n_keep, local.numel()), sorted=False).values
+    if world > 1:
+        top = dist.cat(top)
+        if top.numel() > n_keep:
+            top = top.topk(n_keep, sorted=False).values
+    if top.numel() < n_keep:  # fewer entries than asked for: keep everything
+        return pre
+    return torch.where(pre >= top.min(), pre, torch.zeros_like(pre))
 
 
 def fold_input_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
@@ -165,14 +188,15 @@ def fold_input_scale(sae: SparseAutoencoder, scale: float) -> SparseAutoencoder:
 class MatryoshkaTrainer:
     """Holds the SAE being trained (in scaled space), its Adam state and dead-latent counters."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist or Dist()
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
             torch.manual_seed(cfg.seed)
             self.sae = SparseAutoencoder(SAEConfig(d_in=cfg.d_in, num_latents=cfg.num_latents, activation="threshold",
                                                    k=cfg.k, group_fractions=list(cfg.group_fractions)))
         try:
-            self.device = torch.device(cfg.device)
+            self.device = resolve_device(cfg.device, self.dist.local_rank)
             self.sae.to(self.device)
         except (RuntimeError, AssertionError) as exc:
             raise ConfigError(f"cannot train on device {cfg.device!r}: {str(exc).splitlines()[0]}") from None
@@ -192,44 +216,65 @@ class MatryoshkaTrainer:
             raise DebiasError(f"activations have mean squared norm {msn}; cannot normalise them")
         self.scale = math.sqrt(msn)
 
-    def _aux_loss(self, residual: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, residual: torch.Tensor, pre: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """This rank's share of the aux-k loss (shares sum to the loss of the global batch of ``n`` rows)."""
+        n = n or residual.shape[0] * self.dist.world_size
         dead = self.since_fired >= self.cfg.dead_tokens
-        n_dead = int(dead.sum())
+        n_dead = int(dead.sum())  # since_fired is the same on every rank: all take the same branch
         if n_dead == 0:
             return residual.new_zeros(())
         k_aux = min(self.cfg.k_aux or max(1, self.cfg.d_in // 2), n_dead)
         vals, idx = torch.where(dead[None], pre, -torch.inf).topk(k_aux, dim=-1, sorted=False)
         acts = torch.zeros_like(pre).scatter(-1, idx, vals)
-        err = (residual - acts @ self.sae.W_dec).pow(2).sum(-1).mean()  # no bias: it models the residual
-        denom = (residual - residual.mean(0, keepdim=True)).pow(2).sum(-1).mean()
+        with self._autocast():
+            decoded = (acts @ self.sae.W_dec).float()
+        err = (residual - decoded).pow(2).sum() / n  # no bias: it models the residual
+        mean = self.dist.sum_(residual.sum(0)) / n
+        denom = self.dist.sum_((residual - mean).pow(2).sum()) / n
         return (err / denom).nan_to_num(0.0)
 
+    def _autocast(self):
+        return autocast(self.device, self.cfg.precision)
+
     def train_step(self, raw: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on a raw batch; returns loss, FVU and dead-latent count."""
-        cfg, sae = self.cfg, self.sae
+        """One optimisation step; returns loss, FVU and dead-latent count of the global batch.
+
+        ``raw``: the batch (unscaled), or under a process group this rank's equal share of the global batch.
+        Each rank's loss is its share of the global-batch loss and the gradients are summed over ranks (DDP
+        semantics), so every rank takes the step one process would take on the whole batch.
+        """
+        cfg, sae, dist = self.cfg, self.sae, self.dist
         x = raw.to(self.device).float() / self.scale
+        n = x.shape[0] * dist.world_size
         if self.step_count == 0:
             with torch.no_grad():
-                sae.b_dec.copy_(geometric_median(x))
-        pre = sae.pre_acts(x)
-        f = batch_topk(pre, cfg.k)
+                sae.b_dec.copy_(geometric_median(dist.cat(x)))
+        with self._autocast():
+            pre = sae.pre_acts(x).float()
+        f = batch_topk(pre, cfg.k, dist)
         if self.step_count >= cfg.warmup:
             self._update_threshold(f.detach())
         recon = sae.b_dec.expand_as(x)
         losses, start = [], 0
         for size in self.sizes:  # nested prefix reconstructions
-            recon = recon + f[:, start:start + size] @ sae.W_dec[start:start + size]
-            losses.append((x - recon).pow(2).sum(-1).mean())
+            with self._autocast():
+                part = (f[:, start:start + size] @ sae.W_dec[start:start + size]).float()
+            recon = recon + part
+            losses.append((x - recon).pow(2).sum() / n)
             start += size
         l2 = torch.stack(losses).mean()
-        fired = (f > 0).any(0)
-        self.since_fired += x.shape[0]
+        fired = dist.max_((f > 0).any(0).to(torch.int32)).bool()
+        self.since_fired += n
         self.since_fired[fired] = 0
-        aux = self._aux_loss((x - recon).detach(), pre)
+        aux = self._aux_loss((x - recon).detach(), pre, n)
         loss = l2 + cfg.aux_k_coef * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():  # keep decoder rows on the unit sphere: drop the radial gradient
+        with torch.no_grad():
+            for p in sae.parameters():
+                if p.grad is not None:
+                    dist.sum_(p.grad)
+            # keep decoder rows on the unit sphere: drop the radial gradient
             W, g = sae.W_dec, sae.W_dec.grad
             g.sub_((g * W).sum(1, keepdim=True) * W)
         torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
@@ -239,13 +284,17 @@ class MatryoshkaTrainer:
         self.step_count += 1
         with torch.no_grad():
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-            fvu = float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12))
-        return {"loss": float(loss.detach()), "fvu": fvu, "aux": float(aux.detach()),
+            mean = dist.sum_(x.sum(0)) / n
+            sums = dist.sum_(torch.stack([(x - recon).pow(2).sum(), (x - mean).pow(2).sum(), loss.detach(),
+                                          aux.detach()]))
+        return {"loss": float(sums[2]), "fvu": float(sums[0] / sums[1].clamp_min(1e-12)), "aux": float(sums[3]),
                 "dead": int((self.since_fired >= cfg.dead_tokens).sum())}
 
     def _update_threshold(self, f: torch.Tensor) -> None:
         active = f[f > 0]
-        m = active.min() if active.numel() else f.new_zeros(())
+        m = active.min() if active.numel() else f.new_tensor(math.inf)
+        m = self.dist.min_(m.float().reshape(1)).reshape(())  # smallest kept activation of the global batch
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         thr, beta = self.sae.threshold, self.cfg.threshold_beta
         self.sae.threshold = m.clone() if float(thr) < 0 else beta * thr + (1 - beta) * m
 

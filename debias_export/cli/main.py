@@ -9,10 +9,12 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
+from ..core.choices import HUB_ENV
 from ..core.errors import DebiasError
 from ..core.fileio import disk_full
 
@@ -57,13 +59,17 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--allow-hub", is_flag=True,
+              help=f"Let --model hub ids download from the Hugging Face hub (default: off; or set {HUB_ENV}=1).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, allow_hub: bool) -> None:
     """Compile debiasing edits into VLM encoders; export, validate and benchmark them."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if debug:
         os.environ["DEBIAS_EXPORT_DEBUG"] = "1"
+    if allow_hub:  # read by adapters.specs wherever a model spec is resolved
+        os.environ[HUB_ENV] = "1"
 
 
 class _StderrHandler(logging.Handler):
@@ -83,10 +89,24 @@ def _show_library_warnings() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Python warnings (ours and the libraries') as ``warning: ...`` lines: the first line of the message, no source line."""
+    text = str(message).strip().splitlines()
+    click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to one line + exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _show_library_warnings()
+    with warnings.catch_warnings():  # restores the caller's warning display on the way out (in-process callers)
+        if not debug:  # --debug keeps Python's own format (file and line of each warning)
+            warnings.showwarning = _one_line_warning
+        return _run(argv, debug)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
     try:
         cli.main(args=argv, prog_name="debias-export", standalone_mode=False)
         return 0

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import DebiasError
-from .common import POSITIVE_INT, FiniteFloat
+from .common import POSITIVE_INT, FiniteFloat, summary
 
 
 @click.command("probe")
@@ -53,4 +53,8 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
         click.echo(f"{column}={g}: n={info['n']} frequent={info['num_frequent']} specific={info['num_specific']} -> {picked}")
     if report["num_unlabelled"]:
         click.echo(f"skipped {report['num_unlabelled']} input(s) with a blank {column!r} label")
-    click.echo(f"report written to {out_path}")
+    picked = sorted({n["index"] for info in report["groups"].values() for n in info["neurons"]})
+    summary(f"{len(picked)} social neuron(s) for {column}: {', '.join(map(str, picked)) or 'none'}",
+            files={"report": out_path},
+            next_step=(f"debias-export patch --model MODEL --sae {sae_dir} --probe-report {out_path} --out EDIT_DIR" if picked
+                       else f"no neuron passed tau {tau:g}: lower --tau or capture more inputs"))

@@ -37,7 +37,8 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
     refuse_existing(out_path, overwrite)
     from ..capture.store import ActivationStore
 
-    width = ActivationStore(capture_dir).width
+    store = ActivationStore(capture_dir)
+    width = store.width
     sae = load_any(sae_dir, d_in=width, hookpoint=hookpoint)
     latents, labels, sources = latents_from_capture(capture_dir, sae, column, which=f"{which}_activations",
                                                     labels_csv=labels_csv)
@@ -56,5 +57,6 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
     picked = sorted({n["index"] for info in report["groups"].values() for n in info["neurons"]})
     summary(f"{len(picked)} social neuron(s) for {column}: {', '.join(map(str, picked)) or 'none'}",
             files={"report": out_path},
-            next_step=(f"debias-export patch --model MODEL --sae {sae_dir} --probe-report {out_path} --out EDIT_DIR" if picked
+            next_step=(f"debias-export patch --model {(store.settings.get('model') or {}).get('source') or 'MODEL'} "
+                       f"--sae {sae_dir} --probe-report {out_path} --out EDIT_DIR" if picked
                        else f"no neuron passed tau {tau:g}: lower --tau or capture more inputs"))

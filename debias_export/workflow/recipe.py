@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import yaml
 from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
 from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
+from .recipe_lines import check_duplicate_keys, key_lines, line_of, yaml_error_message
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 
@@ -326,66 +326,6 @@ def expand_variants(recipe: Recipe) -> list[Recipe]:
     return out
 
 
-def _check_duplicate_keys(node: Any, path: str, file: Path) -> None:
-    """Refuse a mapping that repeats a key (YAML's last value would win silently), naming key path and line."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            where = f"{path}.{key}" if path else str(key)
-            if key is not None and key != "<<":  # "<<" merge keys may repeat
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise ConfigError(f"{file} line {line}: duplicate key {where!r} (first at line {seen[key]})")
-                seen[key] = line
-            _check_duplicate_keys(value_node, where, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{path}[{i}]", file)
-
-
-def _key_lines(node: Any, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Key path (``edit.alpha``, ``variants[1].edit.alpha``, ``bench.batch_sizes[0]``) -> 1-based line, from the
-    composed node tree (yaml's marks; nothing is constructed)."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            where = f"{path}.{key}" if path else str(key)
-            out.setdefault(where, key_node.start_mark.line + 1)
-            _key_lines(value_node, where, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.setdefault(f"{path}[{i}]", item.start_mark.line + 1)
-            _key_lines(item, f"{path}[{i}]", out)
-    return out
-
-
-_VARIANT = re.compile(r"^variants\[(\d+)\](?: \([^)]*\))?: ")
-_KEYED = re.compile(r"^(?:unknown key|missing key|duplicate key) '([^']+)'|^([A-Za-z_][\w.\[\]]*): ")
-
-
-def _line_of(message: str, lines: dict[str, int]) -> int | None:
-    """The line of the key a validation message names (``edit.alpha: must be ...``, ``unknown key 'x.y'``); a
-    missing key points at its parent mapping, a key a variant inherits at the base recipe's line."""
-    prefixes = [""]
-    if m := _VARIANT.match(message):
-        prefixes = [f"variants[{m.group(1)}].", ""]
-        message = message[m.end():]
-    m = _KEYED.match(message)
-    if not m:
-        return None
-    key = m.group(1) or m.group(2)
-    candidates = [key]
-    if message.startswith("missing key") or message.startswith("unknown key"):
-        candidates.append(key.rpartition(".")[0])  # the mapping that lacks (or holds) it
-    for prefix in prefixes:
-        for k in candidates:
-            if k and (line := lines.get(prefix + k)) is not None:
-                return line
-    return lines.get(prefixes[0].rstrip(".")) if prefixes[0] else None  # a variant's own problem: its first line
-
-
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe file; errors name the key path and its line."""
     path = Path(path)
@@ -393,8 +333,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         text = path.read_text(encoding="utf-8")
         tree = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: nothing is constructed
-        _check_duplicate_keys(tree, "", path)
-        lines = _key_lines(tree)
+        check_duplicate_keys(tree, "", path)
+        lines = key_lines(tree)
         raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {path}") from None
@@ -405,10 +345,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f"{path} line {mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+        raise ConfigError(yaml_error_message(path, exc)) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer past Python's int-string digit limit
@@ -417,7 +354,7 @@ def load_recipe(path: str | Path) -> Recipe:
         recipe = parse_recipe(raw, where=str(path))
     except ConfigError as exc:
         rest = str(exc)[len(f"{path}: "):] if str(exc).startswith(f"{path}: ") else None
-        line = _line_of(rest, lines) if rest is not None else None
+        line = line_of(rest, lines) if rest is not None else None
         if line is None:
             raise
         raise ConfigError(f"{path} line {line}: {rest}") from None

@@ -80,6 +80,8 @@ def test_a_local_directory_loads_with_the_network_off(no_network, tmp_path):
     clip.model.save_pretrained(tmp_path / "clip")
     again = dx.load_adapter(str(tmp_path / "clip"))
     assert isinstance(again, HFCLIPAdapter) and again.source == str(tmp_path / "clip")
+    assert isinstance(HFCLIPAdapter.load(tmp_path / "clip"), HFCLIPAdapter)  # a Path works as well as a str
+    assert isinstance(dx.load_adapter(tmp_path / "clip"), HFCLIPAdapter)
     assert no_network == []
 
 

@@ -71,13 +71,14 @@ class ModelAdapter(ABC):
         """Load from a hub id, a local directory or the family's tiny spec (start with :meth:`builtin_spec`)."""
 
     @classmethod
-    def builtin_spec(cls, spec: str, check: bool = True) -> "ModelAdapter | None":
+    def builtin_spec(cls, spec: "str | os.PathLike[str]", check: bool = True) -> "ModelAdapter | None":
         """What a family's :meth:`load` does first: its own tiny spec (``tiny-clip[:seed]``) is built here; a spec
         this family cannot load (``biaslab``, ``arch:...``, another family's tiny model) is a one-line error naming
         ``debias_export.load_adapter`` (the one entry point for every spec, which sits above this layer); a spec
         that is no local path and no cached hub model while hub access is off fails fast with a suggestion.
         None: go on with ``from_pretrained`` (pass it :func:`~debias_export.adapters.specs.hub_kwargs`).
         ``check=False`` skips the last test (open_clip names are neither paths nor hub ids)."""
+        spec = os.fspath(spec)
         name, _, seed_text = spec.partition(":")
         if cls.tiny_name and name == cls.tiny_name:
             adapter = cls.tiny(parse_seed(spec, seed_text))

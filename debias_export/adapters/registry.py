@@ -67,9 +67,10 @@ def tiny_spec_names() -> list[str]:
     return sorted(cls.tiny_name for cls in registered_families().values() if cls.tiny_name)
 
 
-def load_adapter(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
+def load_adapter(spec: "str | os.PathLike[str]", family: str | None = None, **kwargs: Any) -> ModelAdapter:
     """Load a model by hub id, local directory or tiny spec (``tiny-clip[:seed]``), picking the family from its
     config when not given. Every other spec (``biaslab``, ``arch:...``, exports): :func:`debias_export.load_adapter`."""
+    spec = os.fspath(spec)
     _import_all()
     tiny = {cls.tiny_name: cls for cls in _REGISTRY.values() if cls.tiny_name}
     owner = tiny.get(spec.partition(":")[0])

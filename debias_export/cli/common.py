@@ -137,6 +137,14 @@ def summary(headline: str, files: dict[str, Any] | None = None, next_step: str |
         click.echo(f"next: {next_step}")
 
 
+def warn_unread_site(adapter: Any, site: Any) -> None:
+    """One warning line when the model never reads ``site`` (for capture / train-sae: data there is not what the
+    model uses, e.g. LLaVA's image.-1); silent otherwise."""
+    message = adapter.unread_site_message(site)
+    if message is not None:
+        warn(message)
+
+
 def check_site_read(adapter: Any, site: Any, allowed: bool, flag: str = "--allow-unread-site") -> None:
     """Refuse (or, with ``allowed``, warn about) a site the model never reads: LLaVA's ``image.-1`` lies after
     ``vision_feature_layer`` -2, so an edit there is silently a no-op and a capture there is not what the model uses."""

@@ -34,7 +34,7 @@ def is_export_dir(spec: str) -> bool:
     return os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json"))
 
 
-def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
+def load_model_spec(spec: "str | os.PathLike[str]", family: str | None = None, **kwargs: Any) -> ModelAdapter:
     """Every model spec the CLI accepts, as an adapter:
 
     - ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]``: tiny random models (offline);
@@ -43,6 +43,7 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Mode
     - a patched export directory (loaded patched, :func:`debias_export.load_patched`);
     - a local model directory, ``open_clip:NAME[@pretrained]``, or a hub id (downloaded only with hub access on).
     """
+    spec = os.fspath(spec)
     if spec == "biaslab":
         # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
         adapter = lab_adapter()

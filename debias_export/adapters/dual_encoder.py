@@ -32,12 +32,12 @@ from transformers import (
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from .anatomy import TowerParts, clip_vit_parts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions
 from .hf_clip import clip_pixel_values
 from .registry import register_adapter
-from ..core.specs import hub_kwargs
 from .transformers_compat import (
     pooled,
     quiet_transformers,

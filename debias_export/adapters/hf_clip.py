@@ -23,12 +23,12 @@ from transformers import (
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
 from .anatomy import TowerParts, clip_vit_parts, linear_tail, register_tower_parts
 from .base import ModelAdapter, OutputPositions
 from .registry import register_adapter
-from ..core.specs import hub_kwargs
 from .transformers_compat import pooled, quiet_transformers, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["hf_clip"]

@@ -45,12 +45,12 @@ from transformers import (
 
 from ..core.errors import DebiasError, IntegrityError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
 from .anatomy import TowerParts, register_tower_parts, vit_root
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
 from .hf_clip import clip_pixel_values
 from .registry import register_adapter
-from ..core.specs import hub_kwargs
 from .transformers_compat import quiet_transformers, save_pretrained_portable, save_processor_portable, seeded_init_
 
 _LAYOUT = HF_LAYOUTS["llava"]["image"]

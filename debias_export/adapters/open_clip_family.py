@@ -34,11 +34,11 @@ from torch import nn
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError
 from ..core.sites import Site
+from ..core.specs import UnknownModelSpec, hub_allowed, in_hub_cache, unknown_spec_message
 from ..runtime import SiteEdit, ids_argmax
 from .anatomy import TowerParts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
 from .registry import register_adapter
-from ..core.specs import UnknownModelSpec, hub_allowed, in_hub_cache, unknown_spec_message
 
 _SUB_MODULES = {"attn_out": "attn", "mlp_out": "mlp.c_proj"}
 OPEN_CLIP_CONFIG = "open_clip_config.json"

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..core.errors import DebiasError
+from ..core.specs import BUILTIN_NAMES, UnknownModelSpec, check_source, hub_kwargs, open_clip_names, unknown_spec_message
 from .base import ModelAdapter, refuse_patched_export
-from ..core.specs import BUILTIN_NAMES, open_clip_names, UnknownModelSpec, check_source, hub_kwargs, unknown_spec_message
 
 # family name -> module that defines it (imported by name on first use, in this order). Adding a family: its
 # module (decorated with @register_adapter) plus one line here.

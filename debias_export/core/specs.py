@@ -20,7 +20,7 @@ from .errors import DebiasError
 _TRUE = ("1", "true", "yes", "on")
 # files whose presence in the local hub cache means "this repo was downloaded before" (HF / open_clip layouts)
 _CACHE_MARKERS = ("config.json", "open_clip_config.json")
-# spec prefixes / names resolved above this layer (workflow.model_specs), never by a family's own loader
+# built-in spec forms (never a hub id or a directory): tiny random models, real configs, the bias lab
 BUILTIN_PREFIXES = ("tiny-", "arch:")
 BUILTIN_NAMES = ("biaslab",)
 OPEN_CLIP_PREFIXES = ("open_clip:", "hf-hub:", "local-dir:")  # open_clip's own spec forms (adapters.open_clip_family)

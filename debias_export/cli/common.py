@@ -21,19 +21,18 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Any:
     return load(spec, family=family, **kwargs)
 
 
-def check_model_spec(ctx: click.Context | None, param: click.Parameter | None, spec: str | None) -> str | None:
-    """Parse-time check of ``--model`` (no torch yet): a spec that names nothing -- no built-in model, no local path,
-    no cached hub model while hub access is off -- fails at once with the closest known spec, before any data or
-    model is loaded. Everything else is resolved later by ``workflow.model_specs``."""
+def check_model_spec(spec: str | None) -> None:
+    """Parse-time check of ``--model`` (no torch yet; ``cli.main`` runs it once every option parsed cleanly): a spec
+    that names nothing -- no built-in model, no local path, no cached hub model while hub access is off -- fails at
+    once with the closest known spec, before any data or model is loaded. The rest is resolved by ``workflow.model_specs``."""
     if spec is None or spec.partition(":")[0] in BUILTIN_MODEL_SPECS or spec.startswith(("arch:", *OPEN_CLIP_PREFIXES)):
-        return spec
+        return
     if spec.split("@")[0] not in open_clip_names():
         check_source(spec, BUILTIN_MODEL_SPECS)
-    return spec
 
 
 model_option = click.option(
-    "--model", "model_spec", required=True, callback=check_model_spec,
+    "--model", "model_spec", required=True,
     help=f"Model spec: {', '.join(BUILTIN_MODEL_SPECS[:5])} (tiny random models take ':SEED'), 'arch:NAME' (real config, "
          f"random weights), an exported or local model directory, or a hub id (downloads need --allow-hub or {HUB_ENV}=1).")
 family_option = click.option("--family", default=None, help="Model family (default: detected from the config).")

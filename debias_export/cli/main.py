@@ -10,13 +10,14 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import click
 
 from ..core.choices import HUB_ENV
 from ..core.errors import DebiasError
 from ..core.fileio import disk_full
+from .common import check_model_spec
 
 # command name -> (module under cli/, attribute). Commands are imported when invoked (or listed by --help), and
 # a command module imports only click and core/ at its top, so `debias-export [COMMAND] --help` loads no torch.
@@ -53,8 +54,21 @@ class LazyGroup(click.Group):
             command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
             if command.name != cmd_name:
                 raise RuntimeError(f"cli.{module}.{attr} is named {command.name!r}, listed as {cmd_name!r}")
+            if any(p.name == "model_spec" for p in command.params):
+                command.parse_args = _checking_model_spec(command.parse_args)
             self.add_command(command)
         return self.commands.get(cmd_name)
+
+
+def _checking_model_spec(parse_args: Callable[[click.Context, list[str]], list[str]]) -> Callable[[click.Context, list[str]], list[str]]:
+    """A command's ``parse_args`` followed by the cheap ``--model`` check (``common.check_model_spec``): after every
+    option parsed (their own errors come first), before the command body imports torch."""
+    def parse_and_check(ctx: click.Context, args: list[str]) -> list[str]:
+        rest = parse_args(ctx, args)
+        check_model_spec(ctx.params.get("model_spec"))
+        return rest
+
+    return parse_and_check
 
 
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -17,7 +17,6 @@ def validate(path, atol, seed):
     from ..export import validate_bundle
 
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
-    click.echo(f"validate: re-hashing {path}, reloading hf/ and re-running its ONNX graphs on new shapes", err=True)
     report = validate_bundle(path, atol=atol, seed=seed)
     graphs = report.get("onnx", {})
     parts = [f"{name}.onnx max|diff| {max(g['max_abs_diff'].values()):.2g}" for name, g in graphs.items()]

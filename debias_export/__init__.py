@@ -1,6 +1,8 @@
 """debias-export: compile interpretability-based debiasing edits into encoders and export them.
 
-The public names below are loaded on first access (module ``__getattr__``), so ``import debias_export``
+``load_adapter(spec)`` takes every model spec the CLI takes (``tiny-clip``, ``biaslab``, ``arch:...``, exports,
+directories, hub ids; hub downloads only with ``DEBIAS_EXPORT_ALLOW_HUB=1``). The public names below are loaded on
+first access (module ``__getattr__``), so ``import debias_export``
 -- and the CLI's ``--help`` -- do not pay for torch and transformers.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ from .core.version import __version__
 # public name -> module that defines it
 _PUBLIC = {
     "adapter_for": ".adapters",
-    "load_adapter": ".adapters",
+    "load_adapter": ".workflow.model_specs",
     "registered_families": ".adapters",
     "ProjectionEdit": ".edits",
     "SAEEdit": ".edits",
@@ -30,13 +32,14 @@ _PUBLIC = {
 __all__ = [*_PUBLIC, "__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
-    from .adapters import adapter_for, load_adapter, registered_families
+    from .adapters import adapter_for, registered_families
     from .core.errors import DebiasError
     from .core.sites import Site
     from .edits import ProjectionEdit, SAEEdit, apply_edits, load_edit
     from .edits.projection import fold_projection
     from .export import load_patched
     from .sae import SAEConfig, SparseAutoencoder
+    from .workflow.model_specs import load_adapter
 
 
 def __getattr__(name: str) -> Any:

@@ -131,8 +131,8 @@ def test_errors(dual):
         dual.resolve_site("text.3")
     with pytest.raises(DebiasError, match="no tower 'audio'"):
         dual.resolve_site("audio.0")
-    with pytest.raises(DebiasError, match="cannot load VisionTextDualEncoderModel"):
-        DualEncoderAdapter.load("/nonexistent/dir")
+    with pytest.raises(DebiasError, match="unknown model spec '/nonexistent/dir' .local directory not found"):
+        DualEncoderAdapter.load("/nonexistent/dir")  # offline first: refused before any hub lookup
 
 
 def test_prepare_images_uses_vision_size(dual):

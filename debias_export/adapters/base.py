@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
+from ..core.specs import check_source, is_builtin_spec, suggest
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,31 @@ class ModelAdapter(ABC):
     @classmethod
     @abstractmethod
     def load(cls, spec: str, **kwargs: Any) -> "ModelAdapter":
-        """Load from a hub id or a local directory."""
+        """Load from a hub id, a local directory or the family's tiny spec (start with :meth:`builtin_spec`)."""
+
+    @classmethod
+    def builtin_spec(cls, spec: "str | os.PathLike[str]", check: bool = True) -> "ModelAdapter | None":
+        """What a family's :meth:`load` does first: its own tiny spec (``tiny-clip[:seed]``) is built here; a spec
+        this family cannot load (``biaslab``, ``arch:...``, another family's tiny model) is a one-line error naming
+        ``debias_export.load_adapter`` (the one entry point for every spec, which sits above this layer); a spec
+        that is no local path and no cached hub model while hub access is off fails fast with a suggestion.
+        None: go on with ``from_pretrained`` (pass it :func:`~debias_export.adapters.specs.hub_kwargs`).
+        ``check=False`` skips the last test (open_clip names are neither paths nor hub ids)."""
+        spec = os.fspath(spec)
+        name, _, seed_text = spec.partition(":")
+        if cls.tiny_name and name == cls.tiny_name:
+            adapter = cls.tiny(parse_seed(spec, seed_text))
+            adapter.source = spec
+            return adapter
+        if os.path.exists(spec):
+            return None
+        own = [cls.tiny_name] if cls.tiny_name else []
+        if is_builtin_spec(spec) and not suggest(spec, own):
+            raise DebiasError(f"{spec!r} is not a {cls.family} model spec: debias_export.load_adapter({spec!r}) loads "
+                              f"every model spec (tiny models, biaslab, arch:..., exports, directories, hub ids)")
+        if check:
+            check_source(spec, own)
+        return None
 
     @abstractmethod
     def towers(self) -> tuple[str, ...]:
@@ -161,6 +186,22 @@ class ModelAdapter(ABC):
         site = self.resolve_site(site)
         return site.layer <= self.consumed_layer(site.tower)
 
+    def unread_site_message(self, site: "str | Site") -> str | None:
+        """None when the model reads ``site``; else one line saying which block it reads instead (LLaVA reads its
+        vision tower only up to ``vision_feature_layer``, so ``image.-1`` is never seen by the language model)."""
+        site = self.resolve_site(site)
+        last = self.consumed_layer(site.tower)
+        if site.layer <= last:
+            return None
+        why = self.consumed_layer_reason(site.tower)
+        return (f"site {site.name} is never read: the {self.family} model reads its {site.tower} tower only up to "
+                f"block {last} ({site.tower}.{last}{', ' + why if why else ''}); an edit there changes nothing and "
+                f"activations there are not what the model uses")
+
+    def consumed_layer_reason(self, tower: str) -> str:
+        """Why :meth:`consumed_layer` is not the last block (for messages; '' when it is)."""
+        return ""
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -171,6 +212,14 @@ class ModelAdapter(ABC):
             "source": self.source,
             "towers": {t: {"layers": self.num_layers(t), "width": self.width(t)} for t in self.towers()},
         }
+
+
+def parse_seed(spec: str, seed_text: str) -> int:
+    """The ``:seed`` of ``tiny-clip:3`` (0 when absent)."""
+    try:
+        return int(seed_text) if seed_text else 0
+    except ValueError:
+        raise DebiasError(f"bad model spec {spec!r}: seed {seed_text!r} is not an integer") from None
 
 
 def refuse_patched_export(path: str | os.PathLike) -> None:

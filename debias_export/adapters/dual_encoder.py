@@ -32,6 +32,7 @@ from transformers import (
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from .anatomy import TowerParts, clip_vit_parts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions
@@ -75,7 +76,7 @@ def minilm_path() -> str:
 def _load_tokenizer(path: str | None):
     if path is not None:
         try:
-            return AutoTokenizer.from_pretrained(path)
+            return AutoTokenizer.from_pretrained(path, **hub_kwargs())
         except Exception:  # noqa: BLE001 - checkpoints without tokenizer files fall back to MiniLM's
             pass
     return AutoTokenizer.from_pretrained(minilm_path())
@@ -106,7 +107,11 @@ class DualEncoderAdapter(ModelAdapter):
 
     @classmethod
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "DualEncoderAdapter":
-        """Load a saved ``VisionTextDualEncoderModel`` directory (plus its tokenizer when present)."""
+        """Load a saved ``VisionTextDualEncoderModel`` directory (plus its tokenizer when present), a hub id, or
+        ``tiny-dual-encoder[:seed]``."""
+        if (builtin := cls.builtin_spec(spec)) is not None:
+            return builtin
+        kwargs = {**hub_kwargs(), **kwargs}
         try:
             with quiet_transformers():
                 model = _dual_class().from_pretrained(spec, dtype=dtype, attn_implementation="eager", **kwargs)

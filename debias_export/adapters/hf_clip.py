@@ -23,6 +23,7 @@ from transformers import (
 
 from ..core.errors import DebiasError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, hf_blocks_path
 from ..runtime import eos_first as eos_positions
 from .anatomy import TowerParts, clip_vit_parts, linear_tail, register_tower_parts
@@ -58,8 +59,12 @@ class HFCLIPAdapter(ModelAdapter):
 
     @classmethod
     def load(cls, spec: str, tower: str | None = None, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "HFCLIPAdapter":
-        """Load ``CLIPModel`` (or one tower with projection when ``tower`` is given) from a hub id or dir."""
+        """Load ``CLIPModel`` (or one tower with projection when ``tower`` is given) from a hub id or dir, or
+        ``tiny-clip[:seed]``. Hub ids download only when hub access is on (:mod:`~debias_export.adapters.specs`)."""
+        if (builtin := cls.builtin_spec(spec)) is not None:
+            return builtin
         CLIPModel, Vision, Text = _clip_classes()
+        kwargs = {**hub_kwargs(), **kwargs}
         klass = {None: CLIPModel, "image": Vision, "text": Text}[tower]
         try:
             with quiet_transformers():
@@ -68,7 +73,7 @@ class HFCLIPAdapter(ModelAdapter):
             raise DebiasError(f"cannot load CLIP model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            processor = CLIPProcessor.from_pretrained(spec)
+            processor = CLIPProcessor.from_pretrained(spec, **hub_kwargs())
         except Exception:  # noqa: BLE001 - checkpoints without processor files fall back below
             processor = None
         return cls(model.eval(), source=spec, processor=processor)

@@ -45,6 +45,7 @@ from transformers import (
 
 from ..core.errors import DebiasError, IntegrityError
 from ..core.sites import Site
+from ..core.specs import hub_kwargs
 from ..runtime import HF_LAYOUTS, SiteEdit, hf_blocks_path
 from .anatomy import TowerParts, register_tower_parts, vit_root
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
@@ -82,11 +83,14 @@ class LlavaAdapter(ModelAdapter):
 
     @classmethod
     def load(cls, spec: str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> "LlavaAdapter":
-        """Load from a hub id or local dir (an exported patched dir comes back with its patches)."""
+        """Load from a hub id or local dir, or ``tiny-llava[:seed]`` (an exported patched dir is refused: use
+        ``debias_export.load_patched``)."""
+        if (builtin := cls.builtin_spec(spec)) is not None:
+            return builtin
         refuse_patched_export(spec)
-
+        kwargs = {**hub_kwargs(), **kwargs}
         try:
-            config = AutoConfig.from_pretrained(spec)
+            config = AutoConfig.from_pretrained(spec, **hub_kwargs())
             klass = _llava_classes()[config.model_type]
             with quiet_transformers():
                 model = klass.from_pretrained(spec, dtype=dtype, **kwargs)
@@ -94,7 +98,7 @@ class LlavaAdapter(ModelAdapter):
             raise DebiasError(f"cannot load LLaVA model from {spec!r}: {str(exc).splitlines()[0]}") from None
         processor = None
         try:
-            processor = AutoProcessor.from_pretrained(spec)
+            processor = AutoProcessor.from_pretrained(spec, **hub_kwargs())
         except Exception:  # noqa: BLE001 - weights without processor files still load
             processor = None
         return cls(model.eval(), source=spec, processor=processor)
@@ -153,6 +157,9 @@ class LlavaAdapter(ModelAdapter):
                 raise DebiasError(f"vision_feature_layer {k} selects the embedding output or lies outside the {n}-block vision tower")
             blocks.append(index - 1)
         return max(blocks)
+
+    def consumed_layer_reason(self, tower: str) -> str:
+        return f"vision_feature_layer {self.model.config.vision_feature_layer}"
 
     def output_positions(self, tower: str) -> OutputPositions | None:
         self.check_tower(tower)

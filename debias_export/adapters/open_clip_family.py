@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.errors import ConfigError, DebiasError, IntegrityError
 from ..core.sites import Site
+from ..core.specs import UnknownModelSpec, hub_allowed, in_hub_cache, unknown_spec_message
 from ..runtime import SiteEdit, ids_argmax
 from .anatomy import TowerParts, gather, register_tower_parts
 from .base import ModelAdapter, OutputPositions, refuse_patched_export
@@ -99,9 +100,14 @@ class OpenCLIPAdapter(ModelAdapter):
     def load(cls, spec: str, pretrained: str | None = None, random_init: bool = False, **kwargs: Any) -> "OpenCLIPAdapter":
         """Load ``open_clip:NAME[@PRETRAINED]``, ``NAME``, ``hf-hub:ORG/REPO``, ``local-dir:DIR`` or a dir
         holding ``open_clip_config.json``. ``pretrained`` is a tag or checkpoint file; a bare name without
-        weights is refused unless ``random_init=True`` (random CLIPs must never be evaluated by accident)."""
-        oc = _open_clip()
+        weights is refused unless ``random_init=True`` (random CLIPs must never be evaluated by accident).
+        Also ``tiny-open-clip[:seed]``; ``hf-hub:`` repos download only when hub access is on (``adapters.specs``)."""
         name = spec[len("open_clip:"):] if spec.startswith("open_clip:") else spec
+        if not name.startswith(("hf-hub:", "local-dir:")) and (builtin := cls.builtin_spec(spec, check=False)) is not None:
+            return builtin
+        if name.startswith("hf-hub:") and not hub_allowed() and not in_hub_cache(name[len("hf-hub:"):].split("@")[0]):
+            raise UnknownModelSpec(unknown_spec_message(spec, []))
+        oc = _open_clip()
         if "@" in name and not name.startswith(("hf-hub:", "local-dir:")):
             name, pretrained = name.split("@", 1)
         if os.path.isdir(name) and os.path.isfile(os.path.join(name, OPEN_CLIP_CONFIG)):

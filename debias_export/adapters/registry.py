@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..core.errors import DebiasError
+from ..core.specs import BUILTIN_NAMES, UnknownModelSpec, check_source, hub_kwargs, open_clip_names, unknown_spec_message
 from .base import ModelAdapter, refuse_patched_export
 
 # family name -> module that defines it (imported by name on first use, in this order). Adding a family: its
@@ -61,8 +62,20 @@ def adapter_for(model: nn.Module, source: str | None = None) -> ModelAdapter:
     raise DebiasError(f"no model family handles {type(model).__name__}; supported: {', '.join(sorted(_REGISTRY))}")
 
 
-def load_adapter(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Load a model by hub id or local directory, picking the family from its config when not given."""
+def tiny_spec_names() -> list[str]:
+    """The tiny random models' spec names (``tiny-clip``, ...), one per family that has one."""
+    return sorted(cls.tiny_name for cls in registered_families().values() if cls.tiny_name)
+
+
+def load_adapter(spec: "str | os.PathLike[str]", family: str | None = None, **kwargs: Any) -> ModelAdapter:
+    """Load a model by hub id, local directory or tiny spec (``tiny-clip[:seed]``), picking the family from its
+    config when not given. Every other spec (``biaslab``, ``arch:...``, exports): :func:`debias_export.load_adapter`."""
+    spec = os.fspath(spec)
+    _import_all()
+    tiny = {cls.tiny_name: cls for cls in _REGISTRY.values() if cls.tiny_name}
+    owner = tiny.get(spec.partition(":")[0])
+    if owner is not None and family in (None, owner.family):
+        return owner.load(spec)  # the family's loader builds its own tiny spec
     refuse_patched_export(spec)
     if family is None:
         family = detect_family(spec)
@@ -73,20 +86,21 @@ def load_adapter(spec: str, family: str | None = None, **kwargs: Any) -> ModelAd
 
 
 def detect_family(spec: str) -> str:
-    """Family of a hub id / local dir, read from its config (``model_type``)."""
+    """Family of a hub id / local dir, read from its config (``model_type``). Nothing is downloaded unless hub
+    access is on (:mod:`.specs`): an unknown spec fails at once with a suggestion."""
     if (spec.startswith(("hf-hub:", "open_clip:", "local-dir:")) or os.path.isfile(spec)
             or os.path.isfile(os.path.join(spec, "open_clip_config.json"))):
         return "open_clip"
-    if not os.path.isdir(spec) and "/" not in spec:
-        import open_clip  # heavy optional-path dependency: only for bare open_clip model names
-
-        if spec in open_clip.list_models():
-            return "open_clip"
+    if not os.path.isdir(spec) and "/" not in spec and spec.split("@")[0] in open_clip_names():
+        return "open_clip"
+    candidates = [*tiny_spec_names(), *BUILTIN_NAMES]
+    check_source(spec, candidates)
     try:
-        cfg = AutoConfig.from_pretrained(spec)
+        cfg = AutoConfig.from_pretrained(spec, **hub_kwargs())
     except Exception as exc:  # noqa: BLE001 - turned into a one-line error
+        if not os.path.exists(spec):
+            raise UnknownModelSpec(f"{unknown_spec_message(spec, candidates)}: {str(exc).splitlines()[0]}") from None
         raise DebiasError(f"cannot read a model config from {spec!r}: {str(exc).splitlines()[0]}") from None
-    _import_all()
     for cls in _REGISTRY.values():
         if spec_family := getattr(cls, "handles_config", None):
             if spec_family(cfg):

@@ -8,7 +8,10 @@ from typing import Any
 
 import click
 
-from ..core.fileio import refuse_existing  # noqa: F401  (re-exported for commands)
+from ..core.choices import BUILTIN_MODEL_SPECS, HUB_ENV
+from ..core.errors import DebiasError
+from ..core.fileio import refuse_existing
+from ..core.specs import OPEN_CLIP_PREFIXES, check_source, open_clip_names  # noqa: F401  (re-exported for commands)
 
 
 def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Any:
@@ -18,8 +21,20 @@ def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> Any:
     return load(spec, family=family, **kwargs)
 
 
-model_option = click.option("--model", "model_spec", required=True,
-                            help="Hub id or local directory; 'tiny-clip' (tiny random CLIP) or 'arch:clip-vit-base-patch16' (real config, random weights).")
+def check_model_spec(spec: str | None) -> None:
+    """Parse-time check of ``--model`` (no torch yet; ``cli.main`` runs it once every option parsed cleanly): a spec
+    that names nothing -- no built-in model, no local path, no cached hub model while hub access is off -- fails at
+    once with the closest known spec, before any data or model is loaded. The rest is resolved by ``workflow.model_specs``."""
+    if spec is None or spec.partition(":")[0] in BUILTIN_MODEL_SPECS or spec.startswith(("arch:", *OPEN_CLIP_PREFIXES)):
+        return
+    if spec.split("@")[0] not in open_clip_names():
+        check_source(spec, BUILTIN_MODEL_SPECS)
+
+
+model_option = click.option(
+    "--model", "model_spec", required=True,
+    help=f"Model spec: {', '.join(BUILTIN_MODEL_SPECS[:5])} (tiny random models take ':SEED'), 'arch:NAME' (real config, "
+         f"random weights), an exported or local model directory, or a hub id (downloads need --allow-hub or {HUB_ENV}=1).")
 family_option = click.option("--family", default=None, help="Model family (default: detected from the config).")
 
 
@@ -97,3 +112,44 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     tmp.replace(path)
+
+
+# ----- what every command prints: one-line warnings, progress, and a closing summary -----------------------------
+def warn(message: str) -> None:
+    """One ``warning: ...`` line on stderr (the CLI's style; never a raw Python ``UserWarning``)."""
+    click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+
+def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it", disable: bool = False) -> Any:
+    """A tqdm bar on stderr for anything over a few seconds (``disable``: the command's ``--no-progress``)."""
+    from tqdm.auto import tqdm  # only commands that run long import it
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, leave=False, dynamic_ncols=True)
+
+
+def summary(headline: str, files: dict[str, Any] | None = None, next_step: str | None = None) -> None:
+    """The closing lines of a command on stdout: the headline result, where its files are, the natural next command."""
+    click.echo(headline)
+    for what, where in (files or {}).items():
+        click.echo(f"  {what}: {where}")
+    if next_step:
+        click.echo(f"next: {next_step}")
+
+
+def warn_unread_site(adapter: Any, site: Any) -> None:
+    """One warning line when the model never reads ``site`` (for capture / train-sae: data there is not what the
+    model uses, e.g. LLaVA's image.-1); silent otherwise."""
+    message = adapter.unread_site_message(site)
+    if message is not None:
+        warn(message)
+
+
+def check_site_read(adapter: Any, site: Any, allowed: bool, flag: str = "--allow-unread-site") -> None:
+    """Refuse (or, with ``allowed``, warn about) a site the model never reads: LLaVA's ``image.-1`` lies after
+    ``vision_feature_layer`` -2, so an edit there is silently a no-op and a capture there is not what the model uses."""
+    message = adapter.unread_site_message(site)
+    if message is None:
+        return
+    if not allowed:
+        raise DebiasError(f"{message}; pass {flag} to go on anyway")
+    warn(message)

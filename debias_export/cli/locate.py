@@ -9,7 +9,7 @@ import click
 
 from ..core.choices import TOWERS
 from ..core.errors import DebiasError
-from .common import POSITIVE_INT, SEED, FiniteFloat, model_option
+from .common import POSITIVE_INT, SEED, FiniteFloat, model_option, summary
 
 
 def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
@@ -33,13 +33,18 @@ def label_captions(rows: list[dict], columns: tuple[str, ...]) -> tuple[list[str
 
 
 def _labels_csv(data: str) -> Path:
-    from ..data.datasets import resolve_data_path
+    """``--data`` as given (relative to the working directory), else under the data dir: ``fairface540`` works anywhere."""
+    from ..data.datasets import default_data_dir, resolve_data_path
 
     path = resolve_data_path(data)
     if path.is_dir():
         path = path / "labels.csv"
     if not path.is_file():
-        raise DebiasError(f"no labels CSV at {path} (--data takes a folder with labels.csv, or the CSV itself)")
+        try:
+            where = f"; relative paths are also looked up under the data dir {default_data_dir()}"
+        except DebiasError:
+            where = ""
+        raise DebiasError(f"no labels CSV at {path} (--data takes a folder with labels.csv, or the CSV itself{where})")
     return path
 
 
@@ -149,8 +154,15 @@ def _summary(report: dict, out_dir: Path) -> None:
         skew = "" if r["bias_effect"] is None else f"skew drop {r['bias_effect']:+.3f}, "
         click.echo(f"{r['component']:>12}: {r['role']}, {skew}acc drop {r['decodability_effect']:+.3f}, "
                    f"separation drop {r['separation_effect']:+.4f}")
-    extra = " + directions.safetensors (fair direction)" if report.get("fair_direction") else ""
-    click.echo(f"wrote {out_dir / 'locate.json'} and locate.png{extra} in {report['seconds']} s")
+    files = {"report": out_dir / "locate.json", "plot": out_dir / "locate.png"}
+    if report.get("fair_direction"):
+        files["fair direction"] = out_dir / "directions.safetensors"
+    top = comps[0]["component"] if comps else None
+    summary(f"located in {report['seconds']} s" + (f"; most {comps[0]['role']} component: {top}" if top else ""), files=files,
+            next_step=(f"debias-export project --capture CAPTURE --column {report['column']} --fair-from "
+                       f"{out_dir / 'directions.safetensors'} --amplify 0.5 --out EDIT_DIR" if report.get("fair_direction")
+                       else f"debias-export capture --model {report.get('model', 'MODEL')} --site SITE ... at the block "
+                            f"where the curves peak, then project or train-sae"))
 
 
 def plot_locate(report: dict, path: str, top: int = 15) -> None:

@@ -9,12 +9,15 @@ import importlib
 import logging
 import os
 import sys
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import click
 
+from ..core.choices import HUB_ENV
 from ..core.errors import DebiasError
 from ..core.fileio import disk_full
+from .common import check_model_spec
 
 # command name -> (module under cli/, attribute). Commands are imported when invoked (or listed by --help), and
 # a command module imports only click and core/ at its top, so `debias-export [COMMAND] --help` loads no torch.
@@ -51,19 +54,36 @@ class LazyGroup(click.Group):
             command = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
             if command.name != cmd_name:
                 raise RuntimeError(f"cli.{module}.{attr} is named {command.name!r}, listed as {cmd_name!r}")
+            if any(p.name == "model_spec" for p in command.params):
+                command.parse_args = _checking_model_spec(command.parse_args)
             self.add_command(command)
         return self.commands.get(cmd_name)
 
 
+def _checking_model_spec(parse_args: Callable[[click.Context, list[str]], list[str]]) -> Callable[[click.Context, list[str]], list[str]]:
+    """A command's ``parse_args`` followed by the cheap ``--model`` check (``common.check_model_spec``): after every
+    option parsed (their own errors come first), before the command body imports torch."""
+    def parse_and_check(ctx: click.Context, args: list[str]) -> list[str]:
+        rest = parse_args(ctx, args)
+        check_model_spec(ctx.params.get("model_spec"))
+        return rest
+
+    return parse_and_check
+
+
 @click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--allow-hub", is_flag=True,
+              help=f"Let --model hub ids download from the Hugging Face hub (default: off; or set {HUB_ENV}=1).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, allow_hub: bool) -> None:
     """Compile debiasing edits into VLM encoders; export, validate and benchmark them."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     if debug:
         os.environ["DEBIAS_EXPORT_DEBUG"] = "1"
+    if allow_hub:  # read by adapters.specs wherever a model spec is resolved
+        os.environ[HUB_ENV] = "1"
 
 
 class _StderrHandler(logging.Handler):
@@ -83,10 +103,24 @@ def _show_library_warnings() -> None:
         logger.setLevel(logging.WARNING)
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Python warnings (ours and the libraries') as ``warning: ...`` lines: the first line of the message, no source line."""
+    text = str(message).strip().splitlines()
+    click.echo(f"warning: {text[0] if text else category.__name__}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and map errors to one line + exit code 2."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     _show_library_warnings()
+    with warnings.catch_warnings():  # restores the caller's warning display on the way out (in-process callers)
+        if not debug:  # --debug keeps Python's own format (file and line of each warning)
+            warnings.showwarning = _one_line_warning
+        return _run(argv, debug)
+
+
+def _run(argv: list[str] | None, debug: bool) -> int:
     try:
         cli.main(args=argv, prog_name="debias-export", standalone_mode=False)
         return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import click
@@ -10,7 +11,7 @@ from ..core.choices import SAE_MODES
 from ..core.errors import ConfigError, DebiasError
 from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
 from ..core.model_match import allow_mismatch as mismatch_allowed
-from .common import FiniteFloat, allow_mismatch_option, load_model_spec, model_option
+from .common import FiniteFloat, allow_mismatch_option, check_site_read, load_model_spec, model_option, summary
 
 
 def load_sae(path: str, hookpoint: str | None = None):
@@ -67,9 +68,12 @@ def parse_neurons(text: str) -> list[int]:
 @click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--allow-unread-site", is_flag=True,
+              help="Save an edit at a block the model never reads (LLaVA's image.-1: it reads image.-2) with a warning "
+                   "instead of refusing it; such an edit changes nothing.")
 @allow_mismatch_option
 def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, value, mode, no_prune, out_dir, overwrite,
-          allow_mismatch):
+          allow_unread_site, allow_mismatch):
     """Build an SAE edit, check it compiles into the model, save it (edit_config.json + edit.safetensors)."""
     from ..edits import SAEEdit, apply_edits
     from ..export.manifest import atomic_output_dir
@@ -82,11 +86,17 @@ def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, va
     if not site:
         raise ConfigError(f"--site is required: the SAE at {sae_dir} records no site in its metadata")
     adapter = load_model_spec(model_spec)
+    check_site_read(adapter, site, allow_unread_site)  # an edit the model never sees is a silently wrong result
     edit = SAEEdit(site=site, sae=sae, neurons=chosen, value=value, alpha=alpha, mode=mode, prune=not no_prune,
                    model=model_spec, provenance={"sae_dir": str(sae_dir), "hookpoint": hookpoint,
                                                  "probe_report": probe_report, FINGERPRINT_KEY: model_fingerprint(adapter)})
-    with mismatch_allowed(allow_mismatch):  # the SAE's recorded model / site against this model and --site
+    with mismatch_allowed(allow_mismatch), warnings.catch_warnings():  # recorded model / site against this model
+        warnings.filterwarnings("ignore", message=".*lies after the layer")  # said once above (--allow-unread-site)
         apply_edits(adapter, edit).remove()  # fail now (width, site, layer) rather than at export time
     with atomic_output_dir(Path(out_dir), overwrite) as tmp:
         edit.save(tmp)
-    click.echo(f"saved {mode} edit of {len(chosen)} neuron(s) at {adapter.resolve_site(site).name} (alpha {alpha}, value {value}) to {out_dir}")
+    shown = ", ".join(map(str, chosen[:8])) + (" ..." if len(chosen) > 8 else "")
+    summary(f"saved {mode} edit of {len(chosen)} neuron(s) ({shown}) at {adapter.resolve_site(site).name} "
+            f"(alpha {alpha}, value {value}) to {out_dir}",
+            next_step=f"debias-export export --model {model_spec} --edit {out_dir} --out EXPORT_DIR "
+                      f"(or measure it first: debias-export eval --model {model_spec} --edit {out_dir} --out REPORT_DIR)")

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from ..core.errors import DebiasError
-from .common import POSITIVE_INT, FiniteFloat
+from .common import POSITIVE_INT, FiniteFloat, summary
 
 
 @click.command("probe")
@@ -37,7 +37,8 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
     refuse_existing(out_path, overwrite)
     from ..capture.store import ActivationStore
 
-    width = ActivationStore(capture_dir).width
+    store = ActivationStore(capture_dir)
+    width = store.width
     sae = load_any(sae_dir, d_in=width, hookpoint=hookpoint)
     latents, labels, sources = latents_from_capture(capture_dir, sae, column, which=f"{which}_activations",
                                                     labels_csv=labels_csv)
@@ -53,4 +54,9 @@ def probe(capture_dir: Path, sae_dir: Path, hookpoint: str | None, column: str, 
         click.echo(f"{column}={g}: n={info['n']} frequent={info['num_frequent']} specific={info['num_specific']} -> {picked}")
     if report["num_unlabelled"]:
         click.echo(f"skipped {report['num_unlabelled']} input(s) with a blank {column!r} label")
-    click.echo(f"report written to {out_path}")
+    picked = sorted({n["index"] for info in report["groups"].values() for n in info["neurons"]})
+    summary(f"{len(picked)} social neuron(s) for {column}: {', '.join(map(str, picked)) or 'none'}",
+            files={"report": out_path},
+            next_step=(f"debias-export patch --model {(store.settings.get('model') or {}).get('source') or 'MODEL'} "
+                       f"--sae {sae_dir} --probe-report {out_path} --out EDIT_DIR" if picked
+                       else f"no neuron passed tau {tau:g}: lower --tau or capture more inputs"))

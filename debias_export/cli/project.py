@@ -9,7 +9,7 @@ from ..core.choices import EXPORT_FOLDS, PROJECTION_METHODS
 from ..core.errors import ConfigError
 from ..core.model_match import allow_mismatch as mismatch_allowed
 from ..core.model_match import check_made_for, record_of
-from .common import FiniteFloat, allow_mismatch_option
+from .common import FiniteFloat, allow_mismatch_option, summary
 
 METHODS = PROJECTION_METHODS
 
@@ -73,8 +73,10 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     with torch.no_grad():
         moved = float((edit.matrix() - torch.eye(edit.width, dtype=torch.float64)).norm())
     skipped = edit.provenance.get("unlabelled_skipped", 0)
-    click.echo(f"fitted {edit.method} projection at {edit.site} on {edit.provenance['inputs']} inputs "
-               + (f"({skipped} row(s) with a blank {column!r} label skipped) " if skipped else "") +
-               f"({edit.provenance['activations']} activations, column {column}): rank {rank}, fair rank {fair_rank}, "
-               f"b={edit.strength:g} g={edit.amplify:g} center={edit.center} fold={edit.fold}, |M - I|_F={moved:.3g} "
-               f"-> {out_dir}")
+    summary(f"fitted {edit.method} projection at {edit.site} on {edit.provenance['inputs']} inputs "
+            + (f"({skipped} row(s) with a blank {column!r} label skipped) " if skipped else "") +
+            f"({edit.provenance['activations']} activations, column {column}): rank {rank}, fair rank {fair_rank}, "
+            f"b={edit.strength:g} g={edit.amplify:g} center={edit.center} fold={edit.fold}, |M - I|_F={moved:.3g} "
+            f"-> {out_dir}",
+            next_step=f"debias-export export --model {model_spec or 'MODEL'} --edit {out_dir} --out EXPORT_DIR "
+                      f"(or: debias-export eval --model {model_spec or 'MODEL'} --edit {out_dir} --out REPORT_DIR)")

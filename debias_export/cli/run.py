@@ -1,10 +1,12 @@
 """``debias-export run RECIPE.yaml``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..workflow.recipe import load_recipe
-from .common import allow_mismatch_option
+from .common import allow_mismatch_option, summary
 
 
 @click.command("run")
@@ -23,4 +25,6 @@ def run(recipe_path: str, out: str | None, overwrite: bool | None, no_progress: 
         recipe.output.dir = out
     with mismatch_allowed(allow_mismatch):  # a recipe's sae.path recorded for another model or site
         path = run_recipe(recipe, overwrite=overwrite, progress=not no_progress)
-    click.echo(f"wrote {path}")
+    summary(f"wrote {path}", files={"report": Path(path) / "report.md", "summary": Path(path) / "summary.json"},
+            next_step=f"read {Path(path) / 'report.md'}; each variant's export is under {path}/<variant>/ "
+                      f"(debias-export verify / validate / bench take it)")

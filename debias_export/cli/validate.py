@@ -5,7 +5,7 @@ import random
 
 import click
 
-from .common import SEED, FiniteFloat
+from .common import SEED, FiniteFloat, summary
 
 
 @click.command("validate")
@@ -20,5 +20,6 @@ def validate(path, atol, seed):
     report = validate_bundle(path, atol=atol, seed=seed)
     graphs = report.get("onnx", {})
     parts = [f"{name}.onnx max|diff| {max(g['max_abs_diff'].values()):.2g}" for name, g in graphs.items()]
-    click.echo(f"ok {path}: manifests verified, hf loads" + (", " + ", ".join(parts) if parts else ", no onnx graphs")
-               + f" (atol {atol:g}, seed {seed})")
+    summary(f"ok {path}: manifests verified, hf loads" + (", " + ", ".join(parts) if parts else ", no onnx graphs")
+            + f" (atol {atol:g}, seed {seed})",
+            next_step=f"debias-export bench --export {path} --out BENCH_DIR, or debias-export eval --model MODEL --patched {path} --out REPORT_DIR")

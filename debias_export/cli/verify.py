@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .common import summary
+
 
 @click.command("verify")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
@@ -13,4 +15,5 @@ def verify(path):
     count = 0
     for artifact in find_artifacts(path):
         count += len(verify_manifest(artifact)["files"])
-    click.echo(f"ok {path}: {count} file(s) match their manifest")
+    summary(f"ok {path}: {count} file(s) match their manifest",
+            next_step=f"debias-export validate {path} (re-runs the model and its ONNX graphs on new inputs)")

@@ -22,3 +22,6 @@ PVALUE_CORRECTIONS = ("bh", "bonferroni")
 DEFAULT_OPSET = 20
 MIN_OPSET = {"dynamo": 18, "torchscript": 17, "optimum": 17}  # per exporter
 MAX_OPSET = {"dynamo": 23, "torchscript": 20, "optimum": 20}
+HUB_ENV = "DEBIAS_EXPORT_ALLOW_HUB"  # "1": model specs may download from the Hugging Face hub (default: offline)
+BUILTIN_MODEL_SPECS = ("tiny-clip", "tiny-open-clip", "tiny-llava", "tiny-dual-encoder", "biaslab",
+                       "arch:clip-vit-base-patch16", "arch:clip-vit-large-patch14-336")  # == workflow.model_specs.known_specs()

@@ -1,12 +1,19 @@
-"""Turn a model spec string (CLI / recipe) into an adapter."""
+"""Turn a model spec string (CLI / recipe / ``debias_export.load_adapter``) into an adapter: the one resolution path.
+
+Offline first: built-in specs build locally, directories load from disk, and a hub id is downloaded only when
+hub access is on (``DEBIAS_EXPORT_ALLOW_HUB=1`` or ``debias-export --allow-hub``; see ``adapters.specs``). An
+unknown spec fails at once with the closest known spec.
+"""
 from __future__ import annotations
 
 import os
 from typing import Any, Callable
 
-from ..adapters import ModelAdapter, load_adapter, registered_families
-from ..adapters.real_configs import random_clip
-from ..core.errors import DebiasError
+from ..adapters import ModelAdapter, registered_families
+from ..adapters import load_adapter as load_family_adapter
+from ..adapters.real_configs import CONFIGS, random_clip
+from ..adapters.registry import tiny_spec_names
+from ..core.specs import OPEN_CLIP_PREFIXES, check_source, open_clip_names
 from ..export import load_patched
 from .biaslab import lab_adapter
 
@@ -16,26 +23,42 @@ def tiny_builders() -> dict[str, Callable[[int], ModelAdapter]]:
     return {cls.tiny_name: cls.tiny for cls in registered_families().values() if cls.tiny_name}
 
 
-def load_model_spec(spec: str, family: str | None = None, **kwargs: Any) -> ModelAdapter:
-    """Hub id or local dir; ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]`` (tiny random models, offline); ``biaslab`` (the bias lab dual encoder, shipped weights); ``arch:<name>`` (real
-    architecture config from :mod:`debias_export.adapters.real_configs` with random weights, for latency/export work)."""
-    name, _, seed_text = spec.partition(":")
-    builders = tiny_builders() if name.startswith("tiny-") else {}
-    if name in builders:
-        try:
-            seed = int(seed_text) if seed_text else 0
-        except ValueError:
-            raise DebiasError(f"bad model spec {spec!r}: seed {seed_text!r} is not an integer") from None
-        adapter = builders[name](seed)
-    elif spec == "biaslab":
+def known_specs() -> list[str]:
+    """Every built-in spec name (what a typo is matched against)."""
+    arch = [f"arch:{name}" for name in CONFIGS if not name.startswith("llava")]
+    return [*tiny_spec_names(), "biaslab", *arch]
+
+
+def is_export_dir(spec: str) -> bool:
+    """A patched export (its root or its ``hf/``): must load patched, a stock loader would silently drop the edit."""
+    return os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json"))
+
+
+def load_model_spec(spec: "str | os.PathLike[str]", family: str | None = None, **kwargs: Any) -> ModelAdapter:
+    """Every model spec the CLI accepts, as an adapter:
+
+    - ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]``: tiny random models (offline);
+    - ``biaslab``: the bias lab dual encoder (shipped weights);
+    - ``arch:<name>``: a real architecture config from :mod:`debias_export.adapters.real_configs`, random weights;
+    - a patched export directory (loaded patched, :func:`debias_export.load_patched`);
+    - a local model directory, ``open_clip:NAME[@pretrained]``, or a hub id (downloaded only with hub access on).
+    """
+    spec = os.fspath(spec)
+    if spec == "biaslab":
         # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
         adapter = lab_adapter()
     elif spec.startswith("arch:"):
         adapter = random_clip(spec[5:])
-    elif os.path.isfile(os.path.join(spec, "debias_config.json")) or os.path.isfile(os.path.join(spec, "hf", "debias_config.json")):
-        # A patched export: load it patched (a stock loader would silently drop the edit).
+    elif is_export_dir(spec):
         return load_patched(spec)
     else:
-        return load_adapter(spec, family=family, **kwargs)
+        if (spec.partition(":")[0] not in tiny_spec_names() and not spec.startswith(OPEN_CLIP_PREFIXES)
+                and spec.split("@")[0] not in open_clip_names()):
+            check_source(spec, known_specs())  # before any hub lookup: a typo fails here, with a suggestion
+        return load_family_adapter(spec, family=family, **kwargs)
     adapter.source = spec
     return adapter
+
+
+# the public name (``debias_export.load_adapter``): every spec, one resolution path
+load_adapter = load_model_spec

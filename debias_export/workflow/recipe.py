@@ -21,6 +21,7 @@ import yaml
 from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
 from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
+from .recipe_lines import check_duplicate_keys, key_lines, line_of, yaml_error_message
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 
@@ -325,30 +326,15 @@ def expand_variants(recipe: Recipe) -> list[Recipe]:
     return out
 
 
-def _check_duplicate_keys(node: Any, path: str, file: Path) -> None:
-    """Refuse a mapping that repeats a key (YAML's last value would win silently), naming key path and line."""
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            where = f"{path}.{key}" if path else str(key)
-            if key is not None and key != "<<":  # "<<" merge keys may repeat
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise ConfigError(f"{file} line {line}: duplicate key {where!r} (first at line {seen[key]})")
-                seen[key] = line
-            _check_duplicate_keys(value_node, where, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _check_duplicate_keys(item, f"{path}[{i}]", file)
-
-
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+    """Read and validate a YAML recipe file; errors name the key path and its line."""
     path = Path(path)
+    lines: dict[str, int] = {}
     try:
         text = path.read_text(encoding="utf-8")
-        _check_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), "", path)  # nodes only: nothing is constructed
+        tree = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes only: nothing is constructed
+        check_duplicate_keys(tree, "", path)
+        lines = key_lines(tree)
         raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"recipe not found: {path}") from None
@@ -359,11 +345,18 @@ def load_recipe(path: str | Path) -> Recipe:
     except OSError as exc:
         raise ConfigError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(yaml_error_message(path, exc)) from None
     except RecursionError:
         raise ConfigError(f"{path}: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer past Python's int-string digit limit
         raise ConfigError(f"{path}: unreadable value ({str(exc).splitlines()[0][:80]})") from None
-    recipe = parse_recipe(raw, where=str(path))
+    try:
+        recipe = parse_recipe(raw, where=str(path))
+    except ConfigError as exc:
+        rest = str(exc)[len(f"{path}: "):] if str(exc).startswith(f"{path}: ") else None
+        line = line_of(rest, lines) if rest is not None else None
+        if line is None:
+            raise
+        raise ConfigError(f"{path} line {line}: {rest}") from None
     recipe.source = str(path)
     return recipe

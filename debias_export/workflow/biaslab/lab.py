@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from transformers import __version__ as tf_version
 
 from ...adapters.dual_encoder import DualEncoderAdapter, minilm_path
+from ...adapters.transformers_compat import quiet_transformers
 from ...core.errors import DebiasError, IntegrityError
 from ...data.datasets import resolve_data_dir
 from ...eval.retrieval import evaluate
@@ -93,7 +94,8 @@ def load_lab(folder: str | Path = ASSETS, weights_file: str = WEIGHTS):
     want = recipe.get("weights", {}).get("sha256") if weights_file == WEIGHTS else None
     if want and file_sha256(weights) != want:
         raise IntegrityError(f"{weights} does not match the sha256 recorded in {folder / RECIPE}")
-    model = build_model(settings, init=False)
+    with quiet_transformers():  # transformers 5's "Loading weights" bar: noise on every --model biaslab
+        model = build_model(settings, init=False)
     load_trained_state(model, read_trained(weights), source=str(weights))
     return model.eval(), AutoTokenizer.from_pretrained(minilm_path()), recipe
 

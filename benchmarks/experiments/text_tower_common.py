@@ -200,7 +200,7 @@ def capture(site: str, name: str, source: TextPrompts, tokens: str = "all") -> A
     return ActivationStore(out)
 
 
-def sae_for(site: str, seed: int = 0, k: int = 16, expansion: int = 8, steps: int = 600) -> SparseAutoencoder:
+def sae_for(site: str, seed: int = 0, k: int = 16, expansion: int = 4, steps: int = 300) -> SparseAutoencoder:
     """SAE on every token of the mixed corpus at ``site`` (cached)."""
     out = CACHE / f"sae-{site}-k{k}-x{expansion}-s{steps}-seed{seed}"
     if (out / "sae.safetensors").is_file():

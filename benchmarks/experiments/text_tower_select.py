@@ -20,7 +20,10 @@ from debias_export.edits import ProjectionEdit, SAEEdit, apply_edits
 from text_tower_common import (HEADER, OUT, SelectionScorer, capture, corpus, encode, fmt, label_captions, lab,
                                neutral_corpus, pair_prompts, sae_for, save_json)
 
-SITES = ("text.2", "text.5")
+SITES = ("text.2",)  # text.5 (CLS-only) SAE edits: exp4/exp8/exp11 of demo_edit_study.md; linear erasers there: text_tower_lean.py
+# (mode, a, value) cells; the first is the clean test of the neurons (residual keeps the SAE error)
+CELLS = (("residual", 1.0, "0"), ("residual", 0.5, "0"), ("residual", 1.0, "neutral"), ("reconstruct", 1.0, "0"))
+PROBES = ("labels/mean n=3", "pairs-mean n=1", "pairs-mean n=3", "pairs-mean n=8", "pairs-cls n=3")
 
 
 def per_input(store, which: str) -> torch.Tensor:
@@ -70,6 +73,9 @@ def erasers(site: str) -> dict[str, ProjectionEdit]:
     return out
 
 
+ERASERS = False  # covered by text_tower_lean.py (same fits, more strengths and a second direction)
+
+
 def main(seed: int = 0) -> None:
     sc = SelectionScorer()
     results = {"base": sc.base_res | {"utility": sc.base_res["utility"]}}
@@ -78,20 +84,21 @@ def main(seed: int = 0) -> None:
     for site in SITES:
         sae = sae_for(site, seed=seed)
         for name, neurons in probes(site, sae).items():
-            if not neurons:
+            if not neurons or name not in PROBES:
                 continue
             v_neutral = neutral_value(site, sae, neurons)
-            for mode in ("residual", "reconstruct"):
-                for a in (0.5, 1.0):
-                    for vname, v in (("0", 0.0), ("neutral", v_neutral)):
-                        edit = SAEEdit(site=site, sae=sae, neurons=neurons, alpha=a, mode=mode, value=v)
-                        key = f"{site} sae {name} {mode} a={a} v={vname} ({len(neurons)}n)"
-                        r = sc.run(lambda: apply_edits(lab(), [edit]))
-                        r["neurons"], r["value"] = neurons, v
-                        results[key] = r
-                        lines.append(fmt(key, r))
-                        print(lines[-1], f"{time.time() - t0:.0f}s", flush=True)
-        if seed == 0:
+            for mode, a, vname in CELLS:
+                v = v_neutral if vname == "neutral" else 0.0
+                edit = SAEEdit(site=site, sae=sae, neurons=neurons, alpha=a, mode=mode, value=v)
+                key = f"{site} sae {name} {mode} a={a} v={vname} ({len(neurons)}n)"
+                r = sc.run(lambda: apply_edits(lab(), [edit]))
+                r["neurons"], r["value"] = neurons, v
+                results[key] = r
+                lines.append(fmt(key, r))
+                print(lines[-1], f"{time.time() - t0:.0f}s", flush=True)
+                save_json(OUT / f"select-seed{seed}.json", results)
+                (OUT / f"select-seed{seed}.md").write_text("\n".join(lines) + "\n")
+        if seed == 0 and ERASERS:
             for name, e in erasers(site).items():
                 key = f"{site} {name}"
                 r = sc.run(lambda: apply_edits(lab(), [e]))

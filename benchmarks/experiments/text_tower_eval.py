@@ -3,8 +3,8 @@
 FairFace 540 + PAIRS with the evaluation prompts only (the other half of each CSV's concepts plus the stereotype
 set; no selection concept), through the library's ``eval.retrieval.compare``; one row per SAE seed with the 95%
 concept-bootstrap CI of the MaxSkew change, and the mean over seeds. The chosen settings are read from
-``results/text_tower/choice.json`` (written by hand from the selection tables). Writes results/text_tower/eval.json/.md.
-Usage: ``text_tower_eval.py [seeds...]`` (default 0 1 2).
+``results/text_tower/choice.json`` (written by hand from the selection tables). Writes results/text_tower/eval-seeds<seeds>.json/.md.
+Usage: ``text_tower_eval.py [--only=NAME] [seeds...]`` (default 0 1 2).
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from debias_export.edits import ProjectionEdit, SAEEdit
 from debias_export.eval.retrieval import EvalData, compare
 from text_tower_common import (DATA, OUT, capture, encode, lab, label_captions, neutral_corpus, pair_prompts,
                                prompt_split, sae_for, save_json)
+from text_tower_lean import lean_labels
+from text_tower_leanprobe import lean_neurons
 
 SETS = ("occupations", "adjectives", "activities", "stereotypes")
 
@@ -35,13 +37,19 @@ def build(choice: dict, seed: int):
         fem, male = pair_prompts()
         xp = torch.cat([per_input(capture(site, "pairs_f", fem), which), per_input(capture(site, "pairs_m", male), which)]).double()
         xn = per_input(capture(site, "neutral", neutral_corpus()), which).double()
-        sub = fit_eraser(xp, ["Female"] * (len(xp) // 2) + ["Male"] * (len(xp) // 2))
+        if choice.get("direction", "pairs") == "lean":
+            sub = fit_eraser(xn, lean_labels([r["text"] for r in neutral_corpus().rows]))
+        else:
+            sub = fit_eraser(xp, ["Female"] * (len(xp) // 2) + ["Male"] * (len(xp) // 2))
         e = ProjectionEdit.from_subspace(site, sub, strength=choice["b"])
         e.mu = (xn if choice["centre"] == "neutral" else xp).mean(0)
         return e, {}
     sae = sae_for(site, seed=seed)
     probe, which = choice["probe"], choice["which"]
-    if probe == "labels":
+    if probe == "lean":
+        neurons = lean_neurons(sae, choice["top_n"])
+        rep = None
+    elif probe == "labels":
         lc = capture(site, "labelcap", label_captions())
         rep = probe_social_neurons(encode(sae, per_input(lc, which)), lc.labels("gender"), tau=0.1, top_n=choice["top_n"])
     else:
@@ -49,7 +57,8 @@ def build(choice: dict, seed: int):
         rep = probe_pair_contrast(encode(sae, per_input(capture(site, "pairs_f", fem), which)),
                                   encode(sae, per_input(capture(site, "pairs_m", male), which)),
                                   top_n=choice["top_n"], min_frequency=0.05)
-    neurons = neurons_from_report(rep)
+    if rep is not None:
+        neurons = neurons_from_report(rep)
     v = 0.0
     if choice.get("value") == "neutral":
         st = capture(site, "neutral", neutral_corpus())
@@ -58,8 +67,10 @@ def build(choice: dict, seed: int):
     return SAEEdit(site=site, sae=sae, neurons=neurons, alpha=choice["a"], mode=choice["mode"], value=v), {"neurons": neurons, "value": v}
 
 
-def main(seeds: list[int]) -> None:
+def main(seeds: list[int], only: str | None = None) -> None:
     choices = json.loads((OUT / "choice.json").read_text())
+    if only:
+        choices = {only: choices[only]}
     adapter = lab()
     data = EvalData.load(adapter, DATA)
     data.prompt_sets = prompt_split()["evaluation"]
@@ -87,9 +98,12 @@ def main(seeds: list[int]) -> None:
             cells += [f"{r['fidelity']['prompt_cosine']['mean']:.3f}" if isinstance(r['fidelity']['prompt_cosine'], dict) else str(r['fidelity']['prompt_cosine'])]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-            save_json(OUT / "eval.json", results)
-            (OUT / "eval.md").write_text("\n".join(lines) + "\n")
+            tag = "-".join(map(str, seeds))
+            save_json(OUT / f"eval-seeds{tag}.json", results)
+            (OUT / f"eval-seeds{tag}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    main([int(s) for s in sys.argv[1:]] or [0, 1, 2])
+    args = sys.argv[1:]
+    only = args.pop(0)[len("--only="):] if args and args[0].startswith("--only=") else None
+    main([int(s) for s in args] or [0, 1, 2], only)

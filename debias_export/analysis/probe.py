@@ -138,3 +138,58 @@ def latents_from_capture(capture_dir: str | Path, sae, column: str, which: str =
                "labels": str(labels_csv) if labels_csv else "capture rows", "model": store.settings.get("model"),
                "data": store.settings.get("source")}
     return latents, labels, sources
+
+
+PAIR_METHOD = "minimal-pair-contrast"
+
+
+def probe_pair_contrast(latents_a: torch.Tensor, latents_b: torch.Tensor, top_n: int = 3,
+                        min_frequency: float = 0.0, groups: Sequence[str] = ("Female", "Male"),
+                        sources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Latents that move with the gender word in minimal pairs (row ``i`` of ``a`` and ``b``: one sentence, two words).
+
+    Per latent, ``d_i = a_i - b_i`` over the pairs; the score is the paired t statistic
+    ``mean(d) / (sd(d) / sqrt(n))`` (0 where the latent never differs). The ``top_n`` most positive latents
+    go to ``groups[0]`` and the ``top_n`` most negative to ``groups[1]``; a latent must be non-zero on at least
+    ``min_frequency`` of its own group's sentences. Unlike the label rule (:func:`probe_social_neurons`), a
+    latent that fires on every text about a person but does not change with the gender word scores 0.
+    Returns a report in the same shape (``groups`` -> ``neurons``, ``neurons``), so
+    :func:`neurons_from_report` reads it.
+    """
+    for name, t in (("latents_a", latents_a), ("latents_b", latents_b)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 2:
+            raise ShapeError(f"{name} must be a [N, F] tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    if latents_a.shape != latents_b.shape:
+        raise ShapeError(f"minimal pairs need equal shapes, got {tuple(latents_a.shape)} and {tuple(latents_b.shape)}")
+    if latents_a.shape[0] < 2:
+        raise DebiasError(f"pair contrast needs at least 2 pairs, got {latents_a.shape[0]}")
+    if top_n < 1:
+        raise DebiasError(f"top_n must be >= 1 (got {top_n})")
+    if not 0.0 <= min_frequency <= 1.0:
+        raise DebiasError(f"min_frequency={min_frequency} must be within [0, 1]")
+    if len(groups) != 2 or groups[0] == groups[1]:
+        raise DebiasError(f"pair contrast needs two distinct group names, got {list(groups)}")
+    if not (bool(torch.isfinite(latents_a).all()) and bool(torch.isfinite(latents_b).all())):
+        raise DebiasError("latents contain NaN or Inf values")
+    a, b = latents_a.double(), latents_b.double()
+    n = a.shape[0]
+    d = a - b
+    sd = d.std(0)
+    # a latent with zero spread of differences is either constant (score 0) or shifts identically in every pair
+    # (a perfect gender latent): give the latter a finite, very large score instead of dividing by zero
+    t = torch.where(sd > 0, d.mean(0) / sd.clamp_min(1e-300) * n ** 0.5, d.mean(0).sign() * 1e12)
+    report_groups: dict[str, Any] = {}
+    selected: set[int] = set()
+    for g, own, sign in ((groups[0], a, 1.0), (groups[1], b, -1.0)):
+        freq = (own != 0).double().mean(0)
+        score = sign * t
+        ok = (score > 0) & (freq >= min_frequency - 1e-12)
+        idx = ok.nonzero().flatten()
+        ranked = idx[score[idx].argsort(descending=True, stable=True)][:top_n].tolist()
+        selected.update(ranked)
+        report_groups[str(g)] = {"n": n, "num_specific": int(ok.sum()), "neurons": [
+            {"index": int(i), "t": float(score[i]), "mean_difference": float(sign * d[:, i].mean()),
+             "frequency": float(freq[i]), "mean_activation": float(own[:, i].mean())} for i in ranked]}
+    return {"method": PAIR_METHOD, "top_n": top_n, "min_frequency": min_frequency, "num_pairs": n,
+            "num_latents": int(a.shape[1]), "groups": report_groups, "neurons": sorted(selected),
+            "sources": dict(sources or {})}

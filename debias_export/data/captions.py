@@ -7,7 +7,9 @@ UTKFace vocabulary) the word tables the bias lab's training captions use.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
+
+from ..core.errors import DebiasError
 
 # UTKFace integer ages -> caption words. Children get "girl"/"boy" nouns, adults an adjective.
 AGE_GROUPS = [  # (max age inclusive, adjective, female noun, male noun)
@@ -59,3 +61,39 @@ def fairface_caption(row: Mapping[str, str]) -> str | None:
     """The caption-recall ground truth of a FairFace row: :func:`label_caption` with the default template
     (None for a row without a Male/Female gender: it matches no caption)."""
     return label_caption(row)
+
+
+# Gendered minimal pairs: the same sentence with a female or a male word, nothing else changed. Probing on
+# their contrast finds latents that track the gender word itself rather than "this text describes a face".
+PAIR_WORDS = (("woman", "man"), ("girl", "boy"), ("lady", "gentleman"), ("mother", "father"), ("sister", "brother"),
+              ("wife", "husband"), ("daughter", "son"), ("female", "male"))
+PAIR_TEMPLATES = ("a photo of a {g} who is a {c}", "a {g} working as a {c}", "the {g} is a {c}",
+                  "a portrait of a {g}, a {c}")
+
+
+def _fix_articles(text: str) -> str:
+    return re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", text)
+
+
+def gendered_minimal_pairs(concepts: Sequence[str], templates: Sequence[str] = PAIR_TEMPLATES,
+                           words: Sequence[tuple[str, str]] = PAIR_WORDS) -> list[tuple[str, str, str]]:
+    """``(female text, male text, concept)`` for every template x concept x word pair.
+
+    Templates hold ``{g}`` (the gender word) and ``{c}`` (the concept), e.g. "a photo of a {g} who is a {c}";
+    the two texts differ only in the gender word (and the article before it: "an elderly" / "a" fix-ups
+    apply to both). Concepts must be non-empty; templates must contain both fields.
+    """
+    for t in templates:
+        if "{g}" not in t or "{c}" not in t:
+            raise DebiasError(f"minimal-pair template {t!r} needs both {{g}} and {{c}}")
+    for f, m in words:
+        if not f or not m or f == m:
+            raise DebiasError(f"bad gender word pair ({f!r}, {m!r})")
+    out = []
+    for c in concepts:
+        if not c or not c.strip():
+            raise DebiasError("empty concept in minimal-pair concepts")
+        for t in templates:
+            for f, m in words:
+                out.append((_fix_articles(t.format(g=f, c=c)), _fix_articles(t.format(g=m, c=c)), c))
+    return out

@@ -83,3 +83,13 @@ def test_the_eval_headline_leads_with_the_numbers():
     assert headline({"metric": "vla", "base": {"disproportion_rate": 0.5}, "patched": {"disproportion_rate": 0.25}}, 10) == \
         "gender disproportion rate 0.500 -> 0.250"
     assert headline({"unexpected": 1}, 10) == "evaluation finished"
+
+
+def test_capture_at_a_block_llava_never_reads_warns_on_one_line(tmp_path, capsys):
+    argv = ["capture", "--model", "tiny-llava", "--site", "image.-1", "--images", "fairface540/labels.csv",
+            "--limit", "2", "--out", str(tmp_path / "cap"), "--no-progress"]
+    rc, out, err = run(argv, capsys)
+    assert rc == 0, err
+    warned = [line for line in err if line.startswith("warning: ")]
+    assert len(warned) == 1 and "is never read" in warned[0], err
+    assert (tmp_path / "cap" / "capture.json").exists()

@@ -52,7 +52,7 @@ def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str |
     from ..capture import capture_activations
     from ..data.datasets import LabelledImages, TextPrompts, parse_where, resolve_data_path
     from ..sae.distributed import distributed_session
-    from .common import load_model_spec
+    from .common import load_model_spec, warn_unread_site
 
     if (images_csv is None) == (texts_path is None):
         raise DebiasError("give exactly one of --images CSV or --texts FILE")
@@ -67,6 +67,8 @@ def capture(model_spec: str, site: str, images_csv: str | None, image_dir: str |
         source = TextPrompts(resolve_data_path(texts_path), limit=limit, filter=filt, pairing=prompt_pairing)
     with distributed_session(device) as (dist, dev):
         adapter = load_model_spec(model_spec)
+        if dist.is_main:
+            warn_unread_site(adapter, site)  # e.g. LLaVA's image.-1: captured, but not what the model uses
         adapter.model.to(dev)
         result = capture_activations(adapter, site, source, out_dir, tokens=tokens, k=k, batch_size=batch_size,
                                      seed=seed, shard_size=shard_size, dtype=dtype, overwrite=overwrite,

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from ..adapters import ModelAdapter
 from ..core.errors import DebiasError
 from ..edits import current_patch
+from .card import write_card
 from .hf_dir import HFDirSpec, hf_spec, patch_handle, register_hf_spec, unpatched
 from .loading import check_reload, load_patched, read_debias_config
 from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
@@ -32,14 +33,14 @@ __all__ = ["export_patched", "export_folded", "export_onnx", "load_patched", "ex
            "write_manifest", "find_artifacts", "atomic_output_dir", "register_onnx_spec", "register_hf_spec", "GraphSpec",
            "HFDirSpec", "graph_specs", "hf_spec", "patch_handle", "unpatched", "check_graph", "check_reload",
            "validate_onnx_dir", "read_debias_config", "VALIDATION_SHAPES", "export_graph", "EXPORTERS", "DEFAULT_EXPORTER",
-           "DEFAULT_OPSET", "DEFAULT_ATOL", "DEFAULT_RTOL", "PRECISIONS"]
+           "DEFAULT_OPSET", "DEFAULT_ATOL", "DEFAULT_RTOL", "PRECISIONS", "update_card"]
 
 
 def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True, opset: int = DEFAULT_OPSET,
                   atol: float = DEFAULT_ATOL, overwrite: bool = False, provenance: dict[str, Any] | None = None,
                   towers: Sequence[str] | None = None, folds: Sequence[dict[str, Any]] | None = None,
                   exporter: str = DEFAULT_EXPORTER, rtol: float = DEFAULT_RTOL,
-                  precisions: Sequence[str] = ("fp32",)) -> dict[str, Any]:
+                  precisions: Sequence[str] = ("fp32",), card_results: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """``out_dir/hf`` (reload checked bit-identical) and ``out_dir/onnx`` (checked within ``atol + rtol * max|ref|``),
     atomically.
 
@@ -49,6 +50,9 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
     unmodified model is exported the same way as a baseline (``"edited": false`` in the manifests).
     ``exporter``: the ONNX exporter (:func:`export_graph`), recorded with opset and torch version in the provenance.
     ``precisions``: ONNX variants to add to fp32 (``fp16``, ``int8``; :mod:`.quantize`), each validated.
+    ``card_results``: extra ``model-index`` entries for the model card ``README.md`` (:mod:`.card`; keys
+    ``task_type, dataset_type, dataset_name, metric_type, metric_value`` [, ``metric_name``]), e.g. a
+    pipeline's fairness / utility / latency numbers; results known only later go in with :func:`update_card`.
     """
     out_dir = Path(out_dir)
     folds = list(folds or [])
@@ -81,8 +85,23 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
                                          precisions=precisions)
             report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / BUNDLE_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        write_card(tmp, report, bundle_provenance, card_results)
         write_manifest(tmp, kind="bundle", provenance=bundle_provenance, extra={"edited": not baseline})
     return report
+
+
+def update_card(path: str | Path, results: Sequence[dict[str, Any]]) -> Path:
+    """Re-write an export bundle's model card with ``results`` (e.g. eval run after the export) and its
+    top-level manifest to match; the bundle is verified first. Returns the card's path."""
+    path = Path(path)
+    manifest = verify_manifest(path)
+    if manifest.get("kind") != "bundle":
+        raise DebiasError(f"{path} is not an export bundle (manifest kind {manifest.get('kind')!r})")
+    report = json.loads((path / BUNDLE_REPORT).read_text())
+    card = write_card(path, report, manifest.get("provenance"), results)
+    extra = {k: v for k, v in manifest.items() if k not in ("format", "kind", "files", "versions", "provenance")}
+    write_manifest(path, kind="bundle", provenance=manifest.get("provenance"), extra=extra)
+    return card
 
 
 def validate_bundle(path: str | Path, atol: float = DEFAULT_ATOL, seed: int = 0,

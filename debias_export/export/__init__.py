@@ -20,9 +20,10 @@ from ..edits import current_patch
 from .card import write_card
 from .hf_dir import HFDirSpec, hf_spec, patch_handle, register_hf_spec, unpatched
 from .loading import check_reload, load_patched, read_debias_config
-from .manifest import atomic_output_dir, find_artifacts, verify_manifest, write_manifest
-from .onnx_export import (DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT_RTOL, EXPORTERS, VALIDATION_SHAPES, check_exporter, check_graph,
-                          export_graph, export_onnx, exporter_info, validate_onnx_dir)
+from .manifest import (atomic_output_dir, find_artifacts, recipe_record, stable_report, verify_manifest,
+                       write_manifest)
+from .onnx_export import (DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT_RTOL, EXPORTERS, VALIDATION_SHAPES,
+                          check_exporter, check_graph, export_graph, export_onnx, exporter_info, validate_onnx_dir)
 from .onnx_specs import GraphSpec, graph_specs, register_onnx_spec
 from .quantize import PRECISIONS, parse_precisions
 from .safetensors_export import export_folded, export_patched
@@ -64,11 +65,11 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
         provenance = {**(provenance or {}), "folds": folds}
     if baseline:
         provenance = {**(provenance or {}), "edit": None}
-    bundle_provenance = provenance
+    bundle_provenance = {**(provenance or {}), **recipe_record(provenance)}  # the recipe itself, for `reproduce`
     if onnx:
         check_exporter(exporter, opset)  # before the HF export: a bad choice costs nothing
         precisions = parse_precisions(precisions)
-        bundle_provenance = {**(provenance or {}), "onnx": exporter_info(exporter, opset)}
+        bundle_provenance = {**bundle_provenance, "onnx": exporter_info(exporter, opset)}
     report: dict[str, Any] = {"out": str(out_dir), "stock": stock, "folds": len(folds), "edited": not baseline}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         t0 = time.perf_counter()
@@ -84,7 +85,7 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
                                          provenance=provenance, allow_unpatched=stock, exporter=exporter,
                                          precisions=precisions)
             report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / BUNDLE_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True, default=str) + "\n")
+        (tmp / BUNDLE_REPORT).write_text(json.dumps(stable_report(report), indent=2, sort_keys=True, default=str) + "\n")
         write_card(tmp, report, bundle_provenance, card_results)
         write_manifest(tmp, kind="bundle", provenance=bundle_provenance, extra={"edited": not baseline})
     return report

@@ -31,7 +31,7 @@ from ..core.choices import DEFAULT_EXPORTER, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..core.errors import ConfigError, DebiasError, ValidationError
 from ..edits import current_patch
 from .hf_dir import unpatched
-from .manifest import atomic_output_dir, write_manifest
+from .manifest import atomic_output_dir, stable_report, write_manifest
 from .onnx_names import strip_trace_metadata
 from .onnx_specs import GraphSpec, graph_specs
 from .quantize import VARIANT_SHAPES, parse_precisions, write_variants
@@ -342,7 +342,7 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
                                                        export_unmodified if patched else None)
                     entry["variants_seconds"] = round(time.perf_counter() - t1, 2)
                 report["graphs"][spec.name] = entry
-            (tmp / ONNX_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            (tmp / ONNX_REPORT).write_text(json.dumps(stable_report(report), indent=2, sort_keys=True) + "\n")
             write_manifest(tmp, kind="onnx", provenance={**(provenance or {"source_model": adapter.source}), "onnx": info},
                            extra={"family": adapter.family})
     finally:

@@ -57,6 +57,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default="benchmarks/results/precision")
+    # fp32 parity of a random threshold SAE over 6144 latents can miss 1e-4: a latent within float error of the
+    # threshold flips between PyTorch and onnxruntime (seen: 0.0119 on last_hidden_state, block 11, batch 3)
+    ap.add_argument("--atol", type=float, default=1e-4, help="fp32 ONNX vs PyTorch tolerance (export's atol).")
     args = ap.parse_args()
     torch.set_num_threads(1)
     adapter = random_clip("clip-vit-base-patch16")
@@ -68,7 +71,7 @@ def main() -> None:
         handle = apply_edits(adapter, SAEEdit(site=site, sae=random_sae(768, 6144, seed=1, threshold=0.2),
                                               neurons=list(range(0, 6144, 64)), alpha=1.0, mode=mode))
         t0 = time.perf_counter()
-        rep = export_onnx(adapter, work / name, towers=["image"], precisions=PRECISIONS)
+        rep = export_onnx(adapter, work / name, towers=["image"], precisions=PRECISIONS, atol=args.atol)
         seconds = time.perf_counter() - t0
         handle.remove()
         assert current_patch(adapter.model) is None or not current_patch(adapter.model).records

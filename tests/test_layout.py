@@ -16,7 +16,7 @@ from debias_export import SAEEdit
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["capture", "train-sae", "probe", "patch", "export", "validate", "verify", "run", "bench", "eval", "locate",
-            "bias-lab", "project"]
+            "bias-lab", "project", "reproduce"]
 
 
 def test_choice_lists_match_their_registries():

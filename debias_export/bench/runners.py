@@ -67,6 +67,11 @@ def dtype_skip_reason(runtime: str, dtype: str) -> str | None:
     """Why a (runtime, dtype) pair is not benchmarked, or ``None`` when it is."""
     if dtype == "fp32":
         return None
+    if dtype == "int8":
+        if runtime == "ort":
+            return None
+        return ("int8 is onnxruntime's dynamic quantization (export --precision int8), a CPU deployment path; "
+                f"not benchmarked on {runtime}")
     if dtype != "fp16":
         return f"unknown dtype {dtype}"
     if runtime == "torch":

@@ -14,9 +14,12 @@ from ..adapters.real_configs import LLAVA_15_7B
 from ..core.errors import DebiasError
 from ..export.onnx_export import DEFAULT_EXPORTER, export_graph
 from ..export.onnx_specs import GraphSpec
+from ..export.quantize import convert
 from .patchsets import VariantSwitch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# Input / trace dtype per benchmark dtype; int8 graphs are dynamically quantized from the fp32 trace
+# (:func:`debias_export.export.quantize.convert`, the edit kept in fp32), so they take float32 inputs.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.float32}
 
 
 # ----- inputs and tower wrappers --------------------------------------------------------------------
@@ -107,4 +110,15 @@ def export_variants(adapter: ModelAdapter, tower: str, switch: VariantSwitch, ou
                      exporter=exporter)  # the package's one ONNX exporter (export.onnx_export)
         paths[name] = path
     switch.reset()
+    return paths
+
+
+def quantize_variants(fp32_paths: dict[str, Path], out_dir: Path) -> dict[str, Path]:
+    """int8 graphs (``quantize_dynamic``, the edit's nodes excluded, as ``export --precision int8`` writes them)
+    from each variant's fp32 graph."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, src in fp32_paths.items():
+        paths[name] = out_dir / src.name.replace("_fp32.onnx", "_int8.onnx")
+        convert(src, paths[name], "int8")
     return paths

@@ -68,7 +68,8 @@ def _load_export(path: str):
 @click.option("--towers", default=None, help="Comma-separated towers (default: the towers the edits touch).")
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
 @click.option("--runtimes", default="torch,ort", show_default=True, help="torch, ort, torch-cuda, ort-cuda (or 'all').")
-@click.option("--dtypes", default="fp32", show_default=True, help="fp32, fp16 (unsupported pairs are skipped and recorded).")
+@click.option("--dtypes", default="fp32", show_default=True, help="fp32, fp16, int8 (int8: ort only, the fp32 graphs dynamically quantized with "
+                   "the edit kept in fp32, as export --precision int8 writes them; unsupported pairs are skipped and recorded).")
 @click.option("--reps", default=20, show_default=True, help="Timed interleaved repetitions per variant.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed interleaved warm-up calls per variant.")
 @click.option("--threads", default=1, show_default=True, help="torch threads and ORT intra-op threads (fixed, recorded).")

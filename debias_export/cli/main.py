@@ -35,6 +35,7 @@ COMMANDS = {
     "locate": ("locate", "locate"),
     "bias-lab": ("bias_lab", "bias_lab"),
     "project": ("project", "project"),
+    "reproduce": ("reproduce", "reproduce"),
 }
 
 

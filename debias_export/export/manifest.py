@@ -204,3 +204,51 @@ def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[
         raise
     finally:
         owner.unlink(missing_ok=True)
+
+
+def stable_report(report: Any) -> Any:
+    """``report`` without what changes from run to run of the same inputs (wall-clock ``*seconds`` and the
+    output path ``out``), for the report files an artifact hashes: re-running a recipe must give the same bytes.
+    The returned (in-memory) reports keep them."""
+    if isinstance(report, dict):
+        return {k: stable_report(v) for k, v in report.items() if not (k.endswith("seconds") or k == "out")}
+    if isinstance(report, list):
+        return [stable_report(v) for v in report]
+    return report
+
+
+RECIPE_KEYS = ("recipe_text", "recipe_sha256")
+
+
+def recipe_record(provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """``recipe_text`` / ``recipe_sha256`` of the recipe file a provenance names (``"recipe"``), for ``reproduce``:
+    the manifest then holds everything needed to re-run it, even after the file moved or changed. Empty when
+    there is no readable recipe file."""
+    path = Path(str((provenance or {}).get("recipe") or ""))
+    if not (provenance or {}).get("recipe") or not path.is_file():
+        return {}
+    return {"recipe_text": path.read_text(encoding="utf-8"), "recipe_sha256": sha256_file(path)}
+
+
+def compare_artifacts(expected: str | Path, got: str | Path) -> dict[str, list[str]]:
+    """Compare two artifacts file by file through their manifests (nested manifests included as files).
+
+    Returns ``same`` / ``differs`` / ``missing`` (in ``expected`` only) / ``extra`` (in ``got`` only) lists of
+    relative paths; ``manifest.json`` itself is compared too (package versions, provenance; not the recipe's
+    own record, :data:`RECIPE_KEYS`).
+    """
+    a, b = read_manifest(expected), read_manifest(got)
+    out: dict[str, list[str]] = {"same": [], "differs": [], "missing": [], "extra": []}
+    for rel in sorted(set(a["files"]) | set(b["files"])):
+        if rel not in b["files"]:
+            out["missing"].append(rel)
+        elif rel not in a["files"]:
+            out["extra"].append(rel)
+        else:
+            out["same" if a["files"][rel].get("sha256") == b["files"][rel].get("sha256") else "differs"].append(rel)
+    # the recipe's own record is left out: a re-run reads the recorded text, not the (maybe gone) file
+    for m in (a, b):
+        for key in RECIPE_KEYS:
+            (m.get("provenance") or {}).pop(key, None)
+    out["same" if a == b else "differs"].append(MANIFEST)
+    return out

@@ -31,8 +31,10 @@ from ..core.choices import DEFAULT_EXPORTER, DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from ..core.errors import ConfigError, DebiasError, ValidationError
 from ..edits import current_patch
 from .hf_dir import unpatched
-from .manifest import atomic_output_dir, write_manifest
+from .manifest import atomic_output_dir, stable_report, write_manifest
+from .onnx_names import strip_trace_metadata
 from .onnx_specs import GraphSpec, graph_specs
+from .quantize import VARIANT_SHAPES, parse_precisions, write_variants
 
 ONNX_REPORT = "onnx_report.json"
 EXPORTERS = ONNX_EXPORTERS
@@ -42,6 +44,13 @@ EXPORTERS = ONNX_EXPORTERS
 # Validation shapes (batch, text length): deliberately unlike each spec's export_shape (2, 7), so a
 # graph whose batch or sequence axis got frozen during tracing fails here.
 VALIDATION_SHAPES: tuple[tuple[int, int], ...] = ((1, 5), (3, 11))
+# ONNX vs PyTorch tolerance is scale-aware: an output passes when max|onnx - torch| <= atol + rtol * max|torch|
+# (per output, per validation case). float32 accumulates ~1e-7 relative error per op, so a 12-block tower
+# lands around 1e-6 of the tensor's scale; rtol 1e-5 leaves 10x margin, while a wrong graph (a dropped edit,
+# a corrupted weight) moves outputs by a sizeable fraction of their scale. An absolute bound alone failed
+# a folded LEACE export whose fold raised last_hidden_state to ~146 (diff 1.07e-4 > 1e-4, i.e. 7e-7 relative).
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-5
 STANDARD_DOMAINS = {"", "ai.onnx"}
 
 
@@ -138,7 +147,7 @@ def export_graph(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Te
                 shapes = (tuple(dict(spec.inputs[n]) or None for n in names),)
                 program = torch.onnx.export(wrapper, args, input_names=names, output_names=outs, dynamic_shapes=shapes,
                                             opset_version=opset, dynamo=True, optimize=True, verbose=False)
-                _strip_trace_metadata(program.model)
+                strip_trace_metadata(program.model)
                 # external_data=False: one file unless the weights pass torch's 1.5 GB limit (then <path>.data)
                 program.save(str(path), external_data=False)
             else:
@@ -155,20 +164,6 @@ def export_graph(spec: GraphSpec, module: nn.Module, example: dict[str, torch.Te
         raise DebiasError(f"the {exporter} exporter failed on {spec.name}: {type(cause).__name__}: {first} "
                           f"(--exporter {other} uses the other exporter)") from exc
     return exporter
-
-
-# Per-node debugging metadata the dynamo exporter records: Python stack traces (with this machine's file
-# paths) and FX node dumps. Dropped so an artifact does not depend on where it was built; the module
-# scopes (``namespace``, ``pkg.torch.onnx.name_scopes``) stay, for per-module profiling.
-_TRACE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
-
-
-def _strip_trace_metadata(model: Any) -> None:
-    """Remove :data:`_TRACE_METADATA` from every node of an ``onnx_ir`` model (subgraphs and functions too)."""
-    for graph in [model.graph, *model.functions.values()]:
-        for node in graph.all_nodes():
-            for key in _TRACE_METADATA:
-                node.metadata_props.pop(key, None)
 
 
 def _export_optimum(spec: GraphSpec, module: nn.Module, path: Path, opset: int) -> str:
@@ -226,8 +221,10 @@ def providers() -> list[str]:
 
 @torch.no_grad()
 def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float, module: nn.Module | None = None,
-                shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES, seed: int = 0) -> dict[str, Any]:
-    """Compare an ONNX graph with the live (patched) PyTorch model on ``shapes``; ValidationError over ``atol``.
+                shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES, seed: int = 0,
+                rtol: float = DEFAULT_RTOL) -> dict[str, Any]:
+    """Compare an ONNX graph with the live (patched) PyTorch model on ``shapes``; ValidationError when an output
+    differs by more than ``atol + rtol * max|reference|`` (see :data:`DEFAULT_RTOL`).
 
     Also records ``edit_effect``: how far the patched PyTorch output is from the unpatched one, so a
     report shows the graph carries an edit that matters (parity + effect > atol => edit present).
@@ -237,7 +234,8 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
     module = module if module is not None else spec.build(adapter)
     handle = current_patch(adapter.model)
     g = torch.Generator().manual_seed(seed)
-    report: dict[str, Any] = {"shapes": [list(s) for s in shapes], "max_abs_diff": {}, "providers": {}}
+    report: dict[str, Any] = {"shapes": [list(s) for s in shapes], "max_abs_diff": {}, "providers": {},
+                              "atol": atol, "rtol": rtol, "tolerance": {}}
     effect = 0.0
     cases = [spec.example_inputs(adapter, b, s, g) for b, s in shapes]
     refs = [{k: v.float() for k, v in module(**inp).items() if k in spec.outputs} for inp in cases]
@@ -261,10 +259,13 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
                     raise ValidationError(f"{path.name} output {name} has shape {tuple(arr.shape)} on {provider}, "
                                           f"PyTorch gives {tuple(want.shape)} (batch {b}, seq {s})")
                 diff = float((torch.from_numpy(arr).float() - want).abs().max())
+                scale = float(want.abs().max()) if want.numel() else 0.0
+                tol = atol + rtol * scale
                 per[name] = max(per.get(name, 0.0), diff)
-                if not diff <= atol:  # also catches NaN
-                    raise ValidationError(f"{path.name} output {name} differs from the PyTorch model by {diff:.3g} > atol "
-                                          f"{atol:g} on {provider} (batch {b}, seq {s})")
+                report["tolerance"][name] = max(report["tolerance"].get(name, 0.0), tol)
+                if not diff <= tol:  # also catches NaN
+                    raise ValidationError(f"{path.name} output {name} differs from the PyTorch model by {diff:.3g} > atol {atol:g} "
+                                          f"+ rtol {rtol:g} * max|ref| {scale:.3g} = {tol:.3g} on {provider} (batch {b}, seq {s})")
         report["providers"][provider] = per
         for name, d in per.items():
             report["max_abs_diff"][name] = max(report["max_abs_diff"].get(name, 0.0), d)
@@ -272,9 +273,10 @@ def check_graph(adapter: ModelAdapter, spec: GraphSpec, path: Path, atol: float,
 
 
 def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers: Sequence[str] | None = None,
-                opset: int = DEFAULT_OPSET, validate: bool = True, atol: float = 1e-4, overwrite: bool = False,
+                opset: int = DEFAULT_OPSET, validate: bool = True, atol: float = DEFAULT_ATOL, overwrite: bool = False,
                 allow_unpatched: bool = False, shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES,
-                provenance: dict[str, Any] | None = None, exporter: str = DEFAULT_EXPORTER) -> dict[str, Any]:
+                provenance: dict[str, Any] | None = None, exporter: str = DEFAULT_EXPORTER,
+                rtol: float = DEFAULT_RTOL, precisions: Sequence[str] = ("fp32",)) -> dict[str, Any]:
     """Export each tower of the (patched) model to ``out_dir/<graph>.onnx`` and validate it; returns the report.
 
     ``exporter``: ``dynamo`` (default), ``torchscript`` or ``optimum`` (see :func:`export_graph`).
@@ -283,11 +285,14 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     validation over ``atol``) leaves no ``out_dir`` behind. The report (also ``onnx_report.json``)
     holds exporter, torch version, opset, op-type counts, file sizes, max |diff| per output and
     provider, and the edit's effect size; the manifest's provenance records the exporter too.
+    ``precisions``: also write fp16 / int8 variants (:mod:`.quantize`, transformers.js file names), each
+    validated against the fp32 graph and on the edit itself; a variant that loses either fails the export.
     """
     adapter = adapter_for(adapter)
     check_exporter(exporter, opset)
-    if atol < 0:
-        raise ConfigError(f"atol must be >= 0, got {atol}")
+    if not (atol >= 0 and rtol >= 0):
+        raise ConfigError(f"atol and rtol must be >= 0, got atol {atol}, rtol {rtol}")
+    precisions = parse_precisions(precisions)
     handle = current_patch(adapter.model)
     patched = bool(handle is not None and handle.records)
     if not patched and not allow_unpatched:
@@ -299,7 +304,7 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     was_training = adapter.model.training
     adapter.model.eval()
     info = exporter_info(exporter, opset)
-    report: dict[str, Any] = {**info, "atol": atol, "patched": patched, "family": adapter.family,
+    report: dict[str, Any] = {**info, "atol": atol, "rtol": rtol, "precisions": precisions, "patched": patched, "family": adapter.family,
                               "source_model": adapter.source, "graphs": {}}
     try:
         with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -321,10 +326,23 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
                          "nodes": sum(ops.values()), "export_seconds": round(time.perf_counter() - t0, 2)}
                 if validate:
                     t1 = time.perf_counter()
-                    entry["validation"] = check_graph(adapter, spec, path, atol, module=module, shapes=shapes)
+                    entry["validation"] = check_graph(adapter, spec, path, atol, module=module, shapes=shapes, rtol=rtol)
                     entry["validation_seconds"] = round(time.perf_counter() - t1, 2)
+                if len(precisions) > 1:
+                    t1 = time.perf_counter()
+
+                    def export_unmodified(dst: Path, spec=spec, module=module, example=example) -> None:
+                        with unpatched(handle):
+                            export_graph(spec, module, example, dst, opset=opset, exporter=exporter)
+
+                    g = torch.Generator().manual_seed(1)
+                    feeds = [{k: v.numpy() for k, v in spec.example_inputs(adapter, b, s, g).items()}
+                             for b, s in VARIANT_SHAPES]
+                    entry["variants"] = write_variants(path, tmp, precisions[1:], feeds,
+                                                       export_unmodified if patched else None)
+                    entry["variants_seconds"] = round(time.perf_counter() - t1, 2)
                 report["graphs"][spec.name] = entry
-            (tmp / ONNX_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            (tmp / ONNX_REPORT).write_text(json.dumps(stable_report(report), indent=2, sort_keys=True) + "\n")
             write_manifest(tmp, kind="onnx", provenance={**(provenance or {"source_model": adapter.source}), "onnx": info},
                            extra={"family": adapter.family})
     finally:
@@ -332,15 +350,16 @@ def export_onnx(adapter: "ModelAdapter | nn.Module", out_dir: str | Path, towers
     return report
 
 
-def validate_onnx_dir(onnx_dir: str | Path, adapter: ModelAdapter, atol: float = 1e-4,
-                      shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES, seed: int = 0) -> dict[str, Any]:
+def validate_onnx_dir(onnx_dir: str | Path, adapter: ModelAdapter, atol: float = DEFAULT_ATOL,
+                      shapes: Sequence[tuple[int, int]] = VALIDATION_SHAPES, seed: int = 0,
+                      rtol: float = DEFAULT_RTOL) -> dict[str, Any]:
     """Re-check every graph of an ONNX export directory against ``adapter`` (e.g. from :func:`load_patched`)."""
     onnx_dir = Path(onnx_dir)
     out = {}
     for spec in graph_specs(adapter):
         path = onnx_dir / f"{spec.name}.onnx"
         if path.is_file():
-            out[spec.name] = check_graph(adapter, spec, path, atol, shapes=shapes, seed=seed)
+            out[spec.name] = check_graph(adapter, spec, path, atol, shapes=shapes, seed=seed, rtol=rtol)
     if not out:
         raise DebiasError(f"{onnx_dir} holds none of the graphs {', '.join(s.name + '.onnx' for s in graph_specs(adapter))}")
     return out

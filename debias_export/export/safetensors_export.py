@@ -100,17 +100,21 @@ def write_hf_dir(adapter: ModelAdapter, handle: PatchHandle, out: Path, provenan
 
 
 def export_folded(adapter: ModelAdapter, out_dir: str | Path, folds: list[dict[str, Any]], overwrite: bool = False,
-                  provenance: dict[str, Any] | None = None, validate: bool = True) -> Path:
+                  provenance: dict[str, Any] | None = None, validate: bool = True, baseline: bool = False) -> Path:
     """Write a model whose edits are all folded into its weights as a STOCK directory; returns ``out_dir``.
 
     The family's plain ``save_base`` (for HF CLIP: ``save_pretrained``), so ``CLIPModel.from_pretrained``
     loads it without this package; ``debias_config.json`` (no patches, the fold records) and the manifest
     sit beside it for :func:`load_patched`/``validate``. ``folds``: :func:`edits.projection.fold_record` dicts.
+    ``baseline``: export the unmodified model the same way (no folds, no patches; ``"edited": false`` in
+    ``debias_config.json`` and the manifest), e.g. for a side-by-side deployment or a latency baseline.
     """
     adapter = adapter_for(adapter)
     if current_patch(adapter.model):
         raise DebiasError("model also carries a runtime patch; export it with export_patched (folds are in its weights)")
-    if not folds:
+    if baseline and folds:
+        raise DebiasError("a baseline export has no folds; the model's weights carry folded edits")
+    if not folds and not baseline:
         raise DebiasError("no folded edits to export")
     if not all(f.get("stock", True) for f in folds):
         raise DebiasError("a fold added modules the stock class lacks (add_bias=True); it cannot be a stock checkpoint")
@@ -123,9 +127,10 @@ def export_folded(adapter: ModelAdapter, out_dir: str | Path, folds: list[dict[s
         with atomic_output_dir(out_dir, overwrite) as tmp:
             spec.save_base(adapter, tmp)
             debias = {"format": FORMAT, "family": adapter.family, "base": spec.base_info(adapter), "patches": [],
-                      "folds": folds, "edits": [f["edit"] for f in folds], "provenance": prov}
+                      "folds": folds, "edits": [f["edit"] for f in folds], "provenance": prov, "edited": not baseline}
             (tmp / DEBIAS_CONFIG).write_text(json.dumps(debias, indent=2, sort_keys=True, default=str) + "\n")
-            write_manifest(tmp, kind="hf", provenance=prov, extra={"family": adapter.family, "stock": True})
+            write_manifest(tmp, kind="hf", provenance=prov, extra={"family": adapter.family, "stock": True,
+                                                                   "edited": not baseline})
             if validate:
                 check_reload(adapter, tmp)
     finally:

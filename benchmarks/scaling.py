@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -27,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEBIAS_EXPORT_DATA", ROOT.parent / "shared" / "data"))
 
 
-def cli(argv: list[str], procs: int, threads: int) -> None:
+def cli(argv: list[str], procs: int, threads: int) -> str:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
               if procs > 1 else [sys.executable])
     proc = subprocess.run(launch + ["-m", "debias_export.cli.main"] + argv, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({procs} processes): {' '.join(argv)}\n{proc.stderr[-2000:]}")
+    return proc.stdout
 
 
 def main() -> int:
@@ -57,10 +59,12 @@ def main() -> int:
              "--no-progress", "--overwrite", "--out", str(cap)], procs, threads)
         timing = json.loads((cap / "capture.json").read_text())["timing"]
         sae = work / f"sae-{tag}"
-        cli(["train-sae", "--activations", str(work / "cap-p1t1"), "--out", str(sae), "--steps", str(args.steps),
+        said = cli(["train-sae", "--activations", str(work / "cap-p1t1"), "--out", str(sae), "--steps", str(args.steps),
              "--batch-size", str(args.sae_batch), "--expansion", str(args.expansion), "--k", "20", "--device", "cpu",
              "--no-progress", "--overwrite"], procs, threads)
         run = json.loads((sae / "cfg.json").read_text())["metadata"]["training"]["runtime"]
+        # the cfg holds no wall-clock time (it must not differ between identical runs): read the summary line
+        run["seconds_this_run"] = float(re.search(r" in ([0-9.]+) s", said).group(1))
         rows.append({"processes": procs, "threads_per_process": threads,
                      "capture_images_per_s": round(timing["computed_inputs"] / timing["seconds"], 3),
                      "capture_seconds": timing["seconds"],

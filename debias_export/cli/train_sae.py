@@ -87,13 +87,14 @@ def train_sae(act_dir: Path, out_dir: Path, k: int, expansion: int, batch_size: 
     if not dist.is_main:
         return
     run = t["runtime"]
-    rate = f", {run['steps_this_run'] / run['seconds_this_run']:.2f} steps/s" if run["seconds_this_run"] > 0 else ""
+    seconds = getattr(sae, "run_seconds", 0.0)
+    rate = f", {run['steps_this_run'] / seconds:.2f} steps/s" if seconds > 0 else ""
     procs = f" on {run['processes']} processes" if run["processes"] > 1 else ""
     state = (f"finished {t['steps_done']} steps" if t["finished"] else
              f"stopped at step {t['steps_done']} of {t['total_steps']} (run the same command again to resume from {ckpt})")
     nxt = (f"; next: debias-export probe --capture {act_dir} --sae {out_dir} --column gender --out {out_dir}-probe.json"
            if t["finished"] and "capture" in meta and meta.get("site") else "")
-    click.echo(f"SAE {sae.d_in} -> {sae.num_latents} latents (k={cfg.k}) {state} in {run['seconds_this_run']:.1f} s"
+    click.echo(f"SAE {sae.d_in} -> {sae.num_latents} latents (k={cfg.k}) {state} in {seconds:.1f} s"
                f"{procs}{rate}; FVU {t['final_fvu']:.4f}; threshold {t['threshold']:.4g}; saved to {out_dir}{nxt}")
 
 

@@ -185,7 +185,10 @@ def train_sae(activations: Iterable[torch.Tensor] | torch.Tensor, cfg: TrainConf
         "final_train_fvu": stats.get("fvu"), "final_fvu": eval_fvu,  # on the first <= 8 training batches
         "threshold": float(sae.threshold),
         "runtime": {"device": trainer.device.type, "precision": cfg.precision, "processes": dist.world_size,
-                    "steps_this_run": trainer.step_count - start_step, "seconds_this_run": round(seconds, 3)}}}
+                    "steps_this_run": trainer.step_count - start_step}}}
+    # Wall-clock time is kept off the saved cfg: it would make every SAE file (and every export that records the
+    # SAE's provenance) differ between two identical runs, which `reproduce` must not see.
+    sae.run_seconds = round(seconds, 3)
     return sae
 
 

@@ -16,6 +16,7 @@ def _recipe(tmp_path, shared_data, **edits):
     tmp_path.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load((ROOT / "recipes" / "tiny-clip-fairface.yaml").read_text())
     raw.pop("variants", None)  # the base SAE recipe as one run (test_projection_pipeline runs the variants)
+    raw.pop("eval", None)  # tests that need eval set their own
     raw["data"]["dir"] = shared_data
     raw["output"]["dir"] = str(tmp_path / "out")
     for key, value in edits.items():
@@ -170,3 +171,23 @@ def test_eval_limit_is_validated_and_limits_faces(tmp_path, shared_data):
     before = compare["base"]["retrieval"]["occupations"]["gender"]["max_skew"]
     after = compare["patched"]["retrieval"]["occupations"]["gender"]["max_skew"]
     assert change["change"] == pytest.approx(after / before - 1)
+
+
+def test_run_report_names_the_data_used_and_says_when_nothing_was_evaluated(tmp_path, shared_data, monkeypatch):
+    """The report names the data directory actually read ($DEBIAS_EXPORT_DATA, not a hard-coded default) and,
+    without an eval section, says so instead of printing an empty table and an empty plot."""
+    from debias_export.workflow.recipe import parse_recipe
+    from debias_export.workflow.report import write_run_report
+    from debias_export.workflow.steps import data_base
+
+    raw = yaml.safe_load((ROOT / "recipes" / "tiny-clip-fairface.yaml").read_text())
+    raw.pop("eval")
+    recipe = parse_recipe(raw)
+    monkeypatch.setenv("DEBIAS_EXPORT_DATA", shared_data)
+    assert data_base(recipe) == Path(shared_data).resolve()
+    summary = {"variant": "v", "kind": "sae", "site": "image.2.resid_post", "tower": "image", "mode": "reconstruct",
+               "alpha": 0.6, "neurons": [1, 2]}
+    report = write_run_report(tmp_path, [summary], recipe, str(data_base(recipe))).read_text()
+    assert f"data `{Path(shared_data).resolve()}`" in report and "../shared/data" not in report
+    assert "No variant has an `eval` section" in report and not (tmp_path / "sweep.png").exists()
+    assert yaml.safe_load((ROOT / "recipes" / "tiny-clip-fairface.yaml").read_text())["eval"]  # the smoke recipe evaluates

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from debias_export.core.errors import ConfigError, DebiasError
 from debias_export.workflow.recipe import Recipe, load_recipe, parse_recipe
+from debias_export.workflow.recipe_select import UTILITY_METRICS
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -50,6 +51,13 @@ def valid_recipes(draw) -> dict:
         "bench": st.none() | st.fixed_dictionaries({}, optional={"batch_sizes": st.lists(pos, min_size=1, max_size=3), "reps": pos,
                                                                  "runtimes": st.lists(st.sampled_from(["torch", "ort"]), max_size=2)}),
         "eval": st.none() | st.fixed_dictionaries({}, optional={"alphas": st.lists(st.floats(0.0, 1.0), max_size=4), "k": pos}),
+        "seeds": st.none() | st.lists(st.integers(0, 2**31), min_size=1, max_size=4, unique=True),
+        "select": st.none() | st.fixed_dictionaries({}, optional={
+            "images": name, "k": pos, "limit": st.none() | st.integers(2, 10**6),
+            "max_utility_loss": st.floats(0.0, 1.0), "utility": st.lists(st.sampled_from(UTILITY_METRICS), max_size=3),
+            "grid": st.fixed_dictionaries({}, optional={"edit.alpha": st.lists(st.floats(0.0, 1.0), min_size=1, max_size=3),
+                                                        "probe.tau": st.lists(st.floats(1e-3, 1.0), min_size=1, max_size=2),
+                                                        "probe.top_n": st.lists(pos, min_size=1, max_size=2)})}),
     }
     for key, strat in opt.items():
         if draw(st.booleans()):
@@ -223,6 +231,10 @@ def test_ints_past_the_digit_limit_give_config_error(path):
     ("export.atol", -1.0), ("export.opset", 0), ("sae.lr", -0.1),
     ("bench.reps", 0), ("bench.batch_sizes", [0]), ("bench.batch_sizes", [-8]), ("bench.runtimes", ["tensorflow"]),
     ("eval.alphas", [1.5]), ("eval.alphas", [-0.1]), ("eval.k", 0),
+    ("seeds", []), ("seeds", [1, 1]), ("seeds", [-1]), ("select.k", 0), ("select.limit", 1),
+    ("select.max_utility_loss", 1.5), ("select.utility", ["accuracy"]), ("select.grid", {"edit.gamma": [1]}),
+    ("select.grid", {"edit.alpha": []}), ("select.grid", {"edit.alpha": [0.5, 2.0]}), ("select.grid", {"site": [3]}),
+    ("select.grid", {"probe.tau": 0.1}), ("select.grid", {"edit.alpha": [0.1] * 20, "probe.tau": [0.1] * 20}),
 ])
 def test_out_of_range_values_are_rejected_up_front(path, value):
     """Values no later step can use must fail at parse time (not after capture/training), naming the key."""
@@ -249,6 +261,10 @@ RECIPE_CASES = [
     ("section-not-mapping", GOOD_RECIPE + "probe: [1, 2]\n", ("probe", "mapping")),
     ("no-inputs", GOOD_RECIPE.replace("data: {texts: prompts.txt}", "data: {limit: 3}"), ("data", "images")),
     ("bad-mode", GOOD_RECIPE + "edit: {mode: erase}\n", ("edit.mode", "erase")),
+    ("select-unknown-key", GOOD_RECIPE + "select: {grid: {edit.gamma: [1]}}\n", ("select.grid", "edit.gamma")),
+    ("select-bad-cell", GOOD_RECIPE + "select: {grid: {edit.alpha: [0.5, 3]}}\n", ("edit.alpha", "grid cell")),
+    ("select-extra-key", GOOD_RECIPE + "select: {split: val}\n", ("unknown key 'select.split'",)),
+    ("seeds-empty", GOOD_RECIPE + "seeds: []\n", ("seeds", "non-empty")),
     ("not-yaml", "name: [x\n", ("not valid yaml",)),
     ("top-level-list", "- 1\n", ("top level must be a mapping",)),
 ]

@@ -6,6 +6,7 @@ the neutral prompt sets in ``prompts/*.csv`` plus :data:`STEREOTYPE_CONCEPTS`.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,7 +28,7 @@ from ..analysis.metrics import (
     zero_shot_probs,
 )
 from ..core.errors import DebiasError
-from ..data.captions import fairface_caption
+from ..data.captions import FAIRFACE_RACE_WORDS, RACE_WORDS, fairface_caption
 from ..data.datasets import is_missing_label, load_rgb, read_csv_table, resolve_data_dir
 from ..edits.install import edits_installed
 
@@ -52,15 +53,51 @@ PAIRS_LABELS = {
 PAIRS_TEMPLATE = "a photo of a {}"
 OCCUPATION_DROP_AGES = ("0-2", "70+")  # implausible workers: dropped from the age attribute for occupation prompts
 ATTRIBUTES = ("gender", "race", "age")
+AGE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")  # FairFace's; integer ages map here
+_AGE_ZS = {"0-2": 0, "3-9": 1, "10-19": 2, "20-29": 3, "30-39": 3, "40-49": 4, "50-59": 4, "60-69": 5, "70+": 6}
 _PIXEL_CACHE: dict[tuple, torch.Tensor] = {}
+SELECT_HALF, HELD_OUT_HALF = "select", "held-out"
+
+
+def concept_half(concept: str) -> str:
+    """The fixed half a prompt concept belongs to: settings are selected on ``select`` concepts only and the
+    final report also gives the ``held-out`` half (``sha256(concept)`` even / odd: machine- and order-free)."""
+    return SELECT_HALF if int(hashlib.sha256(concept.encode()).hexdigest()[:8], 16) % 2 == 0 else HELD_OUT_HALF
+
+
+def age_bin(age: Any) -> str:
+    """FairFace's age bin of an integer age (UTKFace); a bin string is returned unchanged."""
+    text = str(age)
+    return text if not text.isdigit() else next(b for b, hi in zip(AGE_BINS, (2, 9, 19, 29, 39, 49, 59, 69, 10**9))
+                                                 if int(text) <= hi)
+
+
+def race_word(race: Any) -> str | None:
+    """The caption word of a FairFace or UTKFace race label (None: no word, e.g. UTKFace 'Others')."""
+    return FAIRFACE_RACE_WORDS.get(str(race)) or RACE_WORDS.get(str(race))
+
+
+def image_pixels(adapter, paths: Sequence[str]) -> torch.Tensor:
+    """Preprocessed pixels of ``paths``, decoded once per process (448px JPEG decoding dominates small evals)."""
+    size = adapter.image_size() if hasattr(adapter, "image_size") else None
+    key = (type(adapter).__name__, size, adapter.processor is None, tuple(paths))
+    if key not in _PIXEL_CACHE:
+        chunks = []
+        for i in range(0, len(paths), 64):
+            imgs = [load_rgb(p) for p in paths[i:i + 64]]
+            chunks.append(adapter.prepare_images(imgs)["pixel_values"])
+        if len(_PIXEL_CACHE) >= 8:
+            _PIXEL_CACHE.pop(next(iter(_PIXEL_CACHE)))
+        _PIXEL_CACHE[key] = torch.cat(chunks)
+    return _PIXEL_CACHE[key]
 
 
 def _read_csv(path: Path) -> list[dict]:
     return read_csv_table(path, "data file")[1]
 
-
-def load_prompt_sets(data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
-    """``{set: [(prompt, concept)]}``: every template x concept of each CSV, plus the stereotype set."""
+def load_prompt_sets(data_dir: str | Path, half: str | None = None) -> dict[str, list[tuple[str, str]]]:
+    """``{set: [(prompt, concept)]}``: every template x concept of each CSV, plus the stereotype set; ``half``
+    keeps the concepts of one :func:`concept_half` only."""
     sets = {}
     for name in ("adjectives", "occupations", "activities"):
         rows = _read_csv(Path(data_dir) / "prompts" / f"{name}.csv")
@@ -68,6 +105,8 @@ def load_prompt_sets(data_dir: str | Path) -> dict[str, list[tuple[str, str]]]:
         concepts = [r["concept"] for r in rows if r.get("concept")]
         sets[name] = [(t.format(c), c) for t in templates for c in concepts]
     sets["stereotypes"] = [(t.format(c), c) for t in STEREOTYPE_TEMPLATES for c in STEREOTYPE_CONCEPTS]
+    if half is not None:
+        sets = {k: [(p, c) for p, c in v if concept_half(c) == half] for k, v in sets.items()}
     return sets
 
 
@@ -93,53 +132,63 @@ class EvalData:
                 raise DebiasError(f"unknown prompt set(s) {sorted(unknown)}; available: {sorted(sets)}")
             sets = {k: sets[k] for k in prompt_sets}
 
-        def pixels(paths):
-            # Decoding 448px JPEGs dominates small evaluations; reuse within the process (sweeps, tests).
-            size = adapter.image_size() if hasattr(adapter, "image_size") else None
-            key = (type(adapter).__name__, size, adapter.processor is None, tuple(paths))
-            if key not in _PIXEL_CACHE:
-                chunks = []
-                for i in range(0, len(paths), 64):
-                    imgs = [load_rgb(p) for p in paths[i:i + 64]]
-                    chunks.append(adapter.prepare_images(imgs)["pixel_values"])
-                if len(_PIXEL_CACHE) >= 8:
-                    _PIXEL_CACHE.pop(next(iter(_PIXEL_CACHE)))
-                _PIXEL_CACHE[key] = torch.cat(chunks)
-            return _PIXEL_CACHE[key]
-
         data = cls(ff, pairs, sets)
         if ff:
-            data.inputs["fairface"] = pixels([str(root / "fairface540" / "images" / r["file"]) for r in ff])
-        data.inputs["pairs"] = pixels([str(root / "pairs" / r["file"]) for r in pairs])
+            data.inputs["fairface"] = image_pixels(adapter, [str(root / "fairface540" / "images" / r["file"]) for r in ff])
+        data.inputs["pairs"] = image_pixels(adapter, [str(root / "pairs" / r["file"]) for r in pairs])
+        return data
+
+    @classmethod
+    def from_images(cls, adapter, rows: Sequence[dict], paths: Sequence[str],
+                    prompt_sets: dict[str, list[tuple[str, str]]]) -> "EvalData":
+        """A retrieval pool of any labelled faces (a selection split): integer ages become FairFace bins so
+        captions and zero-shot age read them; no PAIRS."""
+        norm = [{**r, "age": age_bin(r["age"])} if "age" in r else dict(r) for r in rows]
+        data = cls(norm, [], dict(prompt_sets))
+        data.inputs["fairface"] = image_pixels(adapter, list(paths))
         return data
 
     def layer_pairs_gaps(self, adapter, tower: str, batch_size: int = 64) -> list[dict[str, float]]:
         """:func:`pairs_gap_curve` of this data (what ``analysis.locate`` asks for)."""
         return pairs_gap_curve(adapter, tower, self, batch_size)
 
+    def race_words(self) -> list[str]:
+        """The race words of the pool's labels (zero-shot race classes), sorted."""
+        return sorted({w for r in self.fairface if (w := race_word(r.get("race"))) is not None})
+
     def texts(self) -> dict[str, list[str]]:
         """Every text group the metrics embed."""
         out = {f"prompts/{k}": [p for p, _ in v] for k, v in self.prompt_sets.items()}
-        for section, labels in PAIRS_LABELS.items():
+        for section, labels in (PAIRS_LABELS.items() if self.pairs else ()):
             out[f"pairs/{section}"] = [PAIRS_TEMPLATE.format(x) for x in labels]
         out["captions"] = sorted({c for r in self.fairface if (c := fairface_caption(r)) is not None})
         out["gender"] = ["a photo of a woman", "a photo of a man"]
         out["age"] = [f"a photo of a {w} person" for w in ("baby", "child", "teenage", "young", "middle-aged", "older", "elderly")]
+        out["race"] = [f"a photo of a {w} person" for w in self.race_words()]
         out["concepts/occupations"] = sorted({f"a photo of a {c}" for _, c in self.prompt_sets.get("occupations", [])})
         return {k: v for k, v in out.items() if v}
 
 
 @torch.no_grad()
-def embed(adapter, data: EvalData, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Normalised embeddings of every image group and text group of ``data``."""
+def embed(adapter, data: EvalData, batch_size: int = 64, reuse: dict[str, torch.Tensor] | None = None,
+          tower: str | None = None) -> dict[str, torch.Tensor]:
+    """Normalised embeddings of every image group and text group of ``data``. With ``tower`` (the tower an
+    edit touches) and ``reuse`` (the unmodified model's embeddings), the other tower's groups are taken from
+    ``reuse``: two-tower models embed each modality with its own tower only, so they cannot change."""
     out = {}
     for name in ("fairface", "pairs"):
-        if name not in data.inputs:  # a PAIRS-only EvalData (fairface=False)
+        if name not in data.inputs:  # a PAIRS-only EvalData (fairface=False), or a selection pool (no PAIRS)
+            continue
+        if tower == "text" and reuse is not None:
+            out[name] = reuse[name]
             continue
         px = data.inputs[name]
         out[name] = torch.cat([adapter.embed("image", {"pixel_values": px[i:i + batch_size]})
                                for i in range(0, len(px), batch_size)]).float()
     for name, texts in data.texts().items():
+        if tower == "image" and reuse is not None:
+            out["text:" + name] = reuse["text:" + name]
+            continue
         tok = adapter.prepare_texts(texts)  # one call: some tokenizers are slow to construct
         chunks = []
         for i in range(0, len(texts), batch_size):
@@ -155,7 +204,7 @@ def bias_metrics(emb: dict[str, torch.Tensor], data: EvalData, k: int = 50, shuf
     for name in data.prompt_sets:
         scores = cosine_scores(emb[f"text:prompts/{name}"], emb["fairface"])
         per_attr = {}
-        for attr in ATTRIBUTES:
+        for attr in [a for a in ATTRIBUTES if data.fairface and a in data.fairface[0]]:  # a user pool may lack some
             labels = [r[attr] for r in data.fairface]
             drop_ages = attr == "age" and name in ("occupations", "stereotypes")
             unlabelled = sum(is_missing_label(lab) for lab in labels)  # skipped, never a group of their own
@@ -195,7 +244,7 @@ def _concept_lean(scores: torch.Tensor, data: EvalData, name: str, k: int, top: 
 def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 100.0) -> dict:
     """PAIRS counterfactual gaps per section: 4 groups (race x gender) and gender / race marginals."""
     out = {}
-    for section in PAIRS_LABELS:
+    for section in (PAIRS_LABELS if data.pairs else ()):
         probs = zero_shot_probs(emb["pairs"], emb[f"text:pairs/{section}"], scale)
         res: dict[str, list[float]] = {}
         scenarios = sorted({r["scenario"] for r in data.pairs if r["section"] == section})
@@ -212,28 +261,44 @@ def pairs_metrics(emb: dict[str, torch.Tensor], data: EvalData, scale: float = 1
 
 
 def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[int] = (5, 10, 50)) -> dict:
-    """Caption-to-image recall@k on FairFace and zero-shot gender / age accuracy (sanity numbers)."""
-    captions = data.texts()["captions"]
-    truth = [fairface_caption(r) for r in data.fairface]
-    relevant = torch.tensor([[t == c for t in truth] for c in captions])
-    scores = cosine_scores(emb["text:captions"], emb["fairface"])
-    out = {f"caption_recall@{k}": recall_at_k(scores, relevant, k) for k in ks}
-    out["caption_queries"] = len(captions)
-    gender = zero_shot_probs(emb["fairface"], emb["text:gender"])
-    out["gender_zero_shot_acc"] = accuracy(gender, [0 if r["gender"] == "Female" else 1 for r in data.fairface])
-    age_idx = {"0-2": 0, "3-9": 1, "10-19": 2, "20-29": 3, "30-39": 3, "40-49": 4, "50-59": 4, "60-69": 5, "70+": 6}
-    age = zero_shot_probs(emb["fairface"], emb["text:age"])
-    out["age_zero_shot_acc"] = accuracy(age, [age_idx[r["age"]] for r in data.fairface])
+    """Caption-to-image recall@k over the pool and zero-shot gender / age / race accuracy (each where the pool's
+    labels allow it; rows without a usable label are skipped for that metric)."""
+    out: dict[str, Any] = {}
+    captions = data.texts().get("captions", [])
+    if captions:
+        truth = [fairface_caption(r) for r in data.fairface]
+        relevant = torch.tensor([[t == c for t in truth] for c in captions])
+        scores = cosine_scores(emb["text:captions"], emb["fairface"])
+        out.update({f"caption_recall@{k}": recall_at_k(scores, relevant, k) for k in ks})
+        out["caption_queries"] = len(captions)
+    rows = data.fairface
+
+    def zero_shot(group: str, target) -> float | None:
+        keep = [i for i, r in enumerate(rows) if target(r) is not None]
+        if not keep or "text:" + group not in emb:
+            return None
+        probs = zero_shot_probs(emb["fairface"][keep], emb["text:" + group])
+        return accuracy(probs, [target(rows[i]) for i in keep])
+
+    races = data.race_words()
+    for name, group, target in (
+            ("gender_zero_shot_acc", "gender", lambda r: {"Female": 0, "Male": 1}.get(r.get("gender"))),
+            ("age_zero_shot_acc", "age", lambda r: _AGE_ZS.get(str(r.get("age")))),
+            ("race_zero_shot_acc", "race", lambda r: races.index(w) if (w := race_word(r.get("race"))) in races else None)):
+        value = zero_shot(group, target)
+        if value is not None:
+            out[name] = value
     return out
 
 
 def fidelity_metrics(base: dict[str, torch.Tensor], patched: dict[str, torch.Tensor]) -> dict:
     """How much a patch moves embeddings / zero-shot decisions (patched vs unmodified model)."""
-    out = {"image_cosine": embedding_cosine(patched["fairface"], base["fairface"]),
-           "pairs_image_cosine": embedding_cosine(patched["pairs"], base["pairs"])}
+    out = {"image_cosine": embedding_cosine(patched["fairface"], base["fairface"])}
+    if "pairs" in base:
+        out["pairs_image_cosine"] = embedding_cosine(patched["pairs"], base["pairs"])
     texts = [k for k in base if k.startswith("text:prompts/")]
     out["prompt_cosine"] = embedding_cosine(torch.cat([patched[k] for k in texts]), torch.cat([base[k] for k in texts]))
-    for name in ("concepts/occupations", "age", "captions"):
+    for name in ("concepts/occupations", "age", "race", "captions"):
         key = "text:" + name
         if key in base:
             out[f"zero_shot_agreement/{name}"] = zero_shot_agreement(zero_shot_probs(base["fairface"], base[key]),
@@ -257,16 +322,19 @@ def evaluate(adapter, data_dir: str | Path | None = None, k: int = 50, shuffles:
 
 
 def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 50, shuffles: int = 0,
-            prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> dict:
+            prompt_sets: Sequence[str] | None = None, data: EvalData | None = None,
+            base_emb: dict[str, torch.Tensor] | None = None, tower: str | None = None) -> dict:
     """Before/after metrics plus fidelity. ``patched``: an adapter, edit(s) applied to the base for the call,
-    or an installer ``fn(adapter) -> handle`` (e.g. a fold) whose ``handle.remove()`` undoes it."""
+    or an installer ``fn(adapter) -> handle`` (e.g. a fold) whose ``handle.remove()`` undoes it.
+    ``base_emb``: the unmodified model's embeddings of ``data`` when already computed; ``tower``: the one
+    tower the edit touches (the other tower's embeddings are reused, see :func:`embed`)."""
     data = _as_data(base_adapter, data_dir, data, prompt_sets)
-    base_emb = embed(base_adapter, data)
+    base_emb = base_emb if base_emb is not None else embed(base_adapter, data)
     if isinstance(patched, ModelAdapter):
         patched_emb = embed(patched, data)
     else:
         with edits_installed(base_adapter, patched):  # folds projection edits that record a fold mode
-            patched_emb = embed(base_adapter, data)
+            patched_emb = embed(base_adapter, data, reuse=base_emb, tower=tower)
     base = evaluate(base_adapter, k=k, shuffles=shuffles, data=data, embeddings=base_emb)
     after = evaluate(base_adapter, k=k, shuffles=0, data=data, embeddings=patched_emb)
     return {"base": base, "patched": after, "fidelity": fidelity_metrics(base_emb, patched_emb),
@@ -287,15 +355,17 @@ def bias_change(base: dict, patched: dict, data: EvalData, n: int = 1000, seed: 
 
 
 def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Path | None = None, k: int = 50,
-                prompt_sets: Sequence[str] | None = None, data: EvalData | None = None) -> list[dict]:
+                prompt_sets: Sequence[str] | None = None, data: EvalData | None = None,
+                base_emb: dict[str, torch.Tensor] | None = None, tower: str | None = None) -> list[dict]:
     """Evaluate ``make_edit(alpha)`` applied at each alpha: the trade-off curve. ``make_edit`` returns an edit,
-    a list of edits, or an installer ``fn(adapter) -> handle with remove()`` (see :func:`compare`)."""
+    a list of edits, or an installer ``fn(adapter) -> handle with remove()`` (see :func:`compare`);
+    ``base_emb`` / ``tower`` as in :func:`compare`."""
     data = _as_data(adapter, data_dir, data, prompt_sets)
-    base_emb = embed(adapter, data)
+    base_emb = base_emb if base_emb is not None else embed(adapter, data)
     rows = []
     for alpha in alphas:
         with edits_installed(adapter, make_edit(float(alpha))):
-            emb = embed(adapter, data)
+            emb = embed(adapter, data, reuse=base_emb, tower=tower)
         res = evaluate(adapter, k=k, data=data, embeddings=emb)
         res["alpha"] = float(alpha)
         res["fidelity"] = fidelity_metrics(base_emb, emb)

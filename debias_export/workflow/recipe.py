@@ -22,6 +22,7 @@ from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE
 from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
 from .recipe_lines import check_duplicate_keys, key_lines, line_of, yaml_error_message
+from .recipe_select import SelectSection, apply_cell, check_select, grid_cells  # noqa: F401 (re-exported schema)
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 
@@ -133,6 +134,8 @@ class Recipe:
     export: ExportSection = field(default_factory=ExportSection)
     bench: Optional[BenchSection] = None
     eval: Optional[EvalSection] = None
+    select: Optional[SelectSection] = None
+    seeds: Optional[list[int]] = None  # SAE seeds (>= 1); default [seed]; capture uses the first
     # Each variant is a mapping with a ``name`` plus any sections to override; it runs as its own recipe.
     variants: Optional[list[dict]] = None
     source: Optional[str] = None  # path of the YAML file (set by the loader)
@@ -258,6 +261,11 @@ def _check_values(r: Recipe, where: str) -> None:
     given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]
     if len(given) != 1:
         raise bad("data", f"needs exactly one of images (labelled image CSV), texts or captions_from; got {given or 'none'}")
+    if r.seeds is not None:
+        if not r.seeds or any(x < 0 for x in r.seeds) or len(set(r.seeds)) != len(r.seeds):
+            raise bad("seeds", f"must be a non-empty list of distinct integers >= 0, got {_show(r.seeds)}")
+    if r.select is not None:
+        check_select(r, bad, where, _check_values, _coerce)
 
 
 def _check_edit_kind(e: EditSection, bad: Any) -> None:
@@ -284,7 +292,9 @@ def _check_edit_kind(e: EditSection, bad: Any) -> None:
 def _merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        # a variant's select.grid replaces the base grid (merging would sweep keys that do not apply to it)
+        merge = isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid"
+        out[key] = _merge(out[key], value) if merge else value
     return out
 
 

@@ -1,0 +1,164 @@
+"""The recipe steps both runners share (plain :mod:`.pipeline` and the held-out :mod:`.protocol`): data
+source, capture, SAE (trained per seed, cached by a hash of its settings), social-neuron probing.
+
+Caches live under the run's ``cache/`` folder, keyed by everything that changes their content, so variants
+and grid cells that share a capture or an SAE compute it once and a rerun resumes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Collection
+
+import torch
+
+from ..analysis.probe import probe_social_neurons
+from ..capture import ActivationStore, capture_activations
+from ..core.errors import DebiasError
+from ..core.model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
+from ..data.captions import label_caption
+from ..data.datasets import LabelledImages, TextPrompts, default_data_dir, read_csv_table
+from ..sae import SparseAutoencoder
+from ..sae.importers import load_any
+from ..sae.train import TrainConfig, train_sae
+from .recipe import Recipe
+
+
+def log(msg: str) -> None:
+    print(f"[debias-export] {msg}", flush=True)
+
+
+def key(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class Steps:
+    """Times each step for ``run.json``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self.prefix = prefix
+        self.record: dict[str, Any] = {}
+
+    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
+        log(f"{self.prefix}{name} ...")
+        t0 = time.perf_counter()
+        result = fn()
+        prev = self.record.get(name, {}).get("seconds", 0.0)  # a step run once per seed adds up
+        self.record[name] = {"seconds": round(prev + time.perf_counter() - t0, 3)}
+        return result
+
+
+def data_base(recipe: Recipe) -> Path:
+    """The data directory the recipe's relative paths resolve against."""
+    return Path(recipe.data.dir) if recipe.data.dir else default_data_dir()
+
+
+def _caption_csv(src: Path, dst: Path, exclude: Collection[str]) -> Path:
+    """Labelled captions ("a photo of a young Black woman") from an image label CSV, for text-tower probing."""
+    header, rows = read_csv_table(src, "data.captions_from file")
+    if not rows or "gender" not in header:
+        raise DebiasError(f"data.captions_from {src}: needs a 'gender' column")
+    out = [{"text": text, **{k: row.get(k, "") for k in ("gender", "race", "age")}}
+           for row in rows if row.get("file") not in exclude and (text := label_caption(row)) is not None]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["text", "gender", "race", "age"])
+        writer.writeheader()
+        writer.writerows(out)
+    return dst
+
+
+def data_source(recipe: Recipe, cache: Path, exclude: Collection[str] = ()):
+    """The fit data (capture, SAE, probe, projection fit); rows whose ``file`` is in ``exclude`` (the
+    selection split's faces, when the fit data is the same table) are left out."""
+    base = data_base(recipe)
+    keep = (lambda row: row.get("file") not in exclude) if exclude else None
+    if recipe.data.images:
+        image_dir = base / recipe.data.image_dir if recipe.data.image_dir else None
+        return LabelledImages(base / recipe.data.images, image_dir=image_dir, limit=recipe.data.limit, filter=keep)
+    if recipe.data.captions_from:
+        name = f"captions-{key(recipe.data.captions_from, sorted(exclude))}.csv"
+        path = _caption_csv(base / recipe.data.captions_from, cache / name, exclude)
+        return TextPrompts(path, limit=recipe.data.limit)
+    return TextPrompts(base / recipe.data.texts, limit=recipe.data.limit)
+
+
+@dataclasses.dataclass
+class Captured:
+    """A site's capture of the fit data: what the SAE trains on and the probe / projection fit reads."""
+
+    site: Any
+    store: ActivationStore
+    directory: Path
+    cache_key: str
+
+
+def capture(recipe: Recipe, adapter, cache: Path, steps: Steps, progress: bool, seed: int | None = None,
+            exclude: Collection[str] = ()) -> Captured:
+    """Resolve the site, check the data fits it, capture (cached by model, site, data, capture settings, seed)."""
+    seed = recipe.seed if seed is None else seed
+    site = adapter.resolve_site(recipe.site)
+    if (recipe.data.images is not None) == (site.tower == "text"):
+        fed = "data.images feeds the image tower" if recipe.data.images else "data.texts/captions_from feed the text tower"
+        raise DebiasError(f"site {site.name} is on the {site.tower} tower but {fed}")
+    source = data_source(recipe, cache, exclude)
+    columns = getattr(source, "columns", None) or (list(source.rows[0]) if source.rows else [])
+    if recipe.probe.column not in columns:
+        raise DebiasError(f"no label column {recipe.probe.column!r} (probe.column) in the data; columns: {', '.join(columns)}")
+    parts = [recipe.model.spec, site.name, dataclasses.asdict(recipe.data), dataclasses.asdict(recipe.capture), seed]
+    if exclude:
+        parts.append(sorted(exclude))
+    cap_key = key(*parts)
+    directory = cache / f"capture-{cap_key}"
+    steps("capture", lambda: capture_activations(adapter, site, source, directory, tokens=recipe.capture.tokens,
+                                                 k=recipe.capture.k, batch_size=recipe.capture.batch_size,
+                                                 seed=seed, overwrite=False, progress=progress))
+    return Captured(site, ActivationStore(directory), directory, cap_key)
+
+
+def get_sae(recipe: Recipe, adapter, cap: Captured, cache: Path, progress: bool, seed: int | None = None) -> SparseAutoencoder:
+    """``sae.path`` imported, or an SAE trained on the capture with ``seed`` (cached by capture + settings + seed)."""
+    seed = recipe.seed if seed is None else seed
+    site = cap.site
+    if recipe.sae.path:
+        sae = load_any(recipe.sae.path, d_in=adapter.width(site.tower))
+        check_made_for(f"the SAE {recipe.sae.path} (sae.path)", record_of(sae.cfg.metadata), adapter, site)
+        return sae
+    # the seed joins the key only when it differs from the capture's, so one-seed runs keep their cache names
+    sae_dir = cache / f"sae-{key(cap.cache_key, dataclasses.asdict(recipe.sae), *([seed] if seed != recipe.seed else []))}"
+    if (sae_dir / "sae.safetensors").is_file():
+        return SparseAutoencoder.load(sae_dir)
+    cfg = TrainConfig(d_in=adapter.width(site.tower), expansion=recipe.sae.expansion, k=recipe.sae.k,
+                      batch_size=recipe.sae.batch_size, lr=recipe.sae.lr, steps=recipe.sae.steps, seed=seed,
+                      metadata={"model": recipe.model.spec, "tower": site.tower, "site": site.name, "layer": site.layer,
+                                FINGERPRINT_KEY: model_fingerprint(adapter)})
+    sae = train_sae(cap.store.activations(), cfg, checkpoint_dir=cache / f"{sae_dir.name}-checkpoints", progress=progress)
+    sae.save(sae_dir)
+    return sae
+
+
+def probe(recipe: Recipe, sae: SparseAutoencoder, cap: Captured, latents: dict | None = None) -> dict[str, Any]:
+    """DeBiasLens probing of ``probe.column`` on the capture's per-input activations (``probe.activations``).
+    ``latents``: a per-(SAE, activations) cache a grid shares across tau / top-n values."""
+    which = recipe.probe.activations
+    cache_id = (id(sae), which)
+    if latents is not None and cache_id in latents:
+        z = latents[cache_id][1]
+    else:
+        with torch.no_grad():
+            x = cap.store.output_activations() if which == "output" else cap.store.mean_activations()
+            z = sae.encode(x)
+        if latents is not None:
+            latents[cache_id] = (sae, z)  # holding sae keeps id() unique while cached
+    report = probe_social_neurons(z, cap.store.labels(recipe.probe.column), tau=recipe.probe.tau, top_n=recipe.probe.top_n)
+    report["sources"] = {"capture": str(cap.directory), "column": recipe.probe.column, "activations": which}
+    return report

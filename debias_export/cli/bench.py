@@ -154,3 +154,6 @@ def bench(model_spec, arch, edit_dirs, export_dir, random_modes, sites, expansio
                    f"ratio_of_medians={h['ratio_of_medians']:.4f} paired={h['paired_median']:.4f} "
                    f"flops_ratio={h['flops_ratio'] if h['flops_ratio'] is None else round(h['flops_ratio'], 6)}")
     click.echo(f"wrote {out_dir}/bench.json, bench.md, bench_latency.png")
+    if model_spec and edit_dirs:  # the natural next question after "what does it cost": "what does it buy"
+        click.echo(f"next: debias-export export --model {model_spec} --edit {edit_dirs[0]} --out artifact, then "
+                   "debias-export eval --model ... --patched artifact")

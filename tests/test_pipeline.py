@@ -59,8 +59,8 @@ def test_run_tiny_recipe_end_to_end(tmp_path, shared_data, capsys):
 
 
 def test_failed_run_leaves_no_output(tmp_path, shared_data, capsys):
-    # fp32 onnxruntime vs PyTorch differ by ~1e-6, so a zero tolerance forces the validation failure
-    path = _recipe(tmp_path, shared_data, export__atol=0.0, data__limit=64, edit__neurons=[1, 2], sae__steps=20)
+    # fp32 onnxruntime vs PyTorch differ by ~1e-6, so a zero tolerance (absolute and relative) forces the failure
+    path = _recipe(tmp_path, shared_data, export__atol=0.0, export__rtol=0.0, data__limit=64, edit__neurons=[1, 2], sae__steps=20)
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")

@@ -47,7 +47,8 @@ def valid_recipes(draw) -> dict:
         "edit": st.fixed_dictionaries({}, optional={"alpha": st.floats(min_value=0.0, max_value=1.0), "value": finite,
                                                     "mode": st.sampled_from(["reconstruct", "residual"]),
                                                     "neurons": st.none() | st.lists(st.integers(0, 10**5), max_size=5, unique=True)}),
-        "export": st.fixed_dictionaries({}, optional={"onnx": st.booleans(), "opset": st.integers(18, 21), "atol": st.floats(0.0, 1.0)}),
+        "export": st.fixed_dictionaries({}, optional={"onnx": st.booleans(), "opset": st.integers(18, 21), "atol": st.floats(0.0, 1.0),
+                                                       "rtol": st.floats(0.0, 1.0)}),
         "bench": st.none() | st.fixed_dictionaries({}, optional={"batch_sizes": st.lists(pos, min_size=1, max_size=3), "reps": pos,
                                                                  "runtimes": st.lists(st.sampled_from(["torch", "ort"]), max_size=2)}),
         "eval": st.none() | st.fixed_dictionaries({}, optional={"alphas": st.lists(st.floats(0.0, 1.0), max_size=4), "k": pos}),
@@ -228,7 +229,7 @@ def test_ints_past_the_digit_limit_give_config_error(path):
 
 @pytest.mark.parametrize("path,value", [
     ("edit.neurons", [-1]), ("edit.neurons", [3, 3]), ("data.limit", -5),
-    ("export.atol", -1.0), ("export.opset", 0), ("sae.lr", -0.1),
+    ("export.atol", -1.0), ("export.rtol", -1.0), ("export.opset", 0), ("sae.lr", -0.1),
     ("bench.reps", 0), ("bench.batch_sizes", [0]), ("bench.batch_sizes", [-8]), ("bench.runtimes", ["tensorflow"]),
     ("eval.alphas", [1.5]), ("eval.alphas", [-0.1]), ("eval.k", 0),
     ("seeds", []), ("seeds", [1, 1]), ("seeds", [-1]), ("select.k", 0), ("select.limit", 1),

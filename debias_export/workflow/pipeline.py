@@ -122,7 +122,8 @@ def _export_bench(recipe: Recipe, adapter, edit, site, work: Path, steps: Steps,
         kwargs = {"folds": folds} if folds else {}
         export_report = steps("export+validate", lambda: export_bundle(
             adapter, work / "export", onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
-            exporter=recipe.export.exporter, overwrite=True, provenance=provenance, towers=[site.tower], **kwargs))
+            rtol=recipe.export.rtol, exporter=recipe.export.exporter, overwrite=True, provenance=provenance,
+            towers=[site.tower], **kwargs))
         write_json(work / "validate.json", export_report)
     finally:
         handle.remove()  # the adapter is shared with later variants and the eval/bench steps

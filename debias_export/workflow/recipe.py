@@ -94,6 +94,7 @@ class ExportSection:
     onnx: bool = True
     opset: int = 20
     atol: float = 1e-4
+    rtol: float = 1e-5  # ONNX parity bound is atol + rtol * max|ref| (export.onnx_export.DEFAULT_RTOL)
     exporter: str = "dynamo"  # dynamo | torchscript | optimum (where optimum-onnx is installed)
 
 
@@ -232,6 +233,8 @@ def _check_values(r: Recipe, where: str) -> None:
         raise bad("data.limit", f"must be >= 0, got {r.data.limit}")
     if r.export.atol < 0:
         raise bad("export.atol", f"must be >= 0, got {r.export.atol}")
+    if r.export.rtol < 0:
+        raise bad("export.rtol", f"must be >= 0, got {r.export.rtol}")
     if r.export.exporter not in ONNX_EXPORTERS:
         raise bad("export.exporter", f"must be one of {', '.join(ONNX_EXPORTERS)}, got {_show(r.export.exporter)}")
     lo, hi = MIN_OPSET[r.export.exporter], MAX_OPSET[r.export.exporter]

@@ -12,6 +12,7 @@ from debias_export.bench.flops import onnx_flops, torch_flops
 from debias_export.bench.patchsets import VariantSwitch
 from debias_export.bench.timing import interleaved_schedule, paired_ratios, quantile, summarize, time_interleaved
 from debias_export.workflow.testing import random_sae
+from fake_clock import TickClock
 
 
 class FakeClock:
@@ -33,15 +34,6 @@ class FakeClock:
         return call
 
 
-class TickClock:
-    """Every read advances 1 s: each timed call measures exactly 1 s, whatever it does."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def test_interleaving_order_and_paired_maths():

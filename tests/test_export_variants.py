@@ -12,6 +12,7 @@ from debias_export.export import export_onnx, quantize
 from debias_export.export.onnx_names import edit_nodes, mask_outputs
 from debias_export.export.quantize import parse_precisions
 from debias_export.workflow.testing import random_sae, tiny_clip
+from fake_clock import TickClock
 
 ALL = ["fp32", "fp16", "int8"]
 
@@ -117,13 +118,6 @@ def test_cli_export_precisions(tmp_path):
     assert main(["verify", str(out)]) == 0
 
 
-class TickClock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
 
 
 def test_bench_reports_int8_ratio(tmp_path):

@@ -27,6 +27,8 @@ from .onnx_export import (DEFAULT_ATOL, DEFAULT_EXPORTER, DEFAULT_OPSET, DEFAULT
 from .onnx_specs import GraphSpec, graph_specs, register_onnx_spec
 from .quantize import PRECISIONS, parse_precisions
 from .safetensors_export import export_folded, export_patched
+from .transformers_js import applies as transformers_js_applies
+from .transformers_js import write_transformers_js
 
 BUNDLE_REPORT = "export_report.json"
 
@@ -51,6 +53,8 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
     unmodified model is exported the same way as a baseline (``"edited": false`` in the manifests).
     ``exporter``: the ONNX exporter (:func:`export_graph`), recorded with opset and torch version in the provenance.
     ``precisions``: ONNX variants to add to fp32 (``fp16``, ``int8``; :mod:`.quantize`), each validated.
+    For ``hf_clip`` the bundle root also gets the transformers.js files (:mod:`.transformers_js`: ``config.json``,
+    ``preprocessor_config.json``, ``tokenizer.json``, ``tokenizer_config.json``) so it loads as a transformers.js model.
     ``card_results``: extra ``model-index`` entries for the model card ``README.md`` (:mod:`.card`; keys
     ``task_type, dataset_type, dataset_name, metric_type, metric_value`` [, ``metric_name``]), e.g. a
     pipeline's fairness / utility / latency numbers; results known only later go in with :func:`update_card`.
@@ -85,6 +89,9 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
                                          provenance=provenance, allow_unpatched=stock, exporter=exporter,
                                          precisions=precisions)
             report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
+            if transformers_js_applies(adapter) and report["onnx"].get("graphs"):
+                # config.json / preprocessor / tokenizer beside onnx/: the bundle root is a transformers.js model folder
+                report["transformers_js"] = {"files": write_transformers_js(adapter, tmp, tmp / "hf" / "config.json")}
         (tmp / BUNDLE_REPORT).write_text(json.dumps(stable_report(report), indent=2, sort_keys=True, default=str) + "\n")
         write_card(tmp, report, bundle_provenance, card_results)
         write_manifest(tmp, kind="bundle", provenance=bundle_provenance, extra={"edited": not baseline})

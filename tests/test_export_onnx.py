@@ -302,7 +302,10 @@ def test_cli_patch_export_validate_verify(tmp_path):
     assert main(args + ["--opset", "17"]) == 2  # too old for the default (dynamo) exporter: refused before any work
     assert not out.exists()
     assert main(args) == 0
-    assert {p.name for p in out.iterdir()} == {"hf", "onnx", "export_report.json", "manifest.json", "README.md"}  # README.md: the model card
+    # README.md: the model card; config.json, preprocessor_config.json, tokenizer*.json: the transformers.js layout
+    assert {p.name for p in out.iterdir()} == {"hf", "onnx", "export_report.json", "manifest.json", "README.md",
+                                               "config.json", "preprocessor_config.json", "tokenizer.json",
+                                               "tokenizer_config.json"}
     assert json.loads((out / "manifest.json").read_text())["provenance"]["onnx"]["exporter"] == "dynamo"
     assert main(args) == 2  # refuses the existing output
     assert main(["validate", str(out), "--seed", "1"]) == 0

@@ -15,13 +15,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from open_clip.tokenizer import SimpleTokenizer  # the reference for our tokenizer.json: open_clip's own Python BPE
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor
 
 from debias_export import SAEEdit, apply_edits
 from debias_export.export import export_bundle
-from debias_export.export.transformers_js import FILES, clip_bpe_document
+from debias_export.adapters.hf_clip import HFCLIPAdapter
+from debias_export.export.transformers_js import FILES, clip_bpe_document, image_processor_config, tokenizer_files
 from debias_export.workflow.testing import random_sae, tiny_clip
+from conftest import SHARED_DATA
 
 JS = Path(__file__).parent / "js"
 TEXTS = ["a photo of a nurse", "A portrait of a WOMAN, smiling!", "an engineer", "a doctor at work, 2024"]
@@ -62,8 +66,6 @@ def faces(shared_data_dir):
 
 @pytest.fixture(scope="module")
 def shared_data_dir():
-    from conftest import SHARED_DATA
-
     path = os.path.abspath(SHARED_DATA)
     if not os.path.isdir(path):
         pytest.skip(f"shared data not found at {path}")
@@ -120,16 +122,31 @@ def test_python_transformers_reads_the_layout_too(bundle):
     assert proc.crop_size["height"] == adapter.image_size() and proc.size["shortest_edge"] == adapter.image_size()
 
 
-def test_bpe_document_matches_transformers_converter():
+def test_bpe_document_tokenizes_like_open_clip():
     """Our hand-written tokenizer.json tokenizes like open_clip's reference tokenizer on awkward text."""
-    from open_clip.tokenizer import SimpleTokenizer
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_str(json.dumps(clip_bpe_document()))
     ref = SimpleTokenizer()
     for text in [*TEXTS, "Ünïcödé   spaces\tand\nnewlines", "it's they're we'll 1234 #hashtag :-)"]:
         ids = ref.encode(text)
         assert tok.encode(text).ids == [49406, *ids, 49407], text
+
+
+def test_a_models_own_processor_is_carried_over(tmp_path):
+    """A model with its own processor: its image settings and its fast tokenizer go out, with CLIP's pad."""
+    adapter = tiny_clip(seed=0)
+    doc, cfg = tokenizer_files(adapter)  # no processor: CLIP's BPE
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 32, "width": 40},
+                                                            image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25]),
+                         tokenizer=AutoTokenizer.from_pretrained(tmp_path))
+    own = HFCLIPAdapter(adapter.model, source="own", processor=proc)
+    image = image_processor_config(own)
+    assert image["size"] == {"shortest_edge": 48} and image["crop_size"] == {"height": 32, "width": 40}
+    assert image["image_mean"] == [0.5] * 3 and image["image_std"] == [0.25] * 3 and image["resample"] == 3
+    doc2, cfg2 = tokenizer_files(own)
+    assert cfg2 == cfg and cfg2["pad_token"] == "<|endoftext|>" and cfg2["model_max_length"] == 32
+    assert Tokenizer.from_str(json.dumps(doc2)).encode(TEXTS[1]).ids == Tokenizer.from_str(json.dumps(doc)).encode(TEXTS[1]).ids
 
 
 @pytest.mark.parametrize("dtype,graph_suffix", [("fp32", ""), ("q8", "_quantized")])

@@ -91,7 +91,8 @@ def export_bundle(adapter: ModelAdapter, out_dir: str | Path, onnx: bool = True,
             report["onnx"]["seconds"] = round(time.perf_counter() - t0, 2)
             if transformers_js_applies(adapter) and report["onnx"].get("graphs"):
                 # config.json / preprocessor / tokenizer beside onnx/: the bundle root is a transformers.js model folder
-                report["transformers_js"] = {"files": write_transformers_js(adapter, tmp, tmp / "hf" / "config.json")}
+                report["transformers_js"] = {"files": write_transformers_js(adapter, tmp, tmp / "hf" / "config.json",
+                                                                            report["onnx"]["graphs"])}
         (tmp / BUNDLE_REPORT).write_text(json.dumps(stable_report(report), indent=2, sort_keys=True, default=str) + "\n")
         write_card(tmp, report, bundle_provenance, card_results)
         write_manifest(tmp, kind="bundle", provenance=bundle_provenance, extra={"edited": not baseline})

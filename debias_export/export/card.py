@@ -31,6 +31,7 @@ from huggingface_hub import EvalResult, ModelCardData
 
 from ..core.errors import ConfigError
 from .manifest import MANIFEST, sha256_file
+from .transformers_js import PAD_CONVENTION
 
 CARD = "README.md"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -148,7 +149,11 @@ def render_card(root: Path, report: dict[str, Any], provenance: dict[str, Any] |
               "2. onnxruntime: `onnxruntime.InferenceSession(\"onnx/vision_model.onnx\")` (also `text_model`; "
               "`_fp16` / `_quantized` variants where exported).",
               "3. transformers.js: `CLIPVisionModelWithProjection.from_pretrained(<this directory>, "
-              "{dtype: 'fp32' | 'fp16' | 'q8'})` reads `config.json` and `onnx/` here."
+              "{dtype: 'fp32' | 'fp16' | 'q8'})` reads `config.json` and `onnx/` here (`AutoProcessor` / "
+              "`AutoTokenizer`: `preprocessor_config.json`, `tokenizer.json`)."
+              + (f" The tokenizer {PAD_CONVENTION}; int8 graphs quantize activations with one dynamic scale per "
+                 "tensor, padded positions included, so feed them this tokenizer's ids."
+                 if (root / "tokenizer.json").is_file() else "")
               if (root / "config.json").is_file() else
               "3. transformers.js: not laid out for it (no `config.json` beside `onnx/` for this family).",
               "", "## Limitations", "",

@@ -165,7 +165,8 @@ def compare_variant(precision: str, fp32: Path, variant: Path, feeds: list[dict[
             e32, ev = r[0] - b[0], g[0] - v[0]
             norm = np.linalg.norm(e32.reshape(len(e32), -1), axis=1)
             keep = norm > _EFFECT_FLOOR * np.linalg.norm(r[0].reshape(len(r[0]), -1), axis=1)
-            effect_cos.extend(_row_cos(ev[keep], e32[keep]).tolist())
+            if keep.any():  # an edit whose latents stay inactive on every input has no effect to compare
+                effect_cos.extend(_row_cos(ev[keep], e32[keep]).tolist())
         report["edit_inputs"] = len(effect_cos)
         if effect_cos:
             report["edit_cosine_min"] = float(min(effect_cos))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ..adapters import ModelAdapter
 from ..adapters.hf_clip import CLIP_MEAN, CLIP_STD
@@ -43,22 +43,23 @@ def applies(adapter: ModelAdapter) -> bool:
     return adapter.family in FAMILIES
 
 
-def write_transformers_js(adapter: ModelAdapter, root: Path, hf_config: Path) -> list[str]:
+def write_transformers_js(adapter: ModelAdapter, root: Path, hf_config: Path,
+                          graphs: Iterable[str] = ("vision_model", "text_model")) -> list[str]:
     """Write the transformers.js files at ``root`` (beside ``root/onnx``); returns the names written.
 
     ``hf_config``: the exported ``hf/config.json``, copied without ``auto_map`` (the remote code lives in
     ``hf/``, not at the root) and with ``transformers.js_config.dtype = "fp32"`` (otherwise the wasm backend
-    defaults to ``q8``, which exists only when int8 was exported). The tokenizer is written when the model
-    has a text tower and a tokenizer fits (:func:`tokenizer_files`); the image processor when it has an image tower.
+    defaults to ``q8``, which exists only when int8 was exported). ``graphs``: the ONNX graphs exported; the
+    image processor goes with ``vision_model``, the tokenizer with ``text_model`` where one fits (:func:`tokenizer_files`).
     """
     config = json.loads(hf_config.read_text())
     config.pop("auto_map", None)
     config["transformers.js_config"] = {"dtype": "fp32"}
     written = {"config.json": config}
-    towers = adapter.towers()
-    if "image" in towers:
+    graphs = set(graphs)
+    if "vision_model" in graphs:
         written["preprocessor_config.json"] = image_processor_config(adapter)
-    if "text" in towers:
+    if "text_model" in graphs:
         files = tokenizer_files(adapter)
         if files is not None:
             written["tokenizer.json"], written["tokenizer_config.json"] = files
@@ -88,8 +89,11 @@ def image_processor_config(adapter: ModelAdapter) -> dict[str, Any]:
                 cfg[key] = _plain(getattr(proc, key))
         for key in ("size", "crop_size"):
             value = getattr(proc, key, None)
-            if value is not None:
-                cfg[key] = {k: v for k, v in dict(value).items() if v is not None}
+            if isinstance(value, int):  # legacy configs: one number
+                cfg[key] = value
+            elif value is not None:  # a dict (4.x) or a SizeDict (5.x)
+                items = value.items() if hasattr(value, "items") else vars(value).items()
+                cfg[key] = {k: int(v) for k, v in items if v is not None}
         for key in ("image_mean", "image_std"):
             if getattr(proc, key, None) is not None:
                 cfg[key] = [float(x) for x in getattr(proc, key)]

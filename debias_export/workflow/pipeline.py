@@ -123,7 +123,7 @@ def _export_bench(recipe: Recipe, adapter, edit, site, work: Path, steps: Steps,
         export_report = steps("export+validate", lambda: export_bundle(
             adapter, work / "export", onnx=recipe.export.onnx, opset=recipe.export.opset, atol=recipe.export.atol,
             rtol=recipe.export.rtol, exporter=recipe.export.exporter, overwrite=True, provenance=provenance,
-            towers=[site.tower], **kwargs))
+            towers=[site.tower], precisions=recipe.export.precisions, **kwargs))
         write_json(work / "validate.json", export_report)
     finally:
         handle.remove()  # the adapter is shared with later variants and the eval/bench steps
@@ -178,8 +178,10 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: Ste
 def _bench(recipe: Recipe, adapter, edit, site, out: Path) -> dict[str, Any]:
     name = "folded" if getattr(edit, "fold", "none") != "none" else "patched"  # folded: zero extra ops, ratio ~1
     variants = {name: PatchSet.compile(name, adapter, [edit])}
+    # each exported precision is timed too (int8: onnxruntime only; fp16 on a CPU is reported as skipped)
+    dtypes = ["fp32", *(p for p in recipe.export.precisions if p != "fp32")] if recipe.export.onnx else ["fp32"]
     result = run_benchmark(adapter, variants, [site.tower], batch_sizes=recipe.bench.batch_sizes,
-                           runtimes=recipe.bench.runtimes, reps=recipe.bench.reps)
+                           runtimes=recipe.bench.runtimes, reps=recipe.bench.reps, dtypes=dtypes)
     write_report(result, out, overwrite=True)
     return {"headline": headline(result)}
 

@@ -25,6 +25,7 @@ from .recipe_lines import check_duplicate_keys, key_lines, line_of, yaml_error_m
 from .recipe_select import SelectSection, apply_cell, check_select, grid_cells  # noqa: F401 (re-exported schema)
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
+EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # export.quantize.PRECISIONS (not imported: recipes load without onnx)
 
 
 @dataclass
@@ -96,6 +97,9 @@ class ExportSection:
     atol: float = 1e-4
     rtol: float = 1e-5  # ONNX parity bound is atol + rtol * max|ref| (export.onnx_export.DEFAULT_RTOL)
     exporter: str = "dynamo"  # dynamo | torchscript | optimum (where optimum-onnx is installed)
+    # ONNX variants (export --precision): fp32 always, fp16 / int8 added and validated on the edit; the bench
+    # step (when the recipe has one) times each of them
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
 
 
 @dataclass
@@ -240,6 +244,12 @@ def _check_values(r: Recipe, where: str) -> None:
     lo, hi = MIN_OPSET[r.export.exporter], MAX_OPSET[r.export.exporter]
     if not lo <= r.export.opset <= hi:
         raise bad("export.opset", f"must be in [{lo}, {hi}] for the {r.export.exporter} exporter, got {r.export.opset}")
+    if not r.export.precisions or len(set(r.export.precisions)) != len(r.export.precisions) or \
+            any(p not in EXPORT_PRECISIONS for p in r.export.precisions):
+        raise bad("export.precisions", f"must be distinct values from {', '.join(EXPORT_PRECISIONS)}, "
+                                       f"got {_show(r.export.precisions)}")
+    if not r.export.onnx and r.export.precisions != ["fp32"]:
+        raise bad("export.precisions", f"{_show(r.export.precisions)} needs export.onnx: true (variants are ONNX graphs)")
     if r.sae.lr is not None and r.sae.lr <= 0:
         raise bad("sae.lr", f"must be positive, got {r.sae.lr}")
     if r.bench is not None:

@@ -83,5 +83,7 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, 
         for prec, v in g.get("variants", {}).items():
             edit = f", edit cosine {v['edit_cosine_min']:.4f}" if "edit_cosine_min" in v else ""
             parts.append(f"{v['file']} {_mb(v['size_bytes'])} cosine {v['fidelity_cosine_min']:.4f}{edit}")
+    if report.get("transformers_js"):
+        parts.append("transformers.js layout (" + ", ".join(report["transformers_js"]["files"]) + ")")
     click.echo(f"exported {out_dir}: " + ", ".join(parts) + (f" ({exporter} exporter, opset {opset}, atol {atol:g}, rtol {rtol:g})" if onnx else ""))
     click.echo(f"next: debias-export validate {out_dir} --seed 0   (then: debias-export verify {out_dir})")

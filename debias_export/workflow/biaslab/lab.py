@@ -191,6 +191,7 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
                                 "images": len(val_rows), "rows_sha256": rows_fingerprint(val_rows),
                                 "images_sha256": images_fingerprint(val_rows)}},
         "training": {**history, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                     "base_weights_sha256": file_sha256(Path(base_folder) / WEIGHTS) if settings.base else None,
                      "cpu": cpu_info(), "threads": settings.threads,
                      "torch": torch.__version__, "transformers": tf_version},
         "weights": {"file": WEIGHTS, "dtype": str(STORAGE_DTYPE).replace("torch.", ""), "sha256": file_sha256(out_dir / WEIGHTS),

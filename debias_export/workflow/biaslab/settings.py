@@ -98,7 +98,8 @@ class BiasLabSettings:
             (self.blur_sigma_max > 0 and 1 <= self.lowres_min <= self.image_size,
              f"blur_sigma_max must be > 0 and lowres_min in [1, image_size], got {self.blur_sigma_max}, {self.lowres_min}"),
             (self.base is None or isinstance(self.base, BiasLabSettings), "base must be a BiasLabSettings or None"),
-            (self.base is None or all(getattr(self, k) == getattr(self.base, k) for k in (*ARCHITECTURE, "val_mod")),
+            (not isinstance(self.base, BiasLabSettings)
+             or all(getattr(self, k) == getattr(self.base, k) for k in (*ARCHITECTURE, "val_mod")),
              f"a fine-tune stage keeps its base's architecture and validation split ({', '.join(ARCHITECTURE)}, val_mod)"),
         ]
         for ok, msg in checks:

@@ -5,6 +5,7 @@ FairFace / PAIRS are never touched here.
     PYTHONPATH=$PWD nice -n 19 python benchmarks/experiments/lab_shift_pilot.py v3              # shipped lab, no training
     PYTHONPATH=$PWD nice -n 19 python benchmarks/experiments/lab_shift_pilot.py NAME key=value ...
     PYTHONPATH=$PWD python benchmarks/experiments/lab_shift_pilot.py --table
+    PYTHONPATH=$PWD python benchmarks/experiments/lab_shift_pilot.py --pick    # the pre-registered rule
 
 A pilot is the recipe-v4 fine-tune stage ``base = shipped v3 recipe`` with :data:`STAGE` and the overrides
 (exactly what ``lab_ship.py train`` / ``bias-lab --retrain`` would run after retraining v3 on this CPU kind).
@@ -24,7 +25,7 @@ from transformers import AutoTokenizer
 from debias_export.adapters.dual_encoder import minilm_path
 from debias_export.workflow.biaslab import lab as lab_mod
 from debias_export.workflow.biaslab.data import label_tensor, load_utkface, preload_images, split_utkface, subsample
-from debias_export.workflow.biaslab.settings import BiasLabSettings
+from debias_export.workflow.biaslab.settings import V4_NEUTRAL, BiasLabSettings
 from debias_export.workflow.biaslab.shifted import shifted_images
 from debias_export.workflow.biaslab.train import cpu_info, deterministic, run_training, validation_metrics
 
@@ -58,16 +59,34 @@ def table() -> str:
         r = json.loads(f.read_text())
         m = r["metrics"]
         diff = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in base and base[k] != v and k != "version")
-        diff += "".join(f", {k}={v}" for k, v in r["settings"].items() if k not in base and k != "base" and v)
+        diff += "".join(f", {k}={v}" for k, v in r["settings"].items() if k not in base and k != "base" and V4_NEUTRAL.get(k) != v)
         cell = lambda v: " / ".join(f"{m[v][k]:.3f}" for k in ("gender_acc", "age_acc", "race_acc", "caption_recall@10"))  # noqa: E731
         lines.append(f"| {r['name']} | {diff.strip(', ') or '-'} | {cell('zoom')} | {cell('shifted')} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def pick(candidates: tuple[str, ...] = ("S0", "S1", "S2", "S3")) -> str:
+    """The pre-registered rule (README, written before any pilot score): eligible if clean gender accuracy and
+    clean caption recall@10 (zoom view) are >= 0.98 x v3's (else retry at 0.95 x); winner = the eligible pilot
+    with the highest shifted gender accuracy + shifted caption recall@10."""
+    res = {n: json.loads((OUT / f"lab_shift_{n}.json").read_text())["metrics"] for n in ("v3", *candidates)}
+    ref = res["v3"]["zoom"]
+    for keep in (0.98, 0.95):
+        ok = [n for n in candidates if all(res[n]["zoom"][m] >= keep * ref[m] for m in ("gender_acc", "caption_recall@10"))]
+        if ok:
+            score = {n: res[n]["shifted"]["gender_acc"] + res[n]["shifted"]["caption_recall@10"] for n in ok}
+            print(f"eligible at {keep} x v3: " + ", ".join(f"{n} ({score[n]:.4f})" for n in ok))
+            return max(ok, key=score.get)
+    raise SystemExit("no pilot is eligible")
 
 
 def main() -> None:
     args = sys.argv[1:]
     if args == ["--table"]:
         print(table())
+        return
+    if args == ["--pick"]:
+        print("winner:", pick())
         return
     name, overrides = args[0], {k: parse(v) for k, v in (a.split("=", 1) for a in args[1:])}
     rows = load_utkface(DATA)

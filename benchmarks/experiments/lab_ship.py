@@ -1,11 +1,14 @@
 """Train, measure and ship the bias lab (issue #15 part 1). Run from the repository root with PYTHONPATH=$PWD:
 
-    nice python benchmarks/experiments/lab_ship.py train   FOLDER [key=value ...]  # recipe defaults + overrides
+    nice python benchmarks/experiments/lab_ship.py train   FOLDER [--recipe JSON] [key=value ...]  # recipe defaults + overrides
     nice python benchmarks/experiments/lab_ship.py measure FOLDER                  # FairFace 540 / PAIRS, once
     python      benchmarks/experiments/lab_ship.py ship    FOLDER                  # -> debias_export/assets/biaslab/
     python      benchmarks/experiments/lab_ship.py record  FOLDER NAME            # -> benchmarks/results/biaslab/NAME/
 
-``train`` never looks at FairFace or PAIRS. ``measure`` evaluates the fp16-rounded lab (what ships) and the
+``train`` never looks at FairFace or PAIRS. ``--recipe``: start from the settings of a recipe.json instead of the
+defaults. A fine-tune stage (recipe v4, ``settings.base``) whose base is the shipped recipe starts from the shipped
+weights (what retraining the base gives on the CPU kind it was trained on; ``training.base_weights_sha256``
+records which), any other base is retrained (cached) first. ``measure`` evaluates the fp16-rounded lab (what ships) and the
 fp32 weights it was rounded from, and records both: the evaluation is reported, never used to choose settings.
 """
 from __future__ import annotations
@@ -38,12 +41,22 @@ def parse(value: str):
 
 
 def train(folder: Path, overrides: list[str]) -> None:
-    s = dataclasses.replace(BiasLabSettings(), **{k: parse(v) for k, v in (a.split("=", 1) for a in overrides)})
+    start = BiasLabSettings()
+    if overrides[:1] == ["--recipe"]:
+        start = BiasLabSettings.from_dict(json.loads(Path(overrides[1]).read_text())["settings"])
+        overrides = overrides[2:]
+    s = dataclasses.replace(start, **{k: parse(v) for k, v in (a.split("=", 1) for a in overrides)})
     print(json.dumps(s.to_dict()), flush=True)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    base = None
+    if s.base is not None:
+        shipped = lab_mod.read_recipe()["settings"]
+        base = lab_mod.ASSETS if s.base.to_dict() == shipped else lab_mod.ensure_trained(s.base, DATA, log=log)
     with atomic_output_dir(folder) as tmp:
-        recipe = lab_mod.train_lab(s, DATA, tmp, progress=False, log=lambda m: print(m, flush=True),
+        recipe = lab_mod.train_lab(s, DATA, tmp, progress=False, log=log,
                                    image_cache=Path(os.environ.get("LAB_PILOT_CACHE", "/tmp/lab-pilot")) / "ship",
-                                   val_every=int(os.environ.get("LAB_VAL_EVERY", "0")))
+                                   val_every=int(os.environ.get("LAB_VAL_EVERY", "0")), base_folder=base,
+                                   shifted_view=True)
     print(json.dumps(recipe["validation"], indent=1), recipe["training"]["seconds"], flush=True)
 
 

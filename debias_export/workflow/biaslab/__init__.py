@@ -29,8 +29,13 @@ algorithms. Data discipline: training uses the UTKFace training split only; a fi
 (``sha256(name) % 10 == 0``, :func:`validation_split`) is never trained on and is the only data recipe
 choices were made on; FairFace 540 and PAIRS are evaluation sets, measured once at the end.
 
+Recipe v4 (``settings.py``; the shipped lab is still v3, whose recipe loads and retrains unchanged) adds
+photo-domain augmentation (per-channel gain, blur, down-/up-scaling) and fine-tune stages (``settings.base``:
+the complete recipe of the lab a stage starts from), and :mod:`.shifted`, a fixed, seeded degraded view of the
+UTKFace validation split used to choose augmentation without touching FairFace.
+
 Modules: :mod:`.captions` (label captions, multi-positive targets), :mod:`.data` (UTKFace, split,
-fingerprints), :mod:`.model` (build, portable weights for transformers 4.x and 5.x), :mod:`.train` (loss,
+fingerprints), :mod:`.shifted` (the shifted validation view), :mod:`.model` (build, portable weights for transformers 4.x and 5.x), :mod:`.train` (loss,
 augmentation, loop, validation metrics), :mod:`.lab` (shipped lab, retraining, measuring).
 """
 from __future__ import annotations

@@ -30,6 +30,7 @@ from .data import (
 )
 from .model import build_model, load_trained_state, read_trained, round_trained, save_trained, trained_state_dict
 from .settings import BiasLabSettings, default_cache_root
+from .shifted import shifted_images
 from .train import cpu_info, deterministic, run_training, validation_metrics
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "biaslab"
@@ -118,14 +119,31 @@ def validation_split(data_dir: str | Path, settings: BiasLabSettings | None = No
     return val
 
 
+def start_model(settings: BiasLabSettings, base_folder: str | Path | None = None):
+    """The model training starts from: freshly initialised, or (a fine-tune stage, ``settings.base``) the base
+    lab's fp16 weights from ``base_folder``, whose recipe must be exactly ``settings.base``."""
+    if settings.base is None:
+        return build_model(settings)
+    if base_folder is None:
+        raise DebiasError("this recipe fine-tunes a base lab (settings.base): give the base lab's folder")
+    model, _, base_recipe = load_lab(base_folder)
+    if base_recipe["settings"] != settings.base.to_dict():
+        raise IntegrityError(f"the lab in {base_folder} was not trained with this recipe's base settings")
+    model.train()
+    return model
+
+
 def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Path, progress: bool = True,
-              log: Callable[[str], None] = print, image_cache: str | Path | None = None, val_every: int = 0) -> dict:
+              log: Callable[[str], None] = print, image_cache: str | Path | None = None, val_every: int = 0,
+              base_folder: str | Path | None = None, shifted_view: bool = False) -> dict:
     """Train a lab from ``settings`` into ``out_dir``: a loadable model directory (``save_pretrained`` + tokenizer),
     the trained parts as ``weights.safetensors`` (fp16, as shipped) and ``recipe.json``.
 
     The trained parts are rounded through fp16 before anything is measured or saved, so the directory, its
     metrics and the weights file describe the same model. ``val_every``: also record validation metrics every
     so many epochs (a learning curve; it draws no random numbers, so the weights do not change).
+    ``base_folder``: the base lab of a fine-tune stage (``settings.base``). ``shifted_view``: also validate on
+    the shifted UTKFace view (:mod:`.shifted`; building it decodes and degrades the 964 faces once, ~1-2 min).
     """
     t0 = time.time()
     rows = load_utkface(data_dir)
@@ -136,17 +154,19 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
     images = preload_images([r["path"] for r in train_rows], settings.image_size, cache / f"utk_{settings.image_size}_{tag}.safetensors")
     val_tag = f"{data_fingerprint(data_dir)}_{rows_fingerprint(val_rows)[:12]}"
     val_images = preload_images([r["path"] for r in val_rows], settings.image_size, cache / f"utk_{settings.image_size}_{val_tag}.safetensors")
+    shifted = (shifted_images(val_rows, settings.image_size, cache / f"utk_shifted_{settings.image_size}_{val_tag}.safetensors")
+               if shifted_view else None)
     log(f"bias-lab: {len(train_rows)} training / {len(val_rows)} validation UTKFace images ready ({time.time() - t0:.0f}s)")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     t1, c1 = time.time(), time.process_time()
     curve: list[dict] = []
     with deterministic(settings.threads):
-        model = build_model(settings)
+        model = start_model(settings, base_folder)
 
         def on_epoch(epoch: int) -> None:
             if val_every and epoch % val_every == 0 and epoch < settings.epochs:
                 curve.append({"epoch": epoch, "seconds": round(time.time() - t1, 1),
-                              **validation_metrics(model, tokenizer, val_images, label_tensor(val_rows))})
+                              **validation_metrics(model, tokenizer, val_images, label_tensor(val_rows), shifted=shifted)})
                 log(f"bias-lab: validation at epoch {epoch}: {json.dumps(curve[-1])}")
 
         history = run_training(model, tokenizer, images, label_tensor(train_rows), settings, log=log, progress=progress,
@@ -154,7 +174,7 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
         seconds, cpu_seconds = time.time() - t1, time.process_time() - c1
         full_precision = trained_state_dict(model)  # kept beside the lab to show fp16 storage changes nothing
         round_trained(model, STORAGE_DTYPE)
-        val = validation_metrics(model, tokenizer, val_images, label_tensor(val_rows))
+        val = validation_metrics(model, tokenizer, val_images, label_tensor(val_rows), shifted=shifted)
         fingerprint = embedding_fingerprint(model, tokenizer)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -171,6 +191,7 @@ def train_lab(settings: BiasLabSettings, data_dir: str | Path, out_dir: str | Pa
                                 "images": len(val_rows), "rows_sha256": rows_fingerprint(val_rows),
                                 "images_sha256": images_fingerprint(val_rows)}},
         "training": {**history, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
+                     "base_weights_sha256": file_sha256(Path(base_folder) / WEIGHTS) if settings.base else None,
                      "cpu": cpu_info(), "threads": settings.threads,
                      "torch": torch.__version__, "transformers": tf_version},
         "weights": {"file": WEIGHTS, "dtype": str(STORAGE_DTYPE).replace("torch.", ""), "sha256": file_sha256(out_dir / WEIGHTS),
@@ -203,8 +224,9 @@ def ensure_trained(settings: BiasLabSettings | None = None, data_dir: str | Path
         log(f"bias-lab: reusing retrained lab {target}")
         return target
     # overwrite=True: an incomplete cache entry is replaced only once training finished
+    base = ensure_trained(settings.base, data_dir, root, progress, log) if settings.base is not None else None
     with atomic_output_dir(target, overwrite=True) as tmp:
-        train_lab(settings, data_dir, tmp, progress=progress, log=log, image_cache=root / "images")
+        train_lab(settings, data_dir, tmp, progress=progress, log=log, image_cache=root / "images", base_folder=base)
     return target
 
 

@@ -84,14 +84,49 @@ def augment(x: torch.Tensor, s: BiasLabSettings, g: torch.Generator) -> torch.Te
     shift = (torch.rand(n, 2, generator=g) * 2 - 1) * s.shift
     jitter = 1 + (torch.rand(n, 3, generator=g) * 2 - 1) * s.color  # brightness, contrast, saturation
     gray_p = torch.rand(n, generator=g) < s.grayscale_p
+    photo = s.channel_gain > 0 or s.blur_p > 0 or s.lowres_p > 0
+    if photo:  # v4 draws, after v3's and only when used: a recipe without them trains exactly as before
+        gain = 1 + (torch.rand(n, 3, generator=g) * 2 - 1) * s.channel_gain
+        blur_on = torch.rand(n, generator=g) < s.blur_p
+        sigma = torch.rand(n, generator=g) * s.blur_sigma_max
+        lowres_on = torch.rand(n, generator=g) < s.lowres_p
+        side = s.lowres_min + (torch.rand(n, generator=g) * (x.shape[-1] - s.lowres_min)).long()
     xf = _affine(x.float() / 255, scale, angle, flip, shift)
     xf = xf * jitter[:, 0].view(n, 1, 1, 1)
+    if photo:
+        xf = xf * gain.view(n, 3, 1, 1)
     mean = xf.mean(dim=(1, 2, 3), keepdim=True)
     xf = (xf - mean) * jitter[:, 1].view(n, 1, 1, 1) + mean
     gray = (0.299 * xf[:, 0] + 0.587 * xf[:, 1] + 0.114 * xf[:, 2]).unsqueeze(1)
     sat = torch.where(gray_p, 0.0, jitter[:, 2]).view(n, 1, 1, 1)
     xf = ((xf - gray) * sat + gray).clamp(0, 1)
+    if photo:
+        xf = _lowres(xf, torch.where(lowres_on, side, xf.shape[-1]))
+        xf = _blur(xf, torch.where(blur_on, sigma, 0.0))
     return normalise(xf * 255)
+
+
+def _lowres(x: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """Down-scale each image to ``side[i]`` px (antialiased) and back (bilinear): a small face in a large photo."""
+    out = x.clone()
+    size = x.shape[-1]
+    for i in (side < size).nonzero().flatten().tolist():
+        small = F.interpolate(x[i:i + 1], size=int(side[i]), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = F.interpolate(small, size=size, mode="bilinear", align_corners=False)[0]
+    return out
+
+
+def _blur(x: torch.Tensor, sigma: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma (0 = unchanged), reflect-padded."""
+    n, c, h, w = x.shape
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma.clamp(min=1e-3).view(n, 1)) ** 2)
+    k = torch.where((sigma > 0).view(n, 1), k, (t == 0).to(x.dtype))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n * c, taps]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, k.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
 
 
 def zoomed(x: torch.Tensor, zoom: float) -> torch.Tensor:
@@ -144,11 +179,13 @@ def lab_loss(model, pixels: torch.Tensor, labels: torch.Tensor, pooled: torch.Te
 
 
 @torch.no_grad()
-def validation_metrics(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict:
+def validation_metrics(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                       shifted: torch.Tensor | None = None) -> dict:
     """Zero-shot gender / age / race accuracy and label-caption recall@10 on held-out UTKFace images.
 
-    Measured at the crop's own framing ("tight") and zoomed out x1.4 ("zoom"); prompts are the lab's own
-    caption forms ("a photo of a woman", "a photo of a young person", "a photo of a Black person").
+    Measured at the crop's own framing ("tight"), zoomed out x1.4 ("zoom") and, if given, on ``shifted``: the
+    same faces as uint8 images already degraded (:mod:`.shifted`, the photo-domain stress test); prompts are
+    the lab's own caption forms ("a photo of a woman", "a photo of a young person", "a photo of a Black person").
     """
     model.eval()
     races = [r for r in RACE_WORDS if RACE_WORDS[r]]
@@ -163,8 +200,11 @@ def validation_metrics(model, tokenizer, images: torch.Tensor, labels: torch.Ten
     text["captions"] = F.normalize(model.text_projection(pooled_texts(model, tokenizer, queries)), dim=-1)
     named_race = labels[:, 2] < len(races)
     out: dict = {"images": int(labels.shape[0])}
-    for view, prep in (("tight", normalise), ("zoom", lambda x: zoomed(x, VAL_ZOOM))):
-        emb = torch.cat([image_embeds(model, prep(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    views = [("tight", images, normalise), ("zoom", images, lambda x: zoomed(x, VAL_ZOOM))]
+    if shifted is not None:
+        views.append(("shifted", shifted, normalise))
+    for view, imgs, prep in views:
+        emb = torch.cat([image_embeds(model, prep(imgs[i:i + batch_size])) for i in range(0, len(imgs), batch_size)])
         emb = F.normalize(emb, dim=-1)
         res = {f"{k}_acc": float(((emb @ text[k].T).argmax(1) == labels[:, col]).float()[mask].mean())
                for k, col, mask in (("gender", 1, slice(None)), ("age", 0, slice(None)), ("race", 2, named_race))}

@@ -97,3 +97,25 @@ def gendered_minimal_pairs(concepts: Sequence[str], templates: Sequence[str] = P
             for f, m in words:
                 out.append((_fix_articles(t.format(g=f, c=c)), _fix_articles(t.format(g=m, c=c)), c))
     return out
+
+
+# Neutral concepts of our own (no gender word), for a fitting corpus of neutral sentences that never needs an
+# evaluation prompt (text-tower erasers of *implicit* gender, issue #15; benchmarks/experiments/text_tower.md):
+# each kind is crossed with the prompt templates of the matching prompt set.
+NEUTRAL_CONCEPTS = {
+    "occupations": ("baker", "plumber", "judge", "farmer", "carpenter", "cashier", "pharmacist", "electrician",
+                    "accountant", "journalist", "veterinarian", "police officer", "bus driver", "gardener", "tailor",
+                    "butcher", "fisherman", "miner", "soldier", "sailor", "barista", "translator", "economist",
+                    "biologist", "chemist", "historian", "politician", "lifeguard", "paramedic", "zookeeper",
+                    "cook", "florist", "jeweler", "locksmith", "optician", "welder", "shepherd", "potter"),
+    "adjectives": ("calm", "curious", "honest", "loud", "polite", "brave", "shy", "funny", "serious", "patient",
+                   "careful", "cheerful", "generous", "lazy", "proud", "quiet", "rude", "wise", "nervous", "bold"),
+    "activities": ("reading a book", "riding a bike", "cooking dinner", "playing chess", "swimming", "running",
+                   "painting a wall", "fixing a car", "gardening", "knitting", "fishing", "hiking", "dancing",
+                   "writing a letter", "shopping", "cleaning the house", "driving a truck", "playing guitar"),
+}
+
+
+def fix_articles(text: str) -> str:
+    """"a elderly" -> "an elderly" (templates written for consonant-initial words)."""
+    return _fix_articles(text)

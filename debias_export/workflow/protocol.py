@@ -32,7 +32,8 @@ from ..eval.retrieval import SELECT_HALF, EvalData, compare, embed, evaluate, lo
 from .biaslab import validation_split
 from .recipe import Recipe
 from .recipe_select import SELECT_LAB_SPLIT, apply_cell, grid_cells
-from .steps import Steps, capture, data_base, get_sae, log, probe, write_json
+from .lean import lean_labels
+from .steps import Steps, capture, data_base, data_source, get_sae, log, probe, write_json
 
 HELD_OUT_SUFFIX = "/held-out"  # prompt-set key suffix of the held-out concept half in eval summaries
 
@@ -113,7 +114,7 @@ def _build_edit(rc: Recipe, adapter, cap, cache: Path, progress: bool, seed: int
             fair = read_fair_directions(Path(e.fair_from)) if e.fair_from else None
             memo[k] = fit_from_capture(cap.store, rc.probe.column, method=e.method, fold=e.fold, adapter=adapter, fair=fair,
                                        strength=e.strength, amplify=e.amplify, center=e.center, model=rc.model.spec,
-                                       provenance=provenance)
+                                       activations=e.fit_on, provenance=provenance)
         return memo[k], None
     k = ("sae", cap.cache_key, dataclasses.astuple(rc.sae), seed)
     if k not in memo:
@@ -126,6 +127,20 @@ def _build_edit(rc: Recipe, adapter, cap, cache: Path, progress: bool, seed: int
     provenance.update(sae=dict(sae.cfg.metadata), **{FINGERPRINT_KEY: model_fingerprint(adapter)})
     return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=e.value, alpha=e.alpha, mode=e.mode,
                    model=rc.model.spec, provenance=provenance), report
+
+
+def _lean_labels(r: Recipe, adapter, cache: Path, sel: Selection, exclude, memo: dict, steps: Steps) -> list[str]:
+    """``data.label_by: lean``: each fit text labelled by its retrieval lean over the selection faces (unedited model)."""
+    k = ("lean", dataclasses.astuple(r.data), r.probe.column, id(sel))
+    if k not in memo:
+        texts = [row["text"] for row in data_source(r, cache, exclude).rows]
+        column = r.probe.column
+        faces = [row.get(column, "") for row in sel.data.fairface]
+        labels, info = steps("lean-labels", lambda: lean_labels(adapter, texts, sel.base_emb["fairface"], faces))
+        log(f"{r.name}: {info['texts']} fit texts labelled by their {column} lean over {sel.description} "
+            f"({info['classes'][0]} above the median lean {info['median_lean']:+.4f})")
+        memo[k] = labels
+    return memo[k]
 
 
 def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, shared: dict) -> Plan:
@@ -141,11 +156,13 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
     column = (r.select.column or r.probe.column) if r.select else None
     memo = shared.setdefault("memo", {})
     table, plans = [], {}
+    labels = _lean_labels(r, adapter, cache, sel, exclude, memo, steps) if r.data.label_by == "lean" else None
     for cell in grid_cells(r):
         rc = dataclasses.replace(apply_cell(r, cell), seed=seeds[0])
-        cap_key = ("cap", rc.site, dataclasses.astuple(rc.data), dataclasses.astuple(rc.capture), tuple(sorted(exclude)))
+        cap_key = ("cap", rc.site, dataclasses.astuple(rc.data), dataclasses.astuple(rc.capture), tuple(sorted(exclude)),
+                   rc.probe.column)
         if cap_key not in memo:
-            memo[cap_key] = capture(rc, adapter, cache, steps, progress, seed=seeds[0], exclude=exclude)
+            memo[cap_key] = capture(rc, adapter, cache, steps, progress, seed=seeds[0], exclude=exclude, labels=labels)
         cap = memo[cap_key]
         run_seeds = seeds[:1] if rc.edit.kind == "projection" else seeds  # a projection fit has no seed
         edits, probes, scores = {}, {}, []
@@ -249,6 +266,7 @@ def finish_variant(plan: Plan, adapter, shared: dict, export_bench: Callable[...
         "mode": rc.edit.method if projection else rc.edit.mode, "alpha": rc.edit.strength if projection else rc.edit.alpha,
         "neurons": [] if projection else list(edit0.neurons), "seeds": seeds, "chosen": plan.cell,
         "selection": plan.chosen, "selection_cells": len(plan.table),
+        "fit_data": {k: v for k, v in dataclasses.asdict(rc.data).items() if v is not None and k != "dir"},
         "neurons_per_seed": {s: list(getattr(e, "neurons", [])) for s, e in plan.edits.items()}}
     if projection:
         summary.update(method=rc.edit.method, fold=rc.edit.fold, rank=0 if edit0.in_dirs is None else int(edit0.in_dirs.shape[1]),

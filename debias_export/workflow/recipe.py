@@ -26,6 +26,8 @@ from .recipe_select import SelectSection, apply_cell, check_select, grid_cells  
 
 BENCH_RUNTIMES = ("torch", "ort", "torch-cuda", "ort-cuda")
 EXPORT_PRECISIONS = ("fp32", "fp16", "int8")  # export.quantize.PRECISIONS (not imported: recipes load without onnx)
+NEUTRAL_PROMPTS = "prompts:neutral"  # data.texts value: the built-in neutral corpus (workflow.lean)
+LABEL_BY = ("column", "lean")  # data.label_by: the file's probe.column (default) or the retrieval lean
 
 
 @dataclass
@@ -39,9 +41,12 @@ class DataSection:
     dir: Optional[str] = None
     images: Optional[str] = None  # labelled image CSV (relative to dir)
     image_dir: Optional[str] = None
-    texts: Optional[str] = None  # prompts file for text-tower capture
+    texts: Optional[str] = None  # prompts file for text-tower capture, or prompts:neutral (the built-in neutral corpus)
     captions_from: Optional[str] = None  # labelled image CSV whose labels become captions (text tower)
     limit: Optional[int] = None
+    # where the fit data's probe.column labels come from: the file (column) or, for text fit data under select:,
+    # the sign of each sentence's retrieval lean over the selection faces (lean: erase *implicit* gender)
+    label_by: str = "column"
 
 
 @dataclass
@@ -85,9 +90,12 @@ class EditSection:
     fair_from: Optional[str] = None  # safetensors with raw fair directions [d, m] (relative to the current dir)
     center: bool = True
     fold: str = "none"  # none (fused patch) | site | output | every_writer
+    # per-input activations the projection is fitted on: auto (the pooled output token where the family has one,
+    # else the token mean), mean (mean over the captured tokens: an edit of every token) or output
+    fit_on: str = "auto"
 
 
-PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold")
+PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold", "fit_on")
 
 
 @dataclass
@@ -274,11 +282,22 @@ def _check_values(r: Recipe, where: str) -> None:
     given = [k for k in ("images", "texts", "captions_from") if getattr(r.data, k)]
     if len(given) != 1:
         raise bad("data", f"needs exactly one of images (labelled image CSV), texts or captions_from; got {given or 'none'}")
+    _check_label_by(r, bad)
     if r.seeds is not None:
         if not r.seeds or any(x < 0 for x in r.seeds) or len(set(r.seeds)) != len(r.seeds):
             raise bad("seeds", f"must be a non-empty list of distinct integers >= 0, got {_show(r.seeds)}")
     if r.select is not None:
         check_select(r, bad, where, _check_values, _coerce)
+
+
+def _check_label_by(r: Recipe, bad: Any) -> None:
+    if r.data.label_by not in LABEL_BY:
+        raise bad("data.label_by", f"must be one of {', '.join(LABEL_BY)}, got {_show(r.data.label_by)}")
+    if r.data.label_by == "lean":
+        if r.data.images:
+            raise bad("data.label_by", "lean labels text fit data (data.texts / captions_from), not images")
+    elif r.data.texts == NEUTRAL_PROMPTS:
+        raise bad("data.texts", f"{NEUTRAL_PROMPTS} has no labels; use it with data.label_by: lean")
 
 
 def _check_edit_kind(e: EditSection, bad: Any) -> None:
@@ -296,6 +315,8 @@ def _check_edit_kind(e: EditSection, bad: Any) -> None:
         raise bad("edit.fold", f"must be one of {', '.join(FOLDS)}, got {e.fold!r}")
     if not 0.0 <= e.strength <= 1.0:
         raise bad("edit.strength", f"must be in [0, 1], got {e.strength}")
+    if e.fit_on not in ("auto", "mean", "output"):
+        raise bad("edit.fit_on", f"must be auto, mean or output, got {_show(e.fit_on)}")
     if e.amplify != 0.0 and not e.fair_from:
         raise bad("edit.amplify", "needs edit.fair_from (there are no fair directions to amplify)")
     if e.neurons is not None:
@@ -320,6 +341,8 @@ def parse_recipe(raw: Any, where: str = "recipe") -> Recipe:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_values(recipe, where)
+    if recipe.data.label_by == "lean" and recipe.select is None:  # here: select.grid cells are checked without select
+        raise ConfigError(f"{where}: data.label_by: lean is measured over the selection faces: it needs a select: section")
     names = []
     for i, variant in enumerate(recipe.variants or []):
         if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"].strip():

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Collection
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ from ..data.datasets import LabelledImages, TextPrompts, default_data_dir, read_
 from ..sae import SparseAutoencoder
 from ..sae.importers import load_any
 from ..sae.train import TrainConfig, train_sae
+from .lean import NEUTRAL_PROMPTS, neutral_prompts
 from .recipe import Recipe
 
 
@@ -77,9 +78,23 @@ def _caption_csv(src: Path, dst: Path, exclude: Collection[str]) -> Path:
     return dst
 
 
-def data_source(recipe: Recipe, cache: Path, exclude: Collection[str] = ()):
+def _text_csv(rows: list[dict[str, str]], dst: Path) -> Path:
+    """Write ``rows`` (a ``text`` column and labels) once: the name is a hash of the content, so reruns reuse it."""
+    if not dst.is_file():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        tmp.rename(dst)
+    return dst
+
+
+def data_source(recipe: Recipe, cache: Path, exclude: Collection[str] = (), labels: Sequence[str] | None = None):
     """The fit data (capture, SAE, probe, projection fit); rows whose ``file`` is in ``exclude`` (the
-    selection split's faces, when the fit data is the same table) are left out."""
+    selection split's faces, when the fit data is the same table) are left out. ``labels``: one
+    ``probe.column`` label per text input, replacing the file's (``data.label_by: lean``)."""
     base = data_base(recipe)
     keep = (lambda row: row.get("file") not in exclude) if exclude else None
     if recipe.data.images:
@@ -87,9 +102,18 @@ def data_source(recipe: Recipe, cache: Path, exclude: Collection[str] = ()):
         return LabelledImages(base / recipe.data.images, image_dir=image_dir, limit=recipe.data.limit, filter=keep)
     if recipe.data.captions_from:
         name = f"captions-{key(recipe.data.captions_from, sorted(exclude))}.csv"
-        path = _caption_csv(base / recipe.data.captions_from, cache / name, exclude)
-        return TextPrompts(path, limit=recipe.data.limit)
-    return TextPrompts(base / recipe.data.texts, limit=recipe.data.limit)
+        source = TextPrompts(_caption_csv(base / recipe.data.captions_from, cache / name, exclude), limit=recipe.data.limit)
+    elif recipe.data.texts == NEUTRAL_PROMPTS:
+        rows = [{"text": t} for t in neutral_prompts(base)]
+        source = TextPrompts(_text_csv(rows, cache / f"neutral-{key(rows)}.csv"), limit=recipe.data.limit)
+    else:
+        source = TextPrompts(base / recipe.data.texts, limit=recipe.data.limit)
+    if labels is None:
+        return source
+    if len(labels) != len(source.rows):
+        raise DebiasError(f"{len(labels)} labels for {len(source.rows)} fit texts")
+    rows = [{"text": r["text"], recipe.probe.column: lab} for r, lab in zip(source.rows, labels)]
+    return TextPrompts(_text_csv(rows, cache / f"labelled-{key(rows)}.csv"))
 
 
 @dataclasses.dataclass
@@ -103,20 +127,23 @@ class Captured:
 
 
 def capture(recipe: Recipe, adapter, cache: Path, steps: Steps, progress: bool, seed: int | None = None,
-            exclude: Collection[str] = ()) -> Captured:
-    """Resolve the site, check the data fits it, capture (cached by model, site, data, capture settings, seed)."""
+            exclude: Collection[str] = (), labels: Sequence[str] | None = None) -> Captured:
+    """Resolve the site, check the data fits it, capture (cached by model, site, data, capture settings, seed,
+    and the ``labels`` that replace the text file's, see :func:`data_source`)."""
     seed = recipe.seed if seed is None else seed
     site = adapter.resolve_site(recipe.site)
     if (recipe.data.images is not None) == (site.tower == "text"):
         fed = "data.images feeds the image tower" if recipe.data.images else "data.texts/captions_from feed the text tower"
         raise DebiasError(f"site {site.name} is on the {site.tower} tower but {fed}")
-    source = data_source(recipe, cache, exclude)
+    source = data_source(recipe, cache, exclude, labels)
     columns = getattr(source, "columns", None) or (list(source.rows[0]) if source.rows else [])
     if recipe.probe.column not in columns:
         raise DebiasError(f"no label column {recipe.probe.column!r} (probe.column) in the data; columns: {', '.join(columns)}")
     parts = [recipe.model.spec, site.name, dataclasses.asdict(recipe.data), dataclasses.asdict(recipe.capture), seed]
     if exclude:
         parts.append(sorted(exclude))
+    if labels is not None:
+        parts.append(key(list(labels)))
     cap_key = key(*parts)
     directory = cache / f"capture-{cap_key}"
     steps("capture", lambda: capture_activations(adapter, site, source, directory, tokens=recipe.capture.tokens,

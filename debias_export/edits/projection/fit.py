@@ -17,15 +17,20 @@ from ...sae.model import read_safetensors
 from .config import ProjectionEdit
 
 
-def capture_fit_activations(store) -> tuple[torch.Tensor, str]:
-    """Per-input activations of a capture: the pooled output token when the family has one, else the token mean."""
+def capture_fit_activations(store, which: str = "auto") -> tuple[torch.Tensor, str]:
+    """Per-input activations of a capture: ``auto``: the pooled output token when the family has one, else the
+    token mean; ``mean`` / ``output``: that one (an eraser of every token is fitted on token means)."""
+    if which == "mean":
+        return store.mean_activations(), "mean"
+    if which == "output":
+        return store.output_activations(), "output"
     has_output = bool(store.shards) and "output_token_index" in store.load_shard(0)
     return (store.output_activations(), "output") if has_output else (store.mean_activations(), "mean")
 
 
 def fit_from_capture(store, column: str, method: str = "leace", fold: str = "none",
                      adapter: ModelAdapter | None = None, fair: torch.Tensor | None = None,
-                     **kwargs: Any) -> ProjectionEdit:
+                     activations: str = "auto", **kwargs: Any) -> ProjectionEdit:
     """Fit a :class:`ProjectionEdit` on an :class:`~debias_export.capture.store.ActivationStore` labelled by ``column``.
 
     ``fold="output"`` fits in the embedding space instead: the capture must be the output token at the
@@ -37,7 +42,7 @@ def fit_from_capture(store, column: str, method: str = "leace", fold: str = "non
     if fold == "site" and site.kind == "resid_post":
         raise ConfigError(f"fold=site needs an attn_out/mlp_out capture (a Linear's output); {store.path} is at {store.site}")
     labels = store.labels(column)
-    acts, which = capture_fit_activations(store)
+    acts, which = capture_fit_activations(store, activations)
     # rows without a label are skipped, as probing does (a blank is not a third group) and counted
     keep, n_rows = labelled_indices(labels), len(labels)
     if len(keep) < n_rows:

@@ -21,7 +21,7 @@ _TRUE = ("1", "true", "yes", "on")
 # files whose presence in the local hub cache means "this repo was downloaded before" (HF / open_clip layouts)
 _CACHE_MARKERS = ("config.json", "open_clip_config.json")
 # built-in spec forms (never a hub id or a directory): tiny random models, real configs, the bias lab
-BUILTIN_PREFIXES = ("tiny-", "arch:")
+BUILTIN_PREFIXES = ("tiny-", "arch:", "biaslab:")
 BUILTIN_NAMES = ("biaslab",)
 OPEN_CLIP_PREFIXES = ("open_clip:", "hf-hub:", "local-dir:")  # open_clip's own spec forms (adapters.open_clip_family)
 
@@ -66,7 +66,7 @@ def open_clip_names() -> set[str]:
 
 
 def is_builtin_spec(spec: str) -> bool:
-    """``tiny-*[:seed]``, ``arch:*`` or ``biaslab``: specs no hub or directory lookup should see."""
+    """``tiny-*[:seed]``, ``arch:*``, ``biaslab[:DIR]``: specs no hub or directory lookup should see."""
     return spec.startswith(BUILTIN_PREFIXES) or spec in BUILTIN_NAMES
 
 

@@ -38,7 +38,8 @@ def load_model_spec(spec: "str | os.PathLike[str]", family: str | None = None, *
     """Every model spec the CLI accepts, as an adapter:
 
     - ``tiny-clip|tiny-open-clip|tiny-llava|tiny-dual-encoder[:seed]``: tiny random models (offline);
-    - ``biaslab``: the bias lab dual encoder (shipped weights);
+    - ``biaslab``: the bias lab dual encoder (shipped weights); ``biaslab:DIR``: another trained lab's folder
+      (``weights.safetensors`` + ``recipe.json``, e.g. ``bias-lab --retrain --seed 1 --out DIR``);
     - ``arch:<name>``: a real architecture config from :mod:`debias_export.adapters.real_configs`, random weights;
     - a patched export directory (loaded patched, :func:`debias_export.load_patched`);
     - a local model directory, ``open_clip:NAME[@pretrained]``, or a hub id (downloaded only with hub access on).
@@ -47,6 +48,9 @@ def load_model_spec(spec: "str | os.PathLike[str]", family: str | None = None, *
     if spec == "biaslab":
         # The offline real-bias reference model: shipped weights + the packaged MiniLM, built instantly.
         adapter = lab_adapter()
+    elif spec.startswith("biaslab:"):
+        # a second, independently trained lab (results must hold on more than one lab: issue #15)
+        adapter = lab_adapter(spec[len("biaslab:"):])
     elif spec.startswith("arch:"):
         adapter = random_clip(spec[5:])
     elif is_export_dir(spec):

@@ -53,6 +53,22 @@ def test_the_public_loader_takes_every_builtin_spec():
     assert dx.load_adapter("biaslab").family == "hf_dual_encoder"
 
 
+def test_biaslab_dir_loads_another_trained_lab(no_network, tmp_path):
+    """``biaslab:DIR``: the committed second lab (seed 1) loads offline and differs from the shipped one;
+    a folder without a lab is one DebiasError, not a hub lookup."""
+    seed1 = ROOT / "benchmarks" / "results" / "biaslab" / "seed1"
+    other = dx.load_adapter(f"biaslab:{seed1}")
+    shipped = dx.load_adapter("biaslab")
+    assert other.family == "hf_dual_encoder" and other.source == f"biaslab:{seed1}"
+    w_other = dict(other.model.named_parameters())
+    w_shipped = dict(shipped.model.named_parameters())
+    assert w_other.keys() == w_shipped.keys()
+    assert any(not (w_other[k] == w_shipped[k]).all() for k in w_other)  # a different lab, not the shipped one
+    with pytest.raises(dx.DebiasError, match="recipe not found"):
+        dx.load_adapter(f"biaslab:{tmp_path}")
+    assert not no_network
+
+
 def test_a_family_loader_builds_its_own_tiny_spec_and_points_elsewhere_for_the_rest(no_network):
     a, b = HFCLIPAdapter.load("tiny-clip:3"), dx.load_adapter("tiny-clip:3")
     assert a.source == "tiny-clip:3"

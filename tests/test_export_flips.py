@@ -123,3 +123,23 @@ def test_cli_export_of_graph_with_wrong_decisions_exits_2(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "not explained by threshold flips" in err[0]
     assert not out.exists()
+
+
+def test_cli_export_reports_explained_flips(tmp_path, monkeypatch, capsys):
+    from debias_export.cli.main import main
+
+    sae = random_sae(32, 64, seed=3)
+    with torch.no_grad():  # latent LATENT at the threshold on every token, as in at_threshold (b_dec folds exactly)
+        sae.W_enc[:, LATENT] = 0.0
+        sae.b_enc[LATENT] = sae.threshold
+        sae.W_dec[LATENT] = torch.linspace(-4.0, 4.0, 32)
+    sae.save(tmp_path / "sae")
+    assert main(["patch", "--model", "tiny-clip", "--sae", str(tmp_path / "sae"), "--site", "image.-1",
+                 "--neurons", "3,7", "--out", str(tmp_path / "edit")]) == 0
+    graph_damage(monkeypatch, ulp_up=True)
+    capsys.readouterr()
+    assert main(["export", "--model", "tiny-clip", "--edit", str(tmp_path / "edit"), "--tower", "image",
+                 "--out", str(tmp_path / "export")]) == 0
+    assert "(4 SAE latents flipped at their threshold, explained)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "export" / "onnx" / "onnx_report.json").read_text())
+    assert sum(f["flipped_latents"] for f in report["graphs"]["vision_model"]["validation"]["boundary_flips"]) == 4

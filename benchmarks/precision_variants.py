@@ -91,12 +91,40 @@ def row(name: str, prec: str, v: dict, fp32_val: dict, ratio: float, seconds: fl
             "latency_ratio_b1": round(ratio, 3), "export_seconds": round(seconds, 1)}
 
 
+def write_results(rows: list[dict], out: Path, reps: int, note: str = "") -> None:
+    """``precision.json`` + ``precision.md`` (the table) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "precision.json").write_text(json.dumps({"model": "arch:clip-vit-base-patch16 (random weights)",
+                                                    "sae": "random_sae(768, 6144, seed=1, threshold=0.2), 96 neurons, a=1",
+                                                    "ort": ort.__version__, "torch": torch.__version__, "threads": 1,
+                                                    "batch": 1, "reps": reps, "note": note, "rows": rows}, indent=2) + "\n")
+    fmt = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+    lines = ["| edit | precision | fidelity cos (min) | edit cos (min) | latents agree | fp32 parity: flips | "
+             "latency ratio (b1) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['edit']} | export refused: {r['error']} | | | | | |" for r in rows if "error" in r]
+    lines += [f"| {r['edit']} | {r['precision']} | {fmt(r['fidelity_cosine_min'], 5)} | {fmt(r['edit_cosine_min'], 5)} | "
+              f"{fmt(r['latents_agree_share'], 3)} | {r['fp32_boundary_flips']} | {r['latency_ratio_b1']:.3f} |" for r in rows
+              if "error" not in r]
+    (out / "precision.md").write_text("\n".join(lines) + "\n" + (f"\n{note}\n" if note else ""))
+    print("\n".join(lines))
+
+
+def from_log(log: Path, out: Path, reps: int, note: str) -> None:
+    """Re-render the table from the JSON rows a (possibly stopped) run printed, one per line."""
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.startswith('{"edit"')]
+    write_results(rows, out, reps, note)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default="benchmarks/results/precision-vit-b16")
     ap.add_argument("--edits", default=",".join([*EDITS, LEACE]), help="Comma-separated subset of the cases.")
+    ap.add_argument("--from-log", default=None, help="Only render the rows an earlier run printed to this log.")
+    ap.add_argument("--note", default="", help="A line written under the table (e.g. which cases did not run).")
     args = ap.parse_args()
+    if args.from_log:
+        return from_log(Path(args.from_log), Path(args.out), args.reps, args.note)
     cases = args.edits.split(",")
     torch.set_num_threads(1)
     adapter = random_clip("clip-vit-base-patch16")
@@ -134,21 +162,7 @@ def main() -> None:
             ratio = paired_ratio(session(work / name / f), session(work / "base" / f), feed, args.reps)
             rows.append(row(name, prec, variants.get(prec, {}), val, ratio, seconds))
             print(json.dumps(rows[-1]), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps({"model": "arch:clip-vit-base-patch16 (random weights)",
-                                                    "sae": "random_sae(768, 6144, seed=1, threshold=0.2), 96 neurons, a=1",
-                                                    "ort": ort.__version__, "torch": torch.__version__, "threads": 1,
-                                                    "batch": 1, "reps": args.reps, "rows": rows}, indent=2) + "\n")
-    fmt = lambda x, p: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
-    lines = ["| edit | precision | fidelity cos (min) | edit cos (min) | latents agree | fp32 parity: flips | "
-             "latency ratio (b1) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['edit']} | export refused: {r['error']} | | | | | |" for r in rows if "error" in r]
-    lines += [f"| {r['edit']} | {r['precision']} | {fmt(r['fidelity_cosine_min'], 5)} | {fmt(r['edit_cosine_min'], 5)} | "
-              f"{fmt(r['latents_agree_share'], 3)} | {r['fp32_boundary_flips']} | {r['latency_ratio_b1']:.3f} |" for r in rows
-              if "error" not in r]
-    (out / "precision.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(rows, Path(args.out), args.reps)
 
 
 if __name__ == "__main__":

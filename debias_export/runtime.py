@@ -55,19 +55,33 @@ class FusedSAEEdit(nn.Module):
         return {"type": "sae", "d_in": self.W_enc.shape[0], "n_latents": self.W_enc.shape[1], "keep": self.keep,
                 "topk": self.topk, "n_select": self.n_select, "per_latent_threshold": self.threshold.dim() == 1}
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = h @ self.W_enc + self.b_enc
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """Pre-activations ``z`` of the kept latents."""
+        return h @ self.W_enc + self.b_enc
+
+    def active(self, z: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of active latents: ``z > threshold``, or top-k's ``(z >= k-th value) & (z > 0)``."""
         if self.topk:
             # k-th largest value per row as the cut: a compare, not a scatter, so it exports cleanly
             kth = torch.topk(z, self.topk, dim=-1).values[..., -1:]
-            f = z * ((z >= kth) & (z > 0)).to(z.dtype)
+            return (z >= kth) & (z > 0)
+        return z > self.threshold  # threshold already clamped at >= 0 (includes ReLU)
+
+    def combine(self, h: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The edited output from the input, its pre-activations and a latent mask (validation can pass its own)."""
+        if self.topk:
+            f = z * mask.to(z.dtype)
         else:
-            # threshold already clamped at >= 0 (includes ReLU); where() saves a pass over [B, T, F] vs z * mask
-            f = torch.where(z > self.threshold, z, torch.zeros((), dtype=z.dtype, device=z.device))
+            # where() saves a pass over [B, T, F] vs z * mask
+            f = torch.where(mask, z, torch.zeros((), dtype=z.dtype, device=z.device))
         if self.n_select:
             f = f.index_select(-1, self.select)
         out = f @ self.W_dec + self.bias
         return out + h if self.keep == 1.0 else out + self.keep * h
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.encode(h)
+        return self.combine(h, z, self.active(z))
 
 
 class LowRankEdit(nn.Module):
@@ -112,6 +126,21 @@ def ids_argmax(input_ids: torch.Tensor, eos_token_id: int = 0) -> torch.Tensor:
 POSITION_RULES = {"eos_first": eos_first, "ids_argmax": ids_argmax}
 
 
+def add_at_positions(h: torch.Tensor, pos: torch.Tensor, edit: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``h`` with ``edit`` applied to row ``pos[b]`` of each batch item ``b`` (``h``: [B, T, d], ``pos``: [B]).
+
+    Written as ``h + onehot(pos) * (edit(h[pos]) - h[pos])`` rather than a scatter of the edited rows, so
+    the last op before the tower's final LayerNorm stays an ``Add``: onnxruntime's transformer optimizer
+    fuses Add + LayerNormalization into SkipLayerNormalization, which a ScatterElements in between prevents.
+    Equal to the scatter within float rounding on the edited rows (``p + (e - p)``), exactly elsewhere.
+    """
+    index = pos.view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+    picked = h.gather(1, index)
+    delta = edit(picked) - picked  # [B, 1, d]
+    onehot = (torch.arange(h.shape[1], device=h.device).view(1, -1) == pos.view(-1, 1)).to(h.dtype)  # [B, T]
+    return h + onehot.unsqueeze(-1) * delta
+
+
 class SiteEdit(nn.Module):
     """The fused edits of one site, applied to its module's output (a tensor, or a tuple's first item).
 
@@ -140,9 +169,7 @@ class SiteEdit(nn.Module):
         pos = self._dynamic_pos
         if pos is None:
             raise RuntimeError("SiteEdit: dynamic output positions were not set by the tower pre-hook")
-        index = pos.to(h.device).long().view(-1, 1, 1).expand(-1, 1, h.shape[-1])
-        picked = h.gather(1, index)
-        return h.scatter(1, index, self.apply_edits(picked))
+        return add_at_positions(h, pos.to(h.device).long(), self.apply_edits)
 
     def forward(self, output: Any) -> Any:
         if isinstance(output, tuple):

@@ -79,7 +79,9 @@ def export(model_spec, edit_dirs, out_dir, onnx, towers, exporter, opset, atol, 
     parts = [f"hf {_mb(report['hf']['size_bytes'])} ({kind})"]
     for name, g in report.get("onnx", {}).get("graphs", {}).items():
         diff = max(g["validation"]["max_abs_diff"].values())
-        parts.append(f"{name}.onnx {_mb(sum(g['size_bytes'].values()))} max|diff| {diff:.2g}")
+        flips = sum(f["flipped_latents"] for f in g["validation"].get("boundary_flips", []))
+        flipped = f" ({flips} SAE latents flipped at their threshold, explained)" if flips else ""  # never hidden
+        parts.append(f"{name}.onnx {_mb(sum(g['size_bytes'].values()))} max|diff| {diff:.2g}{flipped}")
         for prec, v in g.get("variants", {}).items():
             edit = f", edit cosine {v['edit_cosine_min']:.4f}" if "edit_cosine_min" in v else ""
             parts.append(f"{v['file']} {_mb(v['size_bytes'])} cosine {v['fidelity_cosine_min']:.4f}{edit}")

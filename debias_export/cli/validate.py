@@ -19,7 +19,9 @@ def validate(path, atol, seed):
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     report = validate_bundle(path, atol=atol, seed=seed)
     graphs = report.get("onnx", {})
-    parts = [f"{name}.onnx max|diff| {max(g['max_abs_diff'].values()):.2g}" for name, g in graphs.items()]
+    parts = [f"{name}.onnx max|diff| {max(g['max_abs_diff'].values()):.2g}"
+             + (f" ({sum(f['flipped_latents'] for f in g['boundary_flips'])} SAE latents flipped at their threshold, "
+                f"explained)" if g.get("boundary_flips") else "") for name, g in graphs.items()]
     summary(f"ok {path}: manifests verified, hf loads" + (", " + ", ".join(parts) if parts else ", no onnx graphs")
             + f" (atol {atol:g}, seed {seed})",
             next_step=f"debias-export bench --export {path} --out BENCH_DIR, or debias-export eval --model MODEL --patched {path} --out REPORT_DIR")

@@ -9,18 +9,18 @@ is relative to the current directory.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import yaml
 
 from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
 from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
+from .recipe_coerce import build_section as _build
+from .recipe_coerce import coerce as _coerce
+from .recipe_coerce import show as _show
 from .recipe_lines import check_duplicate_keys, key_lines, line_of, yaml_error_message
 from .recipe_select import SelectSection, apply_cell, check_select, grid_cells  # noqa: F401 (re-exported schema)
 
@@ -152,72 +152,6 @@ class Recipe:
     # Each variant is a mapping with a ``name`` plus any sections to override; it runs as its own recipe.
     variants: Optional[list[dict]] = None
     source: Optional[str] = None  # path of the YAML file (set by the loader)
-
-
-def _show(value: Any) -> str:
-    """repr() that cannot fail (ints past Python's digit limit) and stays short."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "<integer with too many digits>"
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``tp``; errors name the key path."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], path)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, path)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
-        (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
-        return value
-    if tp is float:
-        try:
-            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {_show(value)}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: dict, path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    for key in raw:
-        if key not in fields:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"unknown key {where!r} (known: {', '.join(fields)})")
-    kwargs = {}
-    for name, f in fields.items():
-        where = f"{path}.{name}" if path else name
-        if name in raw:
-            kwargs[name] = _coerce(raw[name], hints[name], where)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing key {where!r}")
-    return cls(**kwargs)
 
 
 def _check_values(r: Recipe, where: str) -> None:

@@ -149,3 +149,52 @@ def test_user_selection_split_without_the_needed_label_is_one_error(tmp_path, sh
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no label column 'gender'" in err[0]
+
+
+@pytest.mark.parametrize("protocol", [True, False])
+def _no_neurons_at_tau(monkeypatch, tau: float) -> None:
+    """Probing at ``tau`` finds no social neuron (whether a toy SAE has one is data- and CPU-dependent, so the
+    probe's answer is fixed here; everything after it is the real pipeline)."""
+    from debias_export.workflow import pipeline
+
+    for module in (protocol, pipeline):
+        real = module.neurons_from_report
+        monkeypatch.setattr(module, "neurons_from_report",
+                            lambda report, _real=real: [] if report["tau"] == tau else _real(report))
+
+
+@pytest.mark.parametrize("protocol_run", [True, False])
+def test_a_variant_without_social_neurons_is_reported_not_built_and_the_run_goes_on(tmp_path, shared_data, capsys,
+                                                                                     monkeypatch, protocol_run):
+    """A variant whose probe finds no social neuron has no edit: the run keeps the other variant, reports the
+    missing one with its reason and the evidence file, and warns once."""
+    _no_neurons_at_tau(monkeypatch, 0.77)
+    extra = {"edit": {"alpha": 0.6, "mode": "reconstruct"}, "seeds": [0],
+             "variants": [{"name": "none-found", "probe": {"tau": 0.77}}, {"name": "given", "edit": {"neurons": [1, 2]}}]}
+    if not protocol_run:
+        extra.update(seeds=None, select=None, eval=None)
+    path = _protocol_recipe(tmp_path, shared_data, **extra)
+    assert main(["run", str(path), "--no-progress"]) == 0
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: variant")]
+    assert len(err) == 1 and "none-found not built" in err[0] and "no social neurons" in err[0]
+    out = tmp_path / "out"
+    summaries = json.loads((out / "summary.json").read_text())
+    assert [s["variant"] for s in summaries] == ["none-found", "given"]
+    assert "no social neurons" in summaries[0]["not_built"] and "not_built" not in summaries[1]
+    assert (out / "given" / "export").is_dir() and not (out / "none-found" / "export").exists()
+    evidence = out / "none-found" / ("selection.json" if protocol_run else "probe.json")
+    assert evidence.is_file()
+    if protocol_run:
+        assert all(c.get("skipped") for c in json.loads(evidence.read_text())["cells"])
+    report = (out / "report.md").read_text()
+    assert "## Not built" in report and "**none-found**" in report and "| none-found |" not in report
+
+
+def test_a_run_where_no_variant_can_be_built_stops_with_one_line(tmp_path, shared_data, capsys, monkeypatch):
+    _no_neurons_at_tau(monkeypatch, 0.77)
+    path = _protocol_recipe(tmp_path, shared_data, seeds=[0], probe={"column": "gender", "tau": 0.77},
+                            edit={"alpha": 0.6, "mode": "reconstruct"}, variants=[{"name": "a"}, {"name": "b"}])
+    assert main(["run", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no variant could be built: a: probing found no social neurons")
+    assert not (tmp_path / "out").exists()

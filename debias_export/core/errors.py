@@ -32,6 +32,13 @@ class ValidationError(DebiasError):
     """An exported artifact does not reproduce the PyTorch model within tolerance."""
 
 
+class NotBuiltError(DebiasError):
+    """A variant's edit does not exist on this model and data (probing found no social neuron).
+
+    A finding about the model, not a crash: a multi-variant run records the variant as "not built" with this
+    message and goes on with the others; a run with nothing built still stops with it (exit 2)."""
+
+
 def check_finite(name: str, tensor) -> None:
     """Raise when a tensor holds NaN or Inf (merged/folded weights must stay finite)."""
     import torch  # core/ stays torch-free: the CLI imports it at --help

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from ..analysis.probe import neurons_from_report
 from ..bench import PatchSet, headline, run_benchmark
 from ..bench.report import write_report
-from ..core.errors import DebiasError
+from ..core.errors import DebiasError, NotBuiltError
 from ..core.fileio import apply_default_modes
 from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
 from ..edits import SAEEdit, apply_edits
@@ -45,26 +46,49 @@ def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = T
     adapters: dict[tuple, Any] = {}
     shared: dict[str, Any] = {}  # selection split, evaluation data, captures and SAEs shared by the variants
     plans: dict[int, Any] = {}
+    not_built: dict[int, dict[str, Any]] = {}
     for i, r in enumerate(runs):  # phase 1: held-out selection of every protocol variant, before any evaluation
         spec = (r.model.spec, r.model.family)
         if spec not in adapters:
             adapters[spec] = load_model_spec(*spec)
         if _protocol(r):
-            plans[i] = select_variant(r, adapters[spec], work / r.name if recipe.variants else work, work / "cache",
-                                      progress, shared)
+            try:
+                plans[i] = select_variant(r, adapters[spec], work / r.name if recipe.variants else work,
+                                          work / "cache", progress, shared)
+            except NotBuiltError as exc:
+                not_built[i] = _not_built(recipe, r, exc)
     summaries = []
     for i, r in enumerate(runs):
         adapter = adapters[(r.model.spec, r.model.family)]
-        if i in plans:
+        if i in not_built:
+            summaries.append(not_built[i])
+        elif i in plans:
             summaries.append(finish_variant(plans[i], adapter, shared, _export_bench))
         else:
-            summaries.append(_run_one(r, adapter, work / r.name if recipe.variants else work, work / "cache", progress))
+            try:
+                summaries.append(_run_one(r, adapter, work / r.name if recipe.variants else work, work / "cache", progress))
+            except NotBuiltError as exc:
+                summaries.append(_not_built(recipe, r, exc))
+    missing = [s for s in summaries if "not_built" in s]
+    if len(missing) == len(summaries):
+        raise NotBuiltError(f"no variant could be built: {missing[0]['variant']}: {missing[0]['not_built']}")
+    for s in missing:  # one line each on stderr; the report and summary.json carry the same reason
+        warnings.warn(f"variant {s['variant']} not built: {s['not_built']}", stacklevel=1)
     if recipe.variants or _protocol(recipe):
         write_json(work / "summary.json", summaries)
         write_run_report(work, summaries, recipe, str(data_base(recipe).resolve()))
     _finish(work, out)
     log(f"done: {out}")
     return out
+
+
+def _not_built(recipe: Recipe, r: Recipe, exc: NotBuiltError) -> dict[str, Any]:
+    """The summary of a variant whose edit does not exist here: a multi-variant run reports it and goes on
+    (the other variants' hours are not thrown away); a single-variant run has nothing to report and stops."""
+    if not recipe.variants:
+        raise exc
+    reason = str(exc).removeprefix(f"{r.name}: ")  # the variant is named beside it wherever it is shown
+    return {"variant": r.name, "kind": r.edit.kind, "site": r.site, "not_built": reason}
 
 
 def _protocol(r: Recipe) -> bool:
@@ -93,7 +117,7 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
     report = steps("probe", run_probe)
     neurons = recipe.edit.neurons or neurons_from_report(report)
     if not neurons:
-        raise DebiasError(f"probing found no social neurons for column {recipe.probe.column!r} at tau={recipe.probe.tau}; "
+        raise NotBuiltError(f"{recipe.name}: probing found no social neurons for column {recipe.probe.column!r} at tau={recipe.probe.tau}; "
                           "lower probe.tau, train the SAE longer, or give edit.neurons")
     provenance = {"recipe": recipe.source, "recipe_name": recipe.name, "seed": recipe.seed, "model": recipe.model.spec,
                   "site": site.name, "sae": dict(sae.cfg.metadata), "probe_column": recipe.probe.column,

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from ..analysis.metrics import embedding_cosine
 from ..analysis.probe import neurons_from_report
-from ..core.errors import DebiasError
+from ..core.errors import DebiasError, NotBuiltError
 from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
 from ..data.datasets import LabelledImages
 from ..edits import SAEEdit
@@ -143,6 +143,13 @@ def _lean_labels(r: Recipe, adapter, cache: Path, sel: Selection, exclude, memo:
     return memo[k]
 
 
+def _write_selection(work: Path, sel: Selection | None, column: str | None, r: Recipe, table: list[dict]) -> None:
+    write_json(work / "selection.json", {"split": sel.description if sel else None, "column": column,
+                                         "utility": r.select.utility if r.select else None,
+                                         "max_utility_loss": r.select.max_utility_loss if r.select else None,
+                                         "cells": table})
+
+
 def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, shared: dict) -> Plan:
     """Phase 1: score every grid cell x seed on the selection split; reads no evaluation data."""
     if r.select is not None and adapter.bias_metric != "retrieval":
@@ -195,9 +202,10 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
         table.append(row)
         plans[len(table) - 1] = (rc, edits, probes, cap.site)
     usable = [i for i, row in enumerate(table) if "skipped" not in row]
-    if not usable:
-        raise DebiasError(f"{r.name}: probing found no social neurons in any select.grid cell for column "
-                          f"{r.probe.column!r}; lower probe.tau, train the SAE longer, or give edit.neurons")
+    if not usable:  # every cell's table stays on disk: which seed found how many neurons where
+        _write_selection(work, sel, column, r, table)
+        raise NotBuiltError(f"{r.name}: probing found no social neurons in any select.grid cell for column "
+                            f"{r.probe.column!r}; lower probe.tau, train the SAE longer, or give edit.neurons")
     if sel is None:
         best = usable[0]
     else:
@@ -209,10 +217,7 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
             f"{100 * table[best]['skew_change']:+.1f}%, utility loss {100 * table[best]['utility_loss']:.1f}%"
             + ("" if table[best]["feasible"] else " (no cell met select.max_utility_loss)"))
     rc, edits, probes, site = plans[best]
-    write_json(work / "selection.json", {"split": sel.description if sel else None, "column": column,
-                                         "utility": r.select.utility if r.select else None,
-                                         "max_utility_loss": r.select.max_utility_loss if r.select else None,
-                                         "cells": table})
+    _write_selection(work, sel, column, r, table)
     return Plan(rc, table[best]["cell"], edits, probes, site, table, table[best] if sel else None, steps, work)
 
 

@@ -47,10 +47,24 @@ def _mode_size(s: dict[str, Any]) -> tuple[str, str]:
     return s["mode"], str(len(s["neurons"]))
 
 
+def _built(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [s for s in summaries if "not_built" not in s]
+
+
+def _not_built_lines(summaries: list[dict[str, Any]]) -> list[str]:
+    missing = [s for s in summaries if "not_built" in s]
+    if not missing:
+        return []
+    lines = ["## Not built", "", "These variants' edits do not exist on this model and data, so they have no row below "
+             "(the run went on with the others; `<variant>/selection.json` or `<variant>/probe.json` shows what "
+             "probing found):", ""]
+    return lines + [f"- **{s['variant']}** ({s['kind']}, {s['site']}): {s['not_built']}" for s in missing] + [""]
+
+
 def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
     """Markdown rows: MaxSkew(gender)@k before/after on one prompt set, utility and latency beside it."""
     rows = []
-    for s in summaries:
+    for s in _built(summaries):
         ev = s.get("eval") or {}
         b = ev.get("max_skew_gender_before", {}).get(prompt_set)
         a = ev.get("max_skew_gender_after", {}).get(prompt_set)
@@ -71,7 +85,7 @@ def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
 def _selection_lines(summaries: list[dict[str, Any]]) -> list[str]:
     rows = [s for s in summaries if s.get("selection")]
     if not rows:
-        return []
+        return _not_built_lines(summaries)
     lines = ["## Selection split (settings chosen here; no evaluation data read)", "",
              "Each variant's grid was scored on the selection split only, averaged over its seeds: the mean relative "
              "MaxSkew change over the prompt sets' *select* half of concepts, and the utility loss (worst relative drop "
@@ -87,7 +101,7 @@ def _selection_lines(summaries: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {s['variant']} | {s['selection_cells']} | {cell} | {neurons} | {_pct(c['skew_change'])} "
                      f"({', '.join(f'{k} {_pct(v)}' for k, v in per.items())}; seed {s['seeds'][0]}) "
                      f"| {100 * c['utility_loss']:.1f}% | {'yes' if c['feasible'] else '**no**'} | {_f(c['cosine'])} |")
-    return lines + [""]
+    return lines + [""] + _not_built_lines(summaries)
 
 
 def _utility_lines(summaries: list[dict[str, Any]]) -> list[str]:
@@ -125,6 +139,7 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe, data_d
                   "(projection fits have no seed: concepts only).", ""]
         lines += _selection_lines(summaries)
     else:
+        lines += _not_built_lines(summaries)
         lines += ["The MaxSkew change carries a 95% paired bootstrap interval over prompt concepts (in percent): a "
                   "change whose interval spans 0 is within noise.", ""]
     sets = sorted({k for s in summaries for k in (s.get("eval") or {}).get("max_skew_gender_before", {})})

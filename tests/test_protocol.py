@@ -176,11 +176,12 @@ def test_a_variant_without_social_neurons_is_reported_not_built_and_the_run_goes
     path = _protocol_recipe(tmp_path, shared_data, **extra)
     assert main(["run", str(path), "--no-progress"]) == 0
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: variant")]
-    assert len(err) == 1 and "none-found not built" in err[0] and "no social neurons" in err[0]
+    words = "social neurons for column 'gender' on every seed (at most 0 of 1" if protocol_run else "no social neurons"
+    assert len(err) == 1 and "none-found not built" in err[0] and words in err[0]
     out = tmp_path / "out"
     summaries = json.loads((out / "summary.json").read_text())
     assert [s["variant"] for s in summaries] == ["none-found", "given"]
-    assert "no social neurons" in summaries[0]["not_built"] and "not_built" not in summaries[1]
+    assert "social neurons" in summaries[0]["not_built"] and "not_built" not in summaries[1]
     assert (out / "given" / "export").is_dir() and not (out / "none-found" / "export").exists()
     evidence = out / "none-found" / ("selection.json" if protocol_run else "probe.json")
     assert evidence.is_file()
@@ -196,5 +197,5 @@ def test_a_run_where_no_variant_can_be_built_stops_with_one_line(tmp_path, share
                             edit={"alpha": 0.6, "mode": "reconstruct"}, variants=[{"name": "a"}, {"name": "b"}])
     assert main(["run", str(path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: no variant could be built: a: probing found no social neurons")
+    assert len(err) == 1 and err[0].startswith("error: no variant could be built: a: no select.grid cell has social neurons")
     assert not (tmp_path / "out").exists()

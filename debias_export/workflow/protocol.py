@@ -204,8 +204,11 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
     usable = [i for i, row in enumerate(table) if "skipped" not in row]
     if not usable:  # every cell's table stays on disk: which seed found how many neurons where
         _write_selection(work, sel, column, r, table)
-        raise NotBuiltError(f"{r.name}: probing found no social neurons in any select.grid cell for column "
-                            f"{r.probe.column!r}; lower probe.tau, train the SAE longer, or give edit.neurons")
+        # the seed mean needs an edit per seed, so a cell where only some seeds have neurons does not count
+        most = max((sum(1 for n in row["neurons"].values() if n) for row in table), default=0)
+        raise NotBuiltError(f"{r.name}: no select.grid cell has social neurons for column {r.probe.column!r} on every "
+                            f"seed (at most {most} of {len(seeds)} seeds in a cell); lower probe.tau, train the SAE "
+                            "longer, or give edit.neurons")
     if sel is None:
         best = usable[0]
     else:

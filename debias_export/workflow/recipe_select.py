@@ -11,15 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from ..core.errors import ConfigError
-
-
-def show(value: Any) -> str:
-    """repr() that cannot fail and stays short (for error messages)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return "<integer with too many digits>"
-    return text if len(text) <= 60 else text[:57] + "..."
+from .recipe_coerce import show
 
 
 SELECT_LAB_SPLIT = "biaslab:validation"  # the UTKFace faces the shipped bias lab never trained on

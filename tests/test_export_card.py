@@ -44,7 +44,7 @@ def test_card_metadata_parses_with_huggingface_hub(edited):
 
 def test_card_body_describes_edit_loading_and_integrity(edited):
     text = (edited / "README.md").read_text()
-    assert "2 neuron(s) [2, 9] set to b = 0.5 with strength a = 0.8, mode reconstruct" in text
+    assert "2 neuron(s) [2, 9] set to v = 0.5 with strength a = 0.8, mode reconstruct" in text
     assert "SAE threshold with 96 latents" in text and "recipe: `r.yaml`" in text
     assert text.count("from_pretrained") >= 2 and "InferenceSession" in text and "## Limitations" in text
     for part in ("hf", "onnx"):  # the nested manifests (which cover every weight / graph file) are pinned by hash

@@ -132,6 +132,7 @@ def test_selection_score_and_missing_utility():
     ({"select": {"utility": ["accuracy"]}}, "select.utility"),
     ({"seeds": []}, "seeds"),
     ({"select": {"grid": {"edit.alpha": [2.0]}}}, "edit.alpha"),
+    ({"select": {"grid": {"edit.value": [0.0, "median"]}}}, "edit.value"),
 ])
 def test_bad_protocol_keys_exit_2_with_one_line(tmp_path, shared_data, capsys, extra, words):
     assert main(["run", str(_protocol_recipe(tmp_path, shared_data, **extra)), "--no-progress"]) == 2

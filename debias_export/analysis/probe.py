@@ -68,11 +68,12 @@ def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: floa
         idx = specific.nonzero().flatten()
         ranked = idx[means[g][idx].argsort(descending=True, stable=True)][:top_n].tolist()
         other_mean = torch.stack([means[h] for h in others]).mean(0)
+        balanced = torch.stack([means[h] for h in order]).mean(0)
         neurons = []
         for i in ranked:
             om = float(other_mean[i])
             neurons.append({"index": int(i), "mean_activation": float(means[g][i]), "frequency": float(freq[g][i]),
-                            "other_mean_activation": om,
+                            "other_mean_activation": om, "balanced_mean_activation": float(balanced[i]),
                             "selectivity": float(means[g][i]) / om if om > 0 else None})
         selected.update(ranked)
         report_groups[g] = {"n": int(masks[g].sum()), "num_frequent": int(frequent[g].sum()),
@@ -81,6 +82,34 @@ def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: floa
             "num_samples": len(keep), "num_unlabelled": latents.shape[0] - len(keep),
             "num_latents": int(latents.shape[1]), "groups": report_groups, "neurons": sorted(selected),
             "sources": dict(sources or {})}
+
+
+def balanced_means(latents: torch.Tensor, labels: Sequence[Any], neurons: Sequence[int]) -> list[float]:
+    """Each latent's mean activation averaged over the label groups (every group weighs the same; rows with
+    no label are left out): the value a mean-ablation edit sets a social neuron to, so every input looks like
+    the average of the groups rather than like the group the neuron is silent for (what zeroing does)."""
+    keep = labelled_indices(labels)
+    if not keep:
+        raise DebiasError("no labelled rows to average the neurons' activations over")
+    names = [str(labels[i]) for i in keep]
+    lat = latents[keep].double()
+    groups = sorted(set(names))
+    means = torch.stack([lat[torch.tensor([n == g for n in names])].mean(0) for g in groups]).mean(0)
+    return [float(means[int(i)]) for i in neurons]
+
+
+def values_from_report(report: dict[str, Any], neurons: Sequence[int]) -> list[float]:
+    """``balanced_mean_activation`` of each of ``neurons`` as recorded in a probe report (refused when missing)."""
+    found: dict[int, float] = {}
+    for g in (report.get("groups") or {}).values():
+        for n in g.get("neurons", []) if isinstance(g, dict) else []:
+            if isinstance(n, dict) and "balanced_mean_activation" in n:
+                found[int(n["index"])] = float(n["balanced_mean_activation"])
+    missing = [i for i in neurons if i not in found]
+    if missing:
+        raise DebiasError(f"the probe report records no balanced_mean_activation for neuron(s) {missing[:8]} "
+                          "(probe again with this version, or give a number as the value)")
+    return [found[i] for i in neurons]
 
 
 def neurons_from_report(report: dict[str, Any], groups: Sequence[str] | None = None) -> list[int]:

@@ -38,6 +38,26 @@ model_option = click.option(
 family_option = click.option("--family", default=None, help="Model family (default: detected from the config).")
 
 
+class FloatOrWord(click.ParamType):
+    """A finite float or one of a few words (``--value mean``)."""
+
+    name = "number-or-word"
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, str) and value in self.words:
+            return value
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            x = math.nan
+        if not math.isfinite(x):
+            self.fail(f"must be a finite number or {' / '.join(self.words)}, got {value}", param, ctx)
+        return x
+
+
 class FiniteFloat(click.ParamType):
     """A finite float, optionally within bounds: NaN / Inf / out-of-range values fail at parse time, before any
     model or data is loaded (``click.FloatRange`` lets NaN through: every comparison with it is False)."""

@@ -11,7 +11,7 @@ from ..core.choices import SAE_MODES
 from ..core.errors import ConfigError, DebiasError
 from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
 from ..core.model_match import allow_mismatch as mismatch_allowed
-from .common import FiniteFloat, allow_mismatch_option, check_site_read, load_model_spec, model_option, summary
+from .common import FiniteFloat, FloatOrWord, allow_mismatch_option, check_site_read, load_model_spec, model_option, summary
 
 
 def load_sae(path: str, hookpoint: str | None = None):
@@ -21,13 +21,20 @@ def load_sae(path: str, hookpoint: str | None = None):
     return load_any(path, hookpoint=hookpoint)
 
 
-def neurons_from_probe_report(path: str) -> list[int]:
-    """Every group's neurons of a probe report (``{"groups": {name: {"neurons": [{"index": i}|i, ...]}}}``), in order."""
+def read_probe_report(path: str) -> dict:
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise DebiasError(f"cannot read probe report {path}: {exc}") from None
-    groups = report.get("groups") if isinstance(report, dict) else None
+    if not isinstance(report, dict):
+        raise ConfigError(f"probe report {path} has no 'groups' table (not a JSON object)")
+    return report
+
+
+def neurons_from_probe_report(path: str) -> list[int]:
+    """Every group's neurons of a probe report (``{"groups": {name: {"neurons": [{"index": i}|i, ...]}}}``), in order."""
+    report = read_probe_report(path)
+    groups = report.get("groups")
     if isinstance(groups, dict):
         groups = list(groups.values())
     if not isinstance(groups, list):
@@ -44,6 +51,11 @@ def neurons_from_probe_report(path: str) -> list[int]:
     if not neurons:
         raise ConfigError(f"probe report {path} lists no neurons in any group")
     return neurons
+
+
+def _show_value(value: float | list[float]) -> str:
+    return "per neuron " + ", ".join(f"{v:.4g}" for v in value[:8]) + (" ..." if len(value) > 8 else "") \
+        if isinstance(value, list) else str(value)
 
 
 def parse_neurons(text: str) -> list[int]:
@@ -63,7 +75,9 @@ def parse_neurons(text: str) -> list[int]:
 @click.option("--probe-report", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Take the neurons of every group of a probe report instead of --neurons.")
 @click.option("--alpha", default=0.6, show_default=True, type=FiniteFloat(0.0, 1.0), help="Mixing weight a.")
-@click.option("--value", default=0.0, show_default=True, type=FiniteFloat(), help="Value v the neurons are set to.")
+@click.option("--value", default=0.0, show_default=True, type=FloatOrWord("mean"),
+              help="Value v the neurons are set to: a number, or 'mean' (with --probe-report): each neuron's "
+                   "group-balanced mean activation recorded by the probe (mean ablation).")
 @click.option("--mode", default="reconstruct", show_default=True, type=click.Choice(SAE_MODES))
 @click.option("--no-prune", is_flag=True, help="Apply at every token, not only the positions the output reads.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Edit folder to write.")
@@ -81,6 +95,12 @@ def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, va
     if (neurons is None) == (probe_report is None):
         raise ConfigError("give exactly one of --neurons and --probe-report")
     chosen = parse_neurons(neurons) if neurons is not None else neurons_from_probe_report(probe_report)
+    if value == "mean":
+        from ..analysis.probe import values_from_report
+
+        if probe_report is None:
+            raise ConfigError("--value mean reads each neuron's mean activation from a probe report: give --probe-report")
+        value = values_from_report(read_probe_report(probe_report), chosen)
     sae = load_sae(sae_dir, hookpoint)
     site = site or sae.cfg.metadata.get("site")
     if not site:
@@ -97,6 +117,6 @@ def patch(model_spec, sae_dir, hookpoint, site, neurons, probe_report, alpha, va
         edit.save(tmp)
     shown = ", ".join(map(str, chosen[:8])) + (" ..." if len(chosen) > 8 else "")
     summary(f"saved {mode} edit of {len(chosen)} neuron(s) ({shown}) at {adapter.resolve_site(site).name} "
-            f"(alpha {alpha}, value {value}) to {out_dir}",
+            f"(alpha {alpha}, value {_show_value(value)}) to {out_dir}",
             next_step=f"debias-export export --model {model_spec} --edit {out_dir} --out EXPORT_DIR "
                       f"(or measure it first: debias-export eval --model {model_spec} --edit {out_dir} --out REPORT_DIR)")

@@ -57,7 +57,10 @@ def _describe_edit(edit: dict[str, Any], fold: dict[str, Any] | None = None) -> 
     if kind == "sae":
         neurons = list(edit.get("neurons") or [])
         shown = ", ".join(map(str, neurons[:16])) + (" ..." if len(neurons) > 16 else "")
-        parts.append(f"{len(neurons)} neuron(s) [{shown}] set to b = {edit.get('value')} with strength "
+        value = edit.get("value")
+        value = ("[" + ", ".join(f"{float(x):.4g}" for x in value[:16]) + (" ..." if len(value) > 16 else "") + "] (per neuron)"
+                 if isinstance(value, list) else value)
+        parts.append(f"{len(neurons)} neuron(s) [{shown}] set to v = {value} with strength "
                      f"a = {edit.get('alpha')}, mode {edit.get('mode')}")
         sae = edit.get("sae_config") or {}
         parts.append(f"SAE {sae.get('activation')} with {sae.get('num_latents')} latents over d = {sae.get('d_in')}"

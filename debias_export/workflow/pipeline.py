@@ -31,7 +31,7 @@ from .model_specs import load_model_spec
 from .protocol import finish_variant, select_variant
 from .recipe import Recipe, expand_variants
 from .report import write_run_report
-from .steps import Steps, capture, data_base, get_sae, log, probe, write_json
+from .steps import Steps, capture, data_base, get_sae, log, neuron_values, probe, write_json
 
 
 def run_recipe(recipe: Recipe, overwrite: bool | None = None, progress: bool = True) -> Path:
@@ -106,8 +106,10 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
     sae = steps("train-sae", lambda: get_sae(recipe, adapter, cap, cache, progress))
     sae.save(work / "sae")
 
+    latents: dict = {}  # the probe's SAE latents, reused for edit.value: mean
+
     def run_probe():
-        report = probe(recipe, sae, cap)
+        report = probe(recipe, sae, cap, latents)
         report["sources"]["sae"] = str(work / "sae")
         write_json(work / "probe.json", report)
         if report["num_unlabelled"]:
@@ -123,15 +125,17 @@ def _run_one(recipe: Recipe, adapter, work: Path, cache: Path, progress: bool) -
                   "site": site.name, "sae": dict(sae.cfg.metadata), "probe_column": recipe.probe.column,
                   FINGERPRINT_KEY: model_fingerprint(adapter)}
 
+    value = neuron_values(recipe, sae, cap, neurons, latents)
+
     def make_edit(alpha: float) -> SAEEdit:
-        return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=recipe.edit.value, alpha=alpha,
+        return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=value, alpha=alpha,
                        mode=recipe.edit.mode, model=recipe.model.spec, provenance=provenance)
 
     edit = make_edit(recipe.edit.alpha)
     edit.save(work / "edit")
     _export_bench(recipe, adapter, edit, site, work, steps, provenance, bench=False)
     summary: dict[str, Any] = {"variant": recipe.name, "kind": "sae", "site": site.name, "tower": site.tower, "mode": recipe.edit.mode,
-                               "alpha": recipe.edit.alpha, "neurons": neurons,
+                               "alpha": recipe.edit.alpha, "neurons": neurons, "value": value,
                                "sae_fvu": (sae.cfg.metadata.get("training") or {}).get("final_fvu"), "probe": {
                                    g: [n["index"] for n in v["neurons"]] for g, v in report["groups"].items()}}
     return _eval_bench_record(recipe, adapter, make_edit, edit, site, work, steps, summary)

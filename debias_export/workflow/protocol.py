@@ -33,7 +33,7 @@ from .biaslab import validation_split
 from .recipe import Recipe
 from .recipe_select import SELECT_LAB_SPLIT, apply_cell, grid_cells
 from .lean import lean_labels
-from .steps import Steps, capture, data_base, data_source, get_sae, log, probe, write_json
+from .steps import Steps, capture, data_base, data_source, get_sae, log, neuron_values, probe, write_json
 
 HELD_OUT_SUFFIX = "/held-out"  # prompt-set key suffix of the held-out concept half in eval summaries
 
@@ -120,12 +120,14 @@ def _build_edit(rc: Recipe, adapter, cap, cache: Path, progress: bool, seed: int
     if k not in memo:
         memo[k] = get_sae(rc, adapter, cap, cache, progress, seed=seed)
     sae = memo[k]
-    report = probe(rc, sae, cap, memo.setdefault("latents", {}))
+    latents = memo.setdefault("latents", {})
+    report = probe(rc, sae, cap, latents)
     neurons = e.neurons or neurons_from_report(report)
     if not neurons:
         return None, report
     provenance.update(sae=dict(sae.cfg.metadata), **{FINGERPRINT_KEY: model_fingerprint(adapter)})
-    return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=e.value, alpha=e.alpha, mode=e.mode,
+    value = neuron_values(rc, sae, cap, neurons, latents)
+    return SAEEdit(site=site.name, sae=sae, neurons=neurons, value=value, alpha=e.alpha, mode=e.mode,
                    model=rc.model.spec, provenance=provenance), report
 
 
@@ -276,6 +278,8 @@ def finish_variant(plan: Plan, adapter, shared: dict, export_bench: Callable[...
         "selection": plan.chosen, "selection_cells": len(plan.table),
         "fit_data": {k: v for k, v in dataclasses.asdict(rc.data).items() if v is not None and k != "dir"},
         "neurons_per_seed": {s: list(getattr(e, "neurons", [])) for s, e in plan.edits.items()}}
+    if not projection:
+        summary["value_per_seed"] = {s: e.value for s, e in plan.edits.items()}
     if projection:
         summary.update(method=rc.edit.method, fold=rc.edit.fold, rank=0 if edit0.in_dirs is None else int(edit0.in_dirs.shape[1]),
                        stock=exported.get("stock"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -80,7 +80,9 @@ class ProbeSection:
 class EditSection:
     kind: str = "sae"  # sae (DeBiasLens neuron edit) | projection (LEACE / mean-difference erasure of probe.column)
     alpha: float = 0.6
-    value: float = 0.0
+    # v the neurons are set to: a number (0 = DeBiasLens' zeroing) or "mean": each neuron's group-balanced mean
+    # activation on the probed inputs (mean ablation)
+    value: Union[float, str] = 0.0
     mode: str = "reconstruct"
     neurons: Optional[list[int]] = None  # explicit neurons instead of the probe's
     # kind: projection (fitted on the capture, labels from probe.column; the eval sweep's alpha is b)
@@ -163,6 +165,8 @@ def _check_values(r: Recipe, where: str) -> None:
     _check_edit_kind(r.edit, bad)
     if r.edit.mode not in SAE_MODES:
         raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
+    if isinstance(r.edit.value, str) and r.edit.value != "mean":
+        raise bad("edit.value", f"must be a number or 'mean', got {_show(r.edit.value)}")
     if r.capture.tokens not in ("random-k", "output", "all"):
         raise bad("capture.tokens", f"must be random-k, output or all, got {r.capture.tokens!r}")
     for key, val in (("capture.k", r.capture.k), ("capture.batch_size", r.capture.batch_size), ("sae.k", r.sae.k),
@@ -255,6 +259,8 @@ def _check_edit_kind(e: EditSection, bad: Any) -> None:
         raise bad("edit.amplify", "needs edit.fair_from (there are no fair directions to amplify)")
     if e.neurons is not None:
         raise bad("edit.neurons", "only applies to edit.kind: sae")
+    if e.value != 0.0:
+        raise bad("edit.value", "only applies to edit.kind: sae (a projection has no neurons to set)")
 
 
 def _merge(base: dict, override: dict) -> dict:

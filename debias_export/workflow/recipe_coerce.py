@@ -26,7 +26,16 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return coerce(value, args[0], path)
+        if len(args) == 1:
+            return coerce(value, args[0], path)
+        for arg in args:  # e.g. edit.value: a number or the word "mean"; the first type that takes it wins
+            try:
+                return coerce(value, arg, path)
+            except ConfigError:
+                pass
+        names = {float: "a finite number", int: "an integer", str: "a string", bool: "true/false"}
+        raise ConfigError(f"{path}: expected {' or '.join(names.get(a, getattr(a, '__name__', str(a))) for a in args)}, "
+                          f"got {show(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")

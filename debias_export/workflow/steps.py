@@ -16,7 +16,7 @@ from typing import Any, Callable, Collection, Sequence
 
 import torch
 
-from ..analysis.probe import probe_social_neurons
+from ..analysis.probe import balanced_means, probe_social_neurons
 from ..capture import ActivationStore, capture_activations
 from ..core.errors import DebiasError
 from ..core.model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
@@ -173,19 +173,34 @@ def get_sae(recipe: Recipe, adapter, cap: Captured, cache: Path, progress: bool,
     return sae
 
 
-def probe(recipe: Recipe, sae: SparseAutoencoder, cap: Captured, latents: dict | None = None) -> dict[str, Any]:
-    """DeBiasLens probing of ``probe.column`` on the capture's per-input activations (``probe.activations``).
-    ``latents``: a per-(SAE, activations) cache a grid shares across tau / top-n values."""
+def probed_latents(recipe: Recipe, sae: SparseAutoencoder, cap: Captured, latents: dict | None = None) -> torch.Tensor:
+    """SAE latents of the capture's per-input activations (``probe.activations``), ``[N, F]``.
+    ``latents``: a per-(SAE, activations) cache a grid shares across tau / top-n / value cells."""
     which = recipe.probe.activations
     cache_id = (id(sae), which)
     if latents is not None and cache_id in latents:
-        z = latents[cache_id][1]
-    else:
-        with torch.no_grad():
-            x = cap.store.output_activations() if which == "output" else cap.store.mean_activations()
-            z = sae.encode(x)
-        if latents is not None:
-            latents[cache_id] = (sae, z)  # holding sae keeps id() unique while cached
+        return latents[cache_id][1]
+    with torch.no_grad():
+        x = cap.store.output_activations() if which == "output" else cap.store.mean_activations()
+        z = sae.encode(x)
+    if latents is not None:
+        latents[cache_id] = (sae, z)  # holding sae keeps id() unique while cached
+    return z
+
+
+def probe(recipe: Recipe, sae: SparseAutoencoder, cap: Captured, latents: dict | None = None) -> dict[str, Any]:
+    """DeBiasLens probing of ``probe.column`` on the capture's per-input activations (``probe.activations``)."""
+    z = probed_latents(recipe, sae, cap, latents)
     report = probe_social_neurons(z, cap.store.labels(recipe.probe.column), tau=recipe.probe.tau, top_n=recipe.probe.top_n)
-    report["sources"] = {"capture": str(cap.directory), "column": recipe.probe.column, "activations": which}
+    report["sources"] = {"capture": str(cap.directory), "column": recipe.probe.column, "activations": recipe.probe.activations}
     return report
+
+
+def neuron_values(recipe: Recipe, sae: SparseAutoencoder, cap: Captured, neurons: list[int],
+                  latents: dict | None = None) -> float | list[float]:
+    """``edit.value`` for an SAE edit of ``neurons``: the number as written, or for ``mean`` each neuron's
+    group-balanced mean activation over the same per-input latents and labels the probe used."""
+    if not isinstance(recipe.edit.value, str):
+        return float(recipe.edit.value)
+    z = probed_latents(recipe, sae, cap, latents)
+    return balanced_means(z, cap.store.labels(recipe.probe.column), neurons)

@@ -3,6 +3,10 @@
 ``mode="reconstruct"`` (paper): ``h' = (1-a) h + a (f'(h) @ W_dec + b_dec)``, ``f'`` = latents with
 the chosen neurons set to ``v``. Cost: a full SAE encode + decode per edited token.
 
+``v`` is one number for every chosen neuron (0: DeBiasLens' zeroing) or one number per neuron (e.g. each
+neuron's group-balanced mean activation: mean ablation). Either way ``v`` only adds the constant
+``a * sum_s v_s W_dec[s]``, so it folds into the compiled bias and the graph is the same.
+
 ``mode="residual"``: ``h' = h - a * sum_s (f_s(h) - v) W_dec[s]``. Keeps the SAE's reconstruction
 error, so only the chosen neurons' contribution changes. For threshold/ReLU SAEs ``f_s`` depends
 only on encoder column ``s``, so the compiled module holds ``|S|`` columns: O(d * |S|) per token.
@@ -10,6 +14,7 @@ Top-k SAEs need the full encode to know whether ``s`` made the top k.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,13 +35,15 @@ MODES = SAE_MODES
 
 @dataclass
 class SAEEdit(EditConfig):
-    """Zero (or set to ``value``) chosen SAE latents at one site and mix with weight ``alpha``."""
+    """Zero (or set to ``value``) chosen SAE latents at one site and mix with weight ``alpha``.
+
+    ``value``: one number for all ``neurons``, or a list with one number per neuron (same order)."""
 
     kind = "sae"
 
     sae: SparseAutoencoder | None = None
     neurons: list[int] = field(default_factory=list)
-    value: float = 0.0
+    value: float | list[float] = 0.0
     alpha: float = 0.6
     mode: str = "reconstruct"
     prune: bool = True  # apply only at the positions that reach the tower output
@@ -46,14 +53,18 @@ class SAEEdit(EditConfig):
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"SAE edit mode {self.mode!r} unknown; expected one of {', '.join(MODES)}")
-        for name in ("alpha", "value"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise ConfigError(f"SAE edit {name} must be a number, got {getattr(self, name)!r}")
+        if not _is_number(self.alpha):
+            raise ConfigError(f"SAE edit alpha must be a number, got {self.alpha!r}")
         a = float(self.alpha)
         if not 0.0 <= a <= 1.0:  # also rejects NaN
             raise ConfigError(f"SAE edit alpha (a) must be in [0, 1], got {self.alpha}")
-        if not torch.isfinite(torch.tensor(float(self.value))):
-            raise ConfigError(f"SAE edit value (v) must be finite, got {self.value}")
+        per_neuron = isinstance(self.value, (list, tuple))
+        values = list(self.value) if per_neuron else [self.value]
+        if not all(_is_number(v) for v in values):
+            raise ConfigError(f"SAE edit value must be a number or a list of numbers (one per neuron), got {str(self.value)[:60]!r}")
+        if not all(math.isfinite(float(v)) for v in values):
+            raise ConfigError(f"SAE edit value (v) must be finite, got {str(self.value)[:60]}")
+        self.value = [float(v) for v in values] if per_neuron else float(self.value)
         if isinstance(self.neurons, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool)
                                                               for n in self.neurons):
             raise ConfigError(f"SAE edit neurons must be a list of integers, got {self.neurons!r}")
@@ -63,10 +74,18 @@ class SAEEdit(EditConfig):
         dup = sorted({n for n in self.neurons if self.neurons.count(n) > 1})
         if dup:
             raise ConfigError(f"SAE edit neurons are duplicated: {dup}")
+        if per_neuron and len(self.value) != len(self.neurons):
+            raise ConfigError(f"SAE edit has {len(self.value)} values for {len(self.neurons)} neurons (one per neuron, same order)")
         if self.sae is not None:
             bad = [n for n in self.neurons if not 0 <= n < self.sae.num_latents]
             if bad:
                 raise ConfigError(f"SAE edit neurons {bad} out of range: the SAE has {self.sae.num_latents} latents (0..{self.sae.num_latents - 1})")
+
+    def values(self) -> torch.Tensor:
+        """``v`` per chosen neuron, float64 ``[len(neurons)]`` (a single number repeated)."""
+        if isinstance(self.value, list):
+            return torch.tensor(self.value, dtype=torch.float64)
+        return torch.full((len(self.neurons),), float(self.value), dtype=torch.float64)
 
     def prune_positions(self) -> bool:
         return self.prune
@@ -106,12 +125,16 @@ class SAEEdit(EditConfig):
             raise ConfigError(f"bad SAE edit config: {exc}") from None
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @register_edit(SAEEdit)
 @torch.no_grad()
 def compile_sae_edit(edit: SAEEdit, adapter: ModelAdapter, site: Site) -> FusedSAEEdit:
     """Fold neurons, ``a``, ``v`` and ``b_dec`` into constants (float64, then checked finite)."""
     sae = edit.sae
-    a, v = float(edit.alpha), float(edit.value)
+    a, v = float(edit.alpha), edit.values()
     W_enc, b_enc = sae.W_enc.double(), sae.b_enc.double()
     W_dec, b_dec = sae.W_dec.double(), sae.b_dec.double()
     thr = sae.threshold.double()
@@ -122,7 +145,7 @@ def compile_sae_edit(edit: SAEEdit, adapter: ModelAdapter, site: Site) -> FusedS
         thr = torch.zeros_like(thr)
     thr = thr.clamp_min(0.0)  # relu then threshold == one compare against max(thr, 0)
     b_enc_eff = b_enc - b_dec @ W_enc  # (x - b_dec) @ W + b  ==  x @ W + (b - b_dec @ W)
-    v_term = v * W_dec[S].sum(0)
+    v_term = v @ W_dec[S]  # sum_s v_s W_dec[s]
     if edit.mode == "reconstruct":
         keep_mask = torch.ones(F, dtype=torch.bool)
         keep_mask[S] = False
@@ -156,7 +179,7 @@ def compile_sae_edit(edit: SAEEdit, adapter: ModelAdapter, site: Site) -> FusedS
 
 def reference_formula(edit: SAEEdit, h: torch.Tensor) -> torch.Tensor:
     """The edit exactly as written in the paper / issue, on every token (tests compare against it)."""
-    sae, a, v = edit.sae, float(edit.alpha), float(edit.value)
+    sae, a, v = edit.sae, float(edit.alpha), edit.values().float()
     f = sae.encode(h.float())
     S = torch.tensor(edit.neurons, dtype=torch.long)
     if edit.mode == "reconstruct":

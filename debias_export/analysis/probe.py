@@ -59,6 +59,7 @@ def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: floa
     # count >= tau * n_g; the epsilon keeps e.g. 0.1 * 30 = 3.0000000000000004 from rejecting a count of 3
     frequent = {g: (active[m].sum(0).double() >= tau * int(m.sum()) - 1e-9) for g, m in masks.items()}
     means = {g: lat[m].mean(0) for g, m in masks.items()}
+    balanced = _mean_of_group_means(means)
     report_groups: dict[str, Any] = {}
     selected: set[int] = set()
     for g in order:
@@ -68,7 +69,6 @@ def probe_social_neurons(latents: torch.Tensor, labels: Sequence[Any], tau: floa
         idx = specific.nonzero().flatten()
         ranked = idx[means[g][idx].argsort(descending=True, stable=True)][:top_n].tolist()
         other_mean = torch.stack([means[h] for h in others]).mean(0)
-        balanced = torch.stack([means[h] for h in order]).mean(0)
         neurons = []
         for i in ranked:
             om = float(other_mean[i])
@@ -93,9 +93,13 @@ def balanced_means(latents: torch.Tensor, labels: Sequence[Any], neurons: Sequen
         raise DebiasError("no labelled rows to average the neurons' activations over")
     names = [str(labels[i]) for i in keep]
     lat = latents[keep].double()
-    groups = sorted(set(names))
-    means = torch.stack([lat[torch.tensor([n == g for n in names])].mean(0) for g in groups]).mean(0)
+    means = _mean_of_group_means({g: lat[torch.tensor([n == g for n in names])].mean(0) for g in sorted(set(names))})
     return [float(means[int(i)]) for i in neurons]
+
+
+def _mean_of_group_means(means: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per latent, the unweighted mean over groups of each group's mean activation (every group weighs the same)."""
+    return torch.stack(list(means.values())).mean(0)
 
 
 def values_from_report(report: dict[str, Any], neurons: Sequence[int]) -> list[float]:

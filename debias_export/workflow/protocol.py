@@ -278,11 +278,11 @@ def finish_variant(plan: Plan, adapter, shared: dict, export_bench: Callable[...
         "selection": plan.chosen, "selection_cells": len(plan.table),
         "fit_data": {k: v for k, v in dataclasses.asdict(rc.data).items() if v is not None and k != "dir"},
         "neurons_per_seed": {s: list(getattr(e, "neurons", [])) for s, e in plan.edits.items()}}
-    if not projection:
-        summary["value_per_seed"] = {s: e.value for s, e in plan.edits.items()}
     if projection:
         summary.update(method=rc.edit.method, fold=rc.edit.fold, rank=0 if edit0.in_dirs is None else int(edit0.in_dirs.shape[1]),
                        stock=exported.get("stock"))
+    else:
+        summary["value_per_seed"] = {s: e.value for s, e in plan.edits.items()}
     if "bench" in exported:
         summary["bench"] = exported["bench"]
     if rc.eval is not None:

@@ -127,9 +127,9 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe, data_d
              + "MaxSkew@k (gender) is text-to-image retrieval skew on FairFace 540 (lower is fairer; 0 = balanced); "
              f"utility is {RECALL_KEY} of caption-to-image retrieval on the same faces; latency is the "
              "patched/unmodified ratio of medians (onnxruntime CPU, batch 8, when benchmarked). Kinds: `sae` sets "
-             "SAE neurons to v (0, or `mean`: each neuron's group-balanced mean activation) with mixing weight a; `projection` erases the linear subspace of the label (LEACE or "
-             "mean difference) with strength b, folded into the weights (zero extra ops) or patched as a fused "
-             "low-rank module.", ""]
+             "SAE neurons to v (0, or `mean`: each neuron's group-balanced mean activation) with mixing weight a; "
+             "`projection` erases the linear subspace of the label (LEACE or mean difference) with strength b, "
+             "folded into the weights (zero extra ops) or patched as a fused low-rank module.", ""]
     if protocol:
         lines += ["**Held-out protocol.** Settings were chosen on the selection split below; the evaluation numbers "
                   "come from one pass over FairFace 540 / PAIRS afterwards. `<set>/held-out` rows use only the half of "

@@ -33,6 +33,10 @@ from ..base import EditConfig, register_edit
 MODES = SAE_MODES
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class SAEEdit(EditConfig):
     """Zero (or set to ``value``) chosen SAE latents at one site and mix with weight ``alpha``.
@@ -123,10 +127,6 @@ class SAEEdit(EditConfig):
             return cls(sae=sae, **cfg)
         except TypeError as exc:
             raise ConfigError(f"bad SAE edit config: {exc}") from None
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @register_edit(SAEEdit)

@@ -102,6 +102,33 @@ def _mean_of_group_means(means: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(means.values())).mean(0)
 
 
+def matched_random_neurons(latents: torch.Tensor, neurons: Sequence[int], seed: int, nearest: int = 8) -> list[int]:
+    """A random control set for ``neurons``: for each chosen neuron, one latent drawn (seeded) among the ``nearest``
+    unchosen latents closest to it in firing frequency over ``latents`` (``[N, F]``, one row per input), none twice.
+
+    Why frequency-matched rather than uniform: most latents of a sparse SAE rarely fire, and zeroing a silent latent
+    changes nothing, so a uniform draw would make any edit look specific. Matching how often each latent fires gives
+    the control an intervention of the same reach as the edit's, on latents picked with no regard to the label."""
+    if latents.dim() != 2:
+        raise ShapeError(f"latents must be [inputs, latents], got shape {tuple(latents.shape)}")
+    freq = (latents > 0).double().mean(0)
+    chosen = [int(n) for n in neurons]
+    taken = set(chosen)
+    if freq.numel() - len(taken) < len(chosen):
+        raise DebiasError(f"a random control needs {len(chosen)} latents besides the chosen ones; the SAE has {freq.numel()}")
+    g = torch.Generator().manual_seed(int(seed))
+    picked = []
+    for n in chosen:
+        free = torch.tensor([i for i in range(freq.numel()) if i not in taken])
+        gap = (freq[free] - freq[n]).abs()
+        order = sorted(range(len(free)), key=lambda j: (float(gap[j]), int(free[j])))  # index breaks ties: deterministic
+        pool = [int(free[j]) for j in order[:nearest]]
+        pick = pool[int(torch.randint(len(pool), (1,), generator=g))]
+        picked.append(pick)
+        taken.add(pick)
+    return picked
+
+
 def values_from_report(report: dict[str, Any], neurons: Sequence[int]) -> list[float]:
     """``balanced_mean_activation`` of each of ``neurons`` as recorded in a probe report (refused when missing)."""
     found: dict[int, float] = {}

@@ -6,6 +6,7 @@ and tests assert that each list equals what its registry accepts.
 
 EDIT_KINDS = ("sae", "projection")  # == edits.registered_edit_kinds()
 SAE_MODES = ("reconstruct", "residual")
+SAE_CONTROLS = ("reconstruction", "random")  # eval.controls: what an SAE edit is compared with (workflow.controls)
 FOLD_MODES = ("site", "output", "every_writer")  # where a projection can be folded into weights
 EXPORT_FOLDS = ("none", *FOLD_MODES)  # what a projection edit records for export: "none" = runtime patch
 PROJECTION_METHODS = {"leace": "leace", "mean-diff": "mean_diff"}  # CLI spelling -> analysis.leace method

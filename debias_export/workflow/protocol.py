@@ -30,10 +30,11 @@ from ..eval.protocol import half_view, seed_change_ci, selection_score
 from ..eval.report import write_report
 from ..eval.retrieval import SELECT_HALF, EvalData, compare, embed, evaluate, load_prompt_sets, sweep_alpha
 from .biaslab import validation_split
+from .controls import NOT_APPLICABLE, RANDOM, control_edits
 from .recipe import Recipe
 from .recipe_select import SELECT_LAB_SPLIT, apply_cell, grid_cells
 from .lean import lean_labels
-from .steps import Steps, capture, data_base, data_source, get_sae, log, neuron_values, probe, write_json
+from .steps import Captured, Steps, capture, data_base, data_source, get_sae, log, neuron_values, probe, write_json
 
 HELD_OUT_SUFFIX = "/held-out"  # prompt-set key suffix of the held-out concept half in eval summaries
 
@@ -60,6 +61,7 @@ class Plan:
     edits: dict[int, Any]
     probes: dict[int, Any]
     site: Any
+    cap: Captured  # the chosen cell's capture of the fit data (controls draw their latents from it)
     table: list[dict]
     chosen: dict | None
     steps: Steps
@@ -202,7 +204,7 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
                        cosine=sum(x["cosine"] for x in scores) / n, per_seed=scores)
             row["feasible"] = row["utility_loss"] <= r.select.max_utility_loss
         table.append(row)
-        plans[len(table) - 1] = (rc, edits, probes, cap.site)
+        plans[len(table) - 1] = (rc, edits, probes, cap)
     usable = [i for i, row in enumerate(table) if "skipped" not in row]
     if not usable:  # every cell's table stays on disk: which seed found how many neurons where
         _write_selection(work, sel, column, r, table)
@@ -221,9 +223,9 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
         log(f"{r.name}: chose {table[best]['cell'] or 'the recipe settings'} on {sel.description}: MaxSkew "
             f"{100 * table[best]['skew_change']:+.1f}%, utility loss {100 * table[best]['utility_loss']:.1f}%"
             + ("" if table[best]["feasible"] else " (no cell met select.max_utility_loss)"))
-    rc, edits, probes, site = plans[best]
+    rc, edits, probes, cap = plans[best]
     _write_selection(work, sel, column, r, table)
-    return Plan(rc, table[best]["cell"], edits, probes, site, table, table[best] if sel else None, steps, work)
+    return Plan(rc, table[best]["cell"], edits, probes, cap.site, cap, table, table[best] if sel else None, steps, work)
 
 
 def _eval_data(rc: Recipe, adapter, shared: dict) -> tuple[EvalData, dict]:
@@ -318,4 +320,30 @@ def _evaluate(plan: Plan, adapter, shared: dict) -> dict[str, Any]:
                sweep=[{"alpha": r["alpha"], "max_skew_gender": {n: p["gender"]["max_skew"] for n, p in r["retrieval"].items()},
                        "utility": r["utility"], "cosine": r["fidelity"]["image_cosine" if site.tower == "image" else "prompt_cosine"]["mean"]}
                       for r in rows])
+    if rc.eval.controls and rc.edit.kind == "sae":
+        out["controls"] = _controls(plan, adapter, data, base_emb, shared)
+    return out
+
+
+def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict) -> dict[str, Any]:
+    """``eval.controls`` of an SAE variant (:mod:`.controls`), each evaluated per seed and aggregated like the edit."""
+    rc = plan.recipe
+    latents = shared.setdefault("memo", {}).setdefault("latents", {})
+    out: dict[str, Any] = {}
+    for kind in rc.eval.controls:
+        per_seed = control_edits(kind, plan.edits, rc, plan.cap, latents)
+        if per_seed is None:
+            out[kind] = {"not_applicable": NOT_APPLICABLE[kind]}
+            continue
+        log(f"{rc.name}: evaluating the {kind} control ({len(per_seed)} seeds)")
+        cmps = {s: compare(adapter, e, k=rc.eval.k, data=data, base_emb=base_emb, tower=plan.site.tower)
+                for s, e in per_seed.items()}
+        res = _aggregate(cmps, data)
+        res.update(utility_after=_mean_dicts([c["patched"]["utility"] for c in cmps.values()]),
+                   fidelity={k: {"mean": sum(c["fidelity"][k]["mean"] for c in cmps.values()) / len(cmps)}
+                             for k in ("image_cosine", "prompt_cosine")})
+        if kind == RANDOM:
+            res.update(neurons_per_seed={s: e.neurons for s, e in per_seed.items()},
+                       value_per_seed={s: e.value for s, e in per_seed.items()})
+        out[kind] = res
     return out

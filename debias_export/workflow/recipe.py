@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_MODES
+from ..core.choices import EDIT_KINDS, MAX_OPSET, MIN_OPSET, ONNX_EXPORTERS, SAE_CONTROLS, SAE_MODES
 from ..core.choices import EXPORT_FOLDS as FOLDS
 from ..core.errors import ConfigError
 from .recipe_coerce import build_section as _build
@@ -126,6 +126,9 @@ class EvalSection:
     # faces evaluated: the first N of FairFace 540 (CLIP-style families) or a gender-balanced sample of N
     # (LLaVA, where every face costs one LM forward per question; defaults to data.limit there)
     limit: Optional[int] = None
+    # SAE edits only: controls evaluated beside the chosen edit, per seed (workflow.controls): "reconstruction"
+    # (the SAE's reconstruction, no latent changed) and / or "random" (frequency-matched random latents)
+    controls: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +216,8 @@ def _check_values(r: Recipe, where: str) -> None:
             raise bad("eval.k", f"must be positive, got {r.eval.k}")
         if r.eval.limit is not None and r.eval.limit < 2:
             raise bad("eval.limit", f"must be >= 2 (faces of both genders), got {r.eval.limit}")
+        if any(c not in SAE_CONTROLS for c in r.eval.controls) or len(set(r.eval.controls)) != len(r.eval.controls):
+            raise bad("eval.controls", f"must be distinct values from {', '.join(SAE_CONTROLS)}, got {_show(r.eval.controls)}")
     if r.probe.activations not in ("mean", "output"):
         raise bad("probe.activations", f"must be mean or output, got {r.probe.activations!r}")
     if not 0.0 < r.probe.tau <= 1.0:

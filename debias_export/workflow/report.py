@@ -118,6 +118,38 @@ def _utility_lines(summaries: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+CONTROL_SETS = ("occupations", "occupations/held-out", "adjectives", "adjectives/held-out")
+CONTROL_NAMES = {"reconstruction": "control: reconstruction only (no latent changed)",
+                 "random": "control: random latents (frequency-matched)"}
+
+
+def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
+    rows = [s for s in _built(summaries) if (s.get("eval") or {}).get("controls")]
+    if not rows:
+        return []
+    sets = [p for p in CONTROL_SETS if p in rows[0]["eval"].get("max_skew_gender_change_ci", {})]
+    keys = [k for k in (RECALL_KEY, "age_zero_shot_acc") if k in rows[0]["eval"]["utility_before"]]
+    lines = ["## Controls (evaluation data; nothing chosen from them)", "",
+             "Each SAE edit beside edits that share its SAE, site, a and value rule but not its neurons, per seed: "
+             "the SAE's reconstruction alone (reconstruct mode), and as many random latents firing as often as the "
+             "chosen ones. An edit debiases through its neurons when it lowers skew beyond its controls. MaxSkew "
+             "change with the same seed x concept interval; utility relative to the unmodified model.", "",
+             "| variant | edit / control | " + " | ".join(sets) + " | " + " | ".join(keys) + " | emb. cosine |",
+             "|" + "---|" * (len(sets) + len(keys) + 3)]
+    for s in rows:
+        ev, ub = s["eval"], s["eval"]["utility_before"]
+        for name, res in [("edit (chosen neurons)", ev)] + [(CONTROL_NAMES[k], c) for k, c in ev["controls"].items()]:
+            if "not_applicable" in res:
+                lines.append(f"| {s['variant']} | {name} | not applicable: {res['not_applicable']} |")
+                continue
+            b, a, ci = res["max_skew_gender_before"], res["max_skew_gender_after"], res["max_skew_gender_change_ci"]
+            cells = [f"{_rel(b.get(p), a.get(p))}{_ci(ci.get(p))}" for p in sets]
+            cells += [_rel(ub.get(k), res["utility_after"].get(k)) for k in keys]
+            cos = (res.get("fidelity") or {}).get("image_cosine" if s["tower"] == "image" else "prompt_cosine", {}).get("mean")
+            lines.append(f"| {s['variant']} | {name} | " + " | ".join(cells) + f" | {_f(cos)} |")
+    return lines + [""]
+
+
 def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe, data_dir: str | None = None) -> Path:
     """``report.md`` (+ ``sweep.png`` when a variant was evaluated) at the top of the run directory."""
     protocol = any("seeds" in s for s in summaries)
@@ -154,6 +186,7 @@ def write_run_report(work: Path, summaries: list[dict[str, Any]], recipe, data_d
                   + " recall before | after | change | emb. cosine | latency x |", "|" + "---|" * (15 if protocol else 14)]
         lines += variant_rows(summaries, prompt_set) + [""]
     lines += _utility_lines(summaries)
+    lines += _controls_lines(summaries)
     lines += llava_run_table(summaries)  # llava variants: VLAGenderBias numbers instead of retrieval skew
     lines += ["Per-variant details (probe report, SAE, edit, exports with manifests, eval and bench reports) are in the "
               "variant folders.", ""]

@@ -193,6 +193,22 @@ def reference_formula(edit: SAEEdit, h: torch.Tensor) -> torch.Tensor:
 
 def reference_hook(model: "nn.Module | ModelAdapter", edit: SAEEdit):
     """Register a plain forward hook applying :func:`reference_formula` at the edit's site."""
+    return _output_hook(model, edit, lambda h: reference_formula(edit, h))
+
+
+def reconstruction_only_hook(model: "nn.Module | ModelAdapter", edit: SAEEdit):
+    """The control of a reconstruct edit: ``(1-a) h + a SAE.decode(SAE.encode(h))`` at its site, every token,
+    no latent changed. What part of the edit's effect comes from swapping in the SAE's reconstruction (its error
+    term dropped) rather than from the chosen neurons. A residual edit has no such part (it would be the identity).
+    Returns the hook's handle (``remove()`` undoes it)."""
+    if edit.mode != "reconstruct":
+        raise ConfigError(f"a reconstruction-only control needs a reconstruct edit, not {edit.mode!r} "
+                          "(residual mode keeps the reconstruction error: no latent changed is the identity)")
+    sae, a = edit.sae, float(edit.alpha)
+    return _output_hook(model, edit, lambda h: ((1 - a) * h.float() + a * sae.decode(sae.encode(h.float()))).to(h.dtype))
+
+
+def _output_hook(model: "nn.Module | ModelAdapter", edit: SAEEdit, formula):
     adapter = adapter_for(model)
     site = edit.validate(adapter)
     module = adapter.model.get_submodule(adapter.site_module_path(site))
@@ -200,8 +216,8 @@ def reference_hook(model: "nn.Module | ModelAdapter", edit: SAEEdit):
     def hook(mod, args, out):
         with torch.no_grad():
             if isinstance(out, tuple):
-                return (reference_formula(edit, out[0]),) + tuple(out[1:])
-            return reference_formula(edit, out)
+                return (formula(out[0]),) + tuple(out[1:])
+            return formula(out)
 
     # prepend: edit before any other hook on the module reads the output (transformers 5 records hidden states with hooks)
     return module.register_forward_hook(hook, prepend=True)

@@ -282,3 +282,32 @@ def test_llava_capture_has_means_but_no_output_token(tmp_path):
         store.output_activations()
     with pytest.raises(DebiasError, match="no single output token"):
         capture_activations(adapter, "image.-2", LabelledImages(csv), tmp_path / "cap2", tokens="output", progress=False)
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_an_inputs_cache_shared_by_several_sites_prepares_each_batch_once(clip, images, texts, tmp_path, tower,
+                                                                        monkeypatch):
+    from debias_export.capture import InputCache
+
+    source = images if tower == "image" else texts
+    name = "prepare_images" if tower == "image" else "prepare_texts"
+    real, calls = getattr(clip, name), []
+    monkeypatch.setattr(clip, name, lambda raw: calls.append(len(raw)) or real(raw))
+    cache = InputCache()
+    for layer in (0, 1):
+        capture_activations(clip, f"{tower}.{layer}", source, tmp_path / f"c{layer}", tokens="all", batch_size=2,
+                            shard_size=3, progress=False, inputs_cache=cache)
+        capture_activations(clip, f"{tower}.{layer}", source, tmp_path / f"plain{layer}", tokens="all", batch_size=2,
+                            shard_size=3, progress=False)
+        cached, plain = ActivationStore(tmp_path / f"c{layer}"), ActivationStore(tmp_path / f"plain{layer}")
+        assert torch.equal(cached.activations(), plain.activations()) and cached.rows == plain.rows == source.rows
+    n = len(source)
+    batches = sum(-(-min(3, n - lo) // 2) for lo in range(0, n, 3))  # shards of 3 rows, batches of 2 within each
+    assert sum(calls) == 3 * n and len(calls) == 3 * batches  # cached capture once + two uncached ones
+    none_kept = InputCache(max_bytes=0)  # past the byte budget nothing is kept: prepared every time, same result
+    calls.clear()
+    for i in range(2):
+        capture_activations(clip, f"{tower}.1", source, tmp_path / f"z{i}", tokens="all", batch_size=2, shard_size=3,
+                            progress=False, inputs_cache=none_kept)
+    assert sum(calls) == 2 * n and none_kept.bytes == 0
+    assert torch.equal(ActivationStore(tmp_path / "z1").activations(), ActivationStore(tmp_path / "plain1").activations())

@@ -200,3 +200,15 @@ def test_a_run_where_no_variant_can_be_built_stops_with_one_line(tmp_path, share
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no variant could be built: a: no select.grid cell has social neurons")
     assert not (tmp_path / "out").exists()
+
+
+def test_cells_that_build_the_same_edit_are_scored_once(tmp_path, shared_data, monkeypatch):
+    # edit.neurons is given, so top_n changes nothing: two cells, one edit per seed, scored once per seed
+    calls = []
+    real = protocol.selection_score
+    monkeypatch.setattr(protocol, "selection_score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path = _protocol_recipe(tmp_path, shared_data, select={"limit": 40, "k": 5, "grid": {"probe.top_n": [2, 10]}})
+    assert main(["run", str(path), "--no-progress"]) == 0
+    cells = json.loads((tmp_path / "out" / "selection.json").read_text())["cells"]
+    assert len(calls) == 3 and [c["skew_change"] for c in cells][0] == cells[1]["skew_change"]
+    assert cells[0]["per_seed"] == cells[1]["per_seed"]

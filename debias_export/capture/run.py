@@ -27,6 +27,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -55,9 +56,40 @@ from .format import (
 )
 
 
-def _forward(adapter: ModelAdapter, module: torch.nn.Module, tower: str, raw: list) -> tuple[torch.Tensor, dict]:
-    """Site activations ``[B, T, d]`` of one batch, and the model inputs used."""
-    inputs = adapter.prepare_images(raw) if tower == "image" else adapter.prepare_texts(raw)
+class InputCache:
+    """Prepared model inputs of capture batches, kept in memory across captures of the same inputs in one process.
+
+    Why: a run captures several sites of one tower on the same images (a site grid); decoding and resizing the
+    images was two thirds of each such capture on the bias lab. Entries are keyed by the adapter, the source's
+    description (file, rows digest) and the batch's row range; past ``max_bytes`` batches are prepared as usual
+    and not kept, so a large dataset costs no more memory than before."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self._items: dict[tuple, tuple[Any, dict, list[dict]]] = {}
+
+    def batch(self, adapter: ModelAdapter, source, source_id: str, lo: int, hi: int) -> tuple[dict, list[dict]]:
+        """Model inputs and row dicts of rows ``lo..hi`` of ``source`` (``source_id``: its description as JSON):
+        prepared now, or as prepared before."""
+        key = (id(adapter), source_id, lo, hi)
+        hit = self._items.get(key)
+        if hit is not None and hit[0] is adapter:  # the adapter is held, so its id() cannot be reused meanwhile
+            return hit[1], [dict(r) for r in hit[2]]
+        inputs, rows = _prepare_batch(adapter, source, lo, hi)
+        size = sum(v.numel() * v.element_size() for v in inputs.values() if torch.is_tensor(v))
+        if self.bytes + size <= self.max_bytes:
+            self._items[key] = (adapter, inputs, [dict(r) for r in rows])
+            self.bytes += size
+        return inputs, rows
+
+
+def _prepare_batch(adapter: ModelAdapter, source, lo: int, hi: int) -> tuple[dict, list[dict]]:
+    raw, rows = next(source.batches(hi - lo, start=lo, stop=hi))
+    return (adapter.prepare_images(raw) if source.tower == "image" else adapter.prepare_texts(raw)), rows
+
+
+def _forward(adapter: ModelAdapter, module: torch.nn.Module, tower: str, inputs: dict) -> tuple[torch.Tensor, dict]:
+    """Site activations ``[B, T, d]`` of one batch of prepared inputs, and the model inputs used."""
     param = next(adapter.model.parameters())
     inputs = {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
               if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -97,7 +129,8 @@ def _select(tokens: str, k: int, seed: int, first_row: int, valid: torch.Tensor,
 def capture_activations(adapter: ModelAdapter, site: str | Site, source: LabelledImages | TextPrompts,
                         out_dir: str | os.PathLike, tokens: str = "random-k", k: int = 2, batch_size: int = 32,
                         seed: int = 0, shard_size: int | None = None, dtype: str = "float32", overwrite: bool = False,
-                        progress: bool = True, precision: str = "fp32", dist: Dist | None = None) -> CaptureResult:
+                        progress: bool = True, precision: str = "fp32", dist: Dist | None = None,
+                        inputs_cache: InputCache | None = None) -> CaptureResult:
     """Capture ``site`` activations of ``source`` into ``out_dir`` (see the module docstring for the layout).
 
     ``tokens``: ``random-k`` (k positions per input drawn with replacement, DeBiasLens default k=2),
@@ -105,7 +138,8 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
     ``shard_size`` inputs per shard bounds memory (default 4096, or 128 for ``all``).
     The tower runs on the device its weights are on; ``precision`` ``bf16`` / ``fp16`` autocasts its matmuls
     (part of the cache key). Under a process group (``dist``, default: the initialised one) the shards are
-    split between the ranks, each rank writes its own shards and rank 0 the manifest.
+    split between the ranks, each rank writes its own shards and rank 0 the manifest. ``inputs_cache``: prepared
+    inputs shared with other captures of the same inputs in this process (:class:`InputCache`; same results).
     """
     check_precision(precision)
     if tokens not in TOKEN_MODES:
@@ -166,7 +200,7 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
                     s = todo[mine]
                     lo, hi = s * shard_size, min((s + 1) * shard_size, n)
                     entry = _capture_shard(adapter, module, site.tower, source, out, s, lo, hi, tokens, k, seed,
-                                           DTYPES[dtype], batch_size, bar)
+                                           DTYPES[dtype], batch_size, bar, inputs_cache)
                     entry["rank"] = dist.rank
                 round_entries = [e for e in dist.gather_json(entry) if e is not None]
                 computed += sum(e["inputs"] for e in round_entries)
@@ -213,12 +247,16 @@ def _progress_bar(total: int, initial: int, tower: str, enabled: bool):
 
 
 def _capture_shard(adapter, module, tower, source, out: Path, s: int, lo: int, hi: int, tokens: str, k: int,
-                   seed: int, dtype: torch.dtype, batch_size: int, bar) -> dict:
+                   seed: int, dtype: torch.dtype, batch_size: int, bar, inputs_cache: InputCache | None = None) -> dict:
+    source_id = json.dumps(source.describe(), sort_keys=True) if inputs_cache is not None else ""
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PER_TOKEN + PER_INPUT}
     rows: list[dict] = []
     first = lo
-    for raw, batch_rows in source.batches(batch_size, start=lo, stop=hi):
-        h, inputs = _forward(adapter, module, tower, raw)
+    for b in range(lo, hi, batch_size):
+        e = min(b + batch_size, hi)
+        prepared, batch_rows = (inputs_cache.batch(adapter, source, source_id, b, e) if inputs_cache is not None
+                                else _prepare_batch(adapter, source, b, e))
+        h, inputs = _forward(adapter, module, tower, prepared)
         h = h.float().cpu()
         B, T = h.shape[:2]
         mask = inputs.get("attention_mask")

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from ..analysis.metrics import embedding_cosine
 from ..analysis.probe import neurons_from_report
+from ..capture import InputCache
 from ..core.errors import DebiasError, NotBuiltError
 from ..core.model_match import FINGERPRINT_KEY, model_fingerprint
 from ..data.datasets import LabelledImages
@@ -147,6 +148,14 @@ def _lean_labels(r: Recipe, adapter, cache: Path, sel: Selection, exclude, memo:
     return memo[k]
 
 
+def _same_edit_key(edit, seed: int, sel: Selection, column: str, r: Recipe) -> tuple | None:
+    """What a selection score of an SAE edit depends on (the SAE object is held by the memo, so its id is stable)."""
+    if not isinstance(edit, SAEEdit):
+        return None
+    return ("select-score", id(sel), column, r.select.k, tuple(r.select.utility), seed, edit.site, id(edit.sae),
+            tuple(edit.neurons), str(edit.value), edit.alpha, edit.mode, edit.prune)
+
+
 def _write_selection(work: Path, sel: Selection | None, column: str | None, r: Recipe, table: list[dict]) -> None:
     write_json(work / "selection.json", {"split": sel.description if sel else None, "column": column,
                                          "utility": r.select.utility if r.select else None,
@@ -173,7 +182,8 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
         cap_key = ("cap", rc.site, dataclasses.astuple(rc.data), dataclasses.astuple(rc.capture), tuple(sorted(exclude)),
                    rc.probe.column)
         if cap_key not in memo:
-            memo[cap_key] = capture(rc, adapter, cache, steps, progress, seed=seeds[0], exclude=exclude, labels=labels)
+            memo[cap_key] = capture(rc, adapter, cache, steps, progress, seed=seeds[0], exclude=exclude, labels=labels,
+                                    inputs_cache=shared.setdefault("inputs", InputCache()))
         cap = memo[cap_key]
         run_seeds = seeds[:1] if rc.edit.kind == "projection" else seeds  # a projection fit has no seed
         edits, probes, scores = {}, {}, []
@@ -182,6 +192,11 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
                                  lambda: _build_edit(rc, adapter, cap, cache, progress, seed, memo))
             edits[seed], probes[seed] = edit, report
             if edit is None or sel is None:
+                continue
+            # cells that build the very same edit (e.g. top-n 3 and 10 when a seed has <= 3 neurons) score it once
+            same = _same_edit_key(edit, seed, sel, column, r)
+            if same is not None and same in memo:
+                scores.append(memo[same])
                 continue
 
             def score():
@@ -193,6 +208,8 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
                         "cosine": embedding_cosine(emb[key], sel.base_emb[key])["mean"]}
 
             scores.append(steps("select-score", score))
+            if same is not None:
+                memo[same] = scores[-1]
         row: dict[str, Any] = {"cell": cell, "site": cap.site.name, "seeds": run_seeds,
                                "neurons": {s: list(e.neurons) for s, e in edits.items() if hasattr(e, "neurons")}}
         if any(e is None for e in edits.values()):

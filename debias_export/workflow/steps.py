@@ -17,7 +17,7 @@ from typing import Any, Callable, Collection, Sequence
 import torch
 
 from ..analysis.probe import balanced_means, probe_social_neurons
-from ..capture import ActivationStore, capture_activations
+from ..capture import ActivationStore, InputCache, capture_activations
 from ..core.errors import DebiasError
 from ..core.model_match import FINGERPRINT_KEY, check_made_for, model_fingerprint, record_of
 from ..data.captions import label_caption
@@ -127,9 +127,11 @@ class Captured:
 
 
 def capture(recipe: Recipe, adapter, cache: Path, steps: Steps, progress: bool, seed: int | None = None,
-            exclude: Collection[str] = (), labels: Sequence[str] | None = None) -> Captured:
+            exclude: Collection[str] = (), labels: Sequence[str] | None = None,
+            inputs_cache: InputCache | None = None) -> Captured:
     """Resolve the site, check the data fits it, capture (cached by model, site, data, capture settings, seed,
-    and the ``labels`` that replace the text file's, see :func:`data_source`)."""
+    and the ``labels`` that replace the text file's, see :func:`data_source`). ``inputs_cache``: prepared inputs
+    shared by the captures of several sites on the same data in one run."""
     seed = recipe.seed if seed is None else seed
     site = adapter.resolve_site(recipe.site)
     if (recipe.data.images is not None) == (site.tower == "text"):
@@ -148,7 +150,8 @@ def capture(recipe: Recipe, adapter, cache: Path, steps: Steps, progress: bool, 
     directory = cache / f"capture-{cap_key}"
     steps("capture", lambda: capture_activations(adapter, site, source, directory, tokens=recipe.capture.tokens,
                                                  k=recipe.capture.k, batch_size=recipe.capture.batch_size,
-                                                 seed=seed, overwrite=False, progress=progress))
+                                                 seed=seed, overwrite=False, progress=progress,
+                                                 inputs_cache=inputs_cache))
     return Captured(site, ActivationStore(directory), directory, cap_key)
 
 

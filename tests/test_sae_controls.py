@@ -97,11 +97,18 @@ def test_random_latents_are_refused_when_too_few_or_misshapen():
 
 
 def test_the_protocol_reports_both_controls_beside_the_edit(tmp_path, shared_data):
-    path = _protocol_recipe(tmp_path, shared_data, edit={"neurons": [1, 2], "alpha": 0.6, "mode": "reconstruct",
-                                                         "value": "mean"},
-                            eval={"alphas": [0.0, 1.0], "k": 5, "limit": 30, "controls": ["reconstruction", "random"]})
+    path = _protocol_recipe(tmp_path, shared_data, edit={"neurons": [1, 2], "alpha": 0.6, "mode": "reconstruct"},
+                            eval={"alphas": [0.0, 1.0], "k": 5, "limit": 30, "controls": ["reconstruction", "random"]},
+                            variants=[{"name": "sae", "edit": {"value": "mean"}},
+                                      {"name": "leace", "edit": {"kind": "projection", "method": "leace", "neurons": None,
+                                                                 "strength": 1.0, "fold": "none"},
+                                       "select": {"limit": 40, "k": 5, "grid": {"edit.strength": [1.0]}}}])
     assert main(["run", str(path), "--no-progress"]) == 0
     out = tmp_path / "out"
+    leace = json.loads((out / "leace" / "run.json").read_text())["eval"]["controls"]
+    assert leace == {k: {"not_applicable": "a projection edit has no SAE neurons to control for"}
+                     for k in ("reconstruction", "random")}
+    out = out / "sae"
     ev = json.loads((out / "run.json").read_text())["eval"]
     controls = ev["controls"]
     assert set(controls) == {"reconstruction", "random"}
@@ -110,13 +117,16 @@ def test_the_protocol_reports_both_controls_beside_the_edit(tmp_path, shared_dat
         assert lo <= hi and res["max_skew_gender_seeds"]["occupations"]["seeds"] == 3
         assert set(res["utility_after"]) == set(ev["utility_after"])
     random = controls["random"]
+    assert set(random["edit_minus_control"]["ci"]) >= {"occupations", "occupations/held-out"}
     for seed, neurons in random["neurons_per_seed"].items():
         assert len(neurons) == 2 and not set(neurons) & {1, 2}
         assert isinstance(random["value_per_seed"][seed], list) and len(random["value_per_seed"][seed]) == 2
     # a control is a different edit: its embeddings move differently from the edit's
     assert controls["random"]["fidelity"]["image_cosine"]["mean"] != ev["fidelity"]["image_cosine"]["mean"]
-    report = (out / "report.md").read_text()
+    report = (out.parent / "report.md").read_text()
+    assert "| leace | control" not in report  # a projection has no control rows
     assert "## Controls" in report and "control: random latents" in report and "reconstruction only" in report
+    assert "edit minus control (occupations)" in report
 
 
 def test_a_residual_edit_has_no_reconstruction_control(tmp_path, shared_data):
@@ -143,3 +153,37 @@ def test_recipe_refuses_bad_controls(tmp_path, shared_data, controls, message, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "eval.controls" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_controls_need_the_held_out_protocol(tmp_path, shared_data):
+    path = _protocol_recipe(tmp_path, shared_data, eval={"alphas": [1.0], "k": 5, "controls": ["random"]})
+    raw = yaml.safe_load(path.read_text())
+    del raw["seeds"], raw["select"]
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="eval.controls: needs the held-out protocol"):
+        load_recipe(path)
+
+
+def _cmps(before, afters):
+    """Comparisons of one prompt set, one per seed, as ``compare`` returns them (only what aggregation reads)."""
+    def per(values):
+        return {"retrieval": {"occupations": {"gender": {"max_skew_per_prompt": list(values)}}}}
+    return {s: {"base": per(before), "patched": per(a)} for s, a in enumerate(afters)}
+
+
+def test_the_paired_difference_from_a_control_is_the_difference_of_sums_over_before():
+    from types import SimpleNamespace
+
+    from debias_export.workflow.protocol import _aggregate
+
+    data = SimpleNamespace(prompt_sets={"occupations": [(f"p{i}", f"concept{i}") for i in range(4)]})
+    before = [0.2, 0.4, 0.1, 0.3]
+    edit = _cmps(before, [[0.1, 0.3, 0.1, 0.2], [0.2, 0.2, 0.1, 0.3]])
+    control = _cmps(before, [[0.2, 0.3, 0.0, 0.3], [0.1, 0.4, 0.1, 0.2]])
+    paired = _aggregate(edit, data, minus=control)["max_skew_gender_seeds"]["occupations"]
+    # sums per seed: edit 0.7 / 0.8, control 0.8 / 0.8, before 1.0
+    assert paired["change"] == pytest.approx(((0.7 + 0.8) / 2 - (0.8 + 0.8) / 2) / 1.0)
+    assert paired["per_seed"] == pytest.approx([0.7 - 0.8, 0.8 - 0.8])
+    same = _aggregate(edit, data, minus=edit)
+    assert same["max_skew_gender_seeds"]["occupations"]["change"] == pytest.approx(0.0)
+    assert same["max_skew_gender_change_ci"]["occupations"] == pytest.approx([0.0, 0.0])

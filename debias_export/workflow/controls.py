@@ -26,6 +26,7 @@ from .steps import Captured, neuron_values, probed_latents
 RECONSTRUCTION, RANDOM = SAE_CONTROLS
 NOT_APPLICABLE = {RECONSTRUCTION: "residual mode keeps the SAE's reconstruction error, so with no latent changed "
                                   "it is the unmodified model"}
+NO_NEURONS = "a projection edit has no SAE neurons to control for"
 
 
 def control_edits(kind: str, edits: dict[int, SAEEdit], recipe, cap: Captured,

@@ -31,7 +31,7 @@ from ..eval.protocol import half_view, seed_change_ci, selection_score
 from ..eval.report import write_report
 from ..eval.retrieval import SELECT_HALF, EvalData, compare, embed, evaluate, load_prompt_sets, sweep_alpha
 from .biaslab import validation_split
-from .controls import NOT_APPLICABLE, RANDOM, control_edits
+from .controls import NO_NEURONS, NOT_APPLICABLE, RANDOM, control_edits
 from .recipe import Recipe
 from .recipe_select import SELECT_LAB_SPLIT, apply_cell, grid_cells
 from .lean import lean_labels
@@ -253,8 +253,10 @@ def _eval_data(rc: Recipe, adapter, shared: dict) -> tuple[EvalData, dict]:
     return shared[k]
 
 
-def _aggregate(cmps: dict[int, dict], data: EvalData) -> dict[str, Any]:
-    """Seed-averaged before/after per prompt set (all concepts and the held-out half) with the seed x concept CI."""
+def _aggregate(cmps: dict[int, dict], data: EvalData, minus: dict[int, dict] | None = None) -> dict[str, Any]:
+    """Seed-averaged before/after per prompt set (all concepts and the held-out half) with the seed x concept CI.
+    ``minus`` (another edit's comparisons, same seeds): the paired difference instead, ``(sum A - sum C) / sum
+    before`` per draw, i.e. how much more ``cmps`` lowers skew than ``minus`` (negative: more), same bootstrap."""
     first = next(iter(cmps.values()))
     before, after, ci, detail = {}, {}, {}, {}
     for name, per in first["base"]["retrieval"].items():
@@ -263,6 +265,9 @@ def _aggregate(cmps: dict[int, dict], data: EvalData) -> dict[str, Any]:
         concepts = [c for _, c in data.prompt_sets[name]]
         b = per["gender"]["max_skew_per_prompt"]
         afters = [c["patched"]["retrieval"][name]["gender"]["max_skew_per_prompt"] for c in cmps.values()]
+        if minus is not None:  # A - C + before: its relative change over before is the paired difference
+            others = [minus[s]["patched"]["retrieval"][name]["gender"]["max_skew_per_prompt"] for s in cmps]
+            afters = [[x - y + z for x, y, z in zip(a, o, b)] for a, o in zip(afters, others)]
         for label, (bb, cc, aa) in ((name, (b, concepts, afters)),
                                     (name + HELD_OUT_SUFFIX, (*half_view(b, concepts), [half_view(a, concepts)[0] for a in afters]))):
             if not bb:
@@ -337,13 +342,15 @@ def _evaluate(plan: Plan, adapter, shared: dict) -> dict[str, Any]:
                sweep=[{"alpha": r["alpha"], "max_skew_gender": {n: p["gender"]["max_skew"] for n, p in r["retrieval"].items()},
                        "utility": r["utility"], "cosine": r["fidelity"]["image_cosine" if site.tower == "image" else "prompt_cosine"]["mean"]}
                       for r in rows])
-    if rc.eval.controls and rc.edit.kind == "sae":
-        out["controls"] = _controls(plan, adapter, data, base_emb, shared)
+    if rc.eval.controls:
+        out["controls"] = (_controls(plan, adapter, data, base_emb, shared, cmps) if rc.edit.kind == "sae"
+                           else {kind: {"not_applicable": NO_NEURONS} for kind in rc.eval.controls})
     return out
 
 
-def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict) -> dict[str, Any]:
-    """``eval.controls`` of an SAE variant (:mod:`.controls`), each evaluated per seed and aggregated like the edit."""
+def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict, edit_cmps: dict[int, dict]) -> dict[str, Any]:
+    """``eval.controls`` of an SAE variant (:mod:`.controls`), each evaluated per seed and aggregated like the edit,
+    with the edit's paired difference from it (``edit_minus_control``: below 0 = the neurons lower skew more)."""
     rc = plan.recipe
     latents = shared.setdefault("memo", {}).setdefault("latents", {})
     out: dict[str, Any] = {}
@@ -356,6 +363,9 @@ def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict)
         cmps = {s: compare(adapter, e, k=rc.eval.k, data=data, base_emb=base_emb, tower=plan.site.tower)
                 for s, e in per_seed.items()}
         res = _aggregate(cmps, data)
+        paired = _aggregate(edit_cmps, data, minus=cmps)
+        res["edit_minus_control"] = {"change": {p: d["change"] for p, d in paired["max_skew_gender_seeds"].items()},
+                                     "ci": paired["max_skew_gender_change_ci"]}
         res.update(utility_after=_mean_dicts([c["patched"]["utility"] for c in cmps.values()]),
                    fidelity={k: {"mean": sum(c["fidelity"][k]["mean"] for c in cmps.values()) / len(cmps)}
                              for k in ("image_cosine", "prompt_cosine")})

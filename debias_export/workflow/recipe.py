@@ -218,6 +218,9 @@ def _check_values(r: Recipe, where: str) -> None:
             raise bad("eval.limit", f"must be >= 2 (faces of both genders), got {r.eval.limit}")
         if any(c not in SAE_CONTROLS for c in r.eval.controls) or len(set(r.eval.controls)) != len(r.eval.controls):
             raise bad("eval.controls", f"must be distinct values from {', '.join(SAE_CONTROLS)}, got {_show(r.eval.controls)}")
+        if r.eval.controls and r.select is None and r.seeds is None:
+            raise bad("eval.controls", "needs the held-out protocol (seeds: and / or select:): controls are evaluated per "
+                                       "SAE seed beside the chosen edit")
     if r.probe.activations not in ("mean", "output"):
         raise bad("probe.activations", f"must be mean or output, got {r.probe.activations!r}")
     if not 0.0 < r.probe.tau <= 1.0:

@@ -124,7 +124,7 @@ CONTROL_NAMES = {"reconstruction": "control: reconstruction only (no latent chan
 
 
 def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
-    rows = [s for s in _built(summaries) if (s.get("eval") or {}).get("controls")]
+    rows = [s for s in _built(summaries) if (s.get("eval") or {}).get("controls") and s.get("kind", "sae") == "sae"]
     if not rows:
         return []
     sets = [p for p in CONTROL_SETS if p in rows[0]["eval"].get("max_skew_gender_change_ci", {})]
@@ -132,10 +132,12 @@ def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
     lines = ["## Controls (evaluation data; nothing chosen from them)", "",
              "Each SAE edit beside edits that share its SAE, site, a and value rule but not its neurons, per seed: "
              "the SAE's reconstruction alone (reconstruct mode), and as many random latents firing as often as the "
-             "chosen ones. An edit debiases through its neurons when it lowers skew beyond its controls. MaxSkew "
-             "change with the same seed x concept interval; utility relative to the unmodified model.", "",
-             "| variant | edit / control | " + " | ".join(sets) + " | " + " | ".join(keys) + " | emb. cosine |",
-             "|" + "---|" * (len(sets) + len(keys) + 3)]
+             "chosen ones. An edit debiases through its neurons when it lowers skew beyond its controls: the last "
+             "column is the edit's change minus the control's on occupations, paired by seed and concept in one "
+             "bootstrap (below 0: the neurons lower skew more). MaxSkew change with the same seed x concept interval; "
+             "utility relative to the unmodified model.", "",
+             "| variant | edit / control | " + " | ".join(sets) + " | " + " | ".join(keys) + " | emb. cosine | "
+             "edit minus control (occupations) |", "|" + "---|" * (len(sets) + len(keys) + 4)]
     for s in rows:
         ev, ub = s["eval"], s["eval"]["utility_before"]
         for name, res in [("edit (chosen neurons)", ev)] + [(CONTROL_NAMES[k], c) for k, c in ev["controls"].items()]:
@@ -146,7 +148,10 @@ def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
             cells = [f"{_rel(b.get(p), a.get(p))}{_ci(ci.get(p))}" for p in sets]
             cells += [_rel(ub.get(k), res["utility_after"].get(k)) for k in keys]
             cos = (res.get("fidelity") or {}).get("image_cosine" if s["tower"] == "image" else "prompt_cosine", {}).get("mean")
-            lines.append(f"| {s['variant']} | {name} | " + " | ".join(cells) + f" | {_f(cos)} |")
+            diff = res.get("edit_minus_control")
+            paired = "-" if not diff or "occupations" not in diff["change"] else \
+                f"{_pct(diff['change']['occupations'])}{_ci(diff['ci'].get('occupations'))}"
+            lines.append(f"| {s['variant']} | {name} | " + " | ".join(cells) + f" | {_f(cos)} | {paired} |")
     return lines + [""]
 
 

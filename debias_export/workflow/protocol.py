@@ -285,6 +285,13 @@ def _mean_dicts(dicts: list[dict]) -> dict:
     return {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
 
 
+def _seed_means(cmps: dict[int, dict]) -> dict[str, Any]:
+    """Utility after the edit and embedding fidelity, averaged over the seeds' comparisons."""
+    return {"utility_after": _mean_dicts([c["patched"]["utility"] for c in cmps.values()]),
+            "fidelity": {k: {"mean": sum(c["fidelity"][k]["mean"] for c in cmps.values()) / len(cmps)}
+                         for k in ("image_cosine", "prompt_cosine")}}
+
+
 def finish_variant(plan: Plan, adapter, shared: dict, export_bench: Callable[..., dict]) -> dict[str, Any]:
     """Phase 2: export/validate/bench the first seed's edit, evaluate every seed once on the evaluation data."""
     rc, work, steps, site = plan.recipe, plan.work, plan.steps, plan.site
@@ -332,10 +339,8 @@ def _evaluate(plan: Plan, adapter, shared: dict) -> dict[str, Any]:
     base = cmps[seeds[0]]["base"]
     out = _aggregate(cmps, data)
     out.update(noise_floor={n: p["gender"].get("max_skew_shuffled") for n, p in base["retrieval"].items() if "gender" in p},
-               utility_before=base["utility"], utility_after=_mean_dicts([c["patched"]["utility"] for c in cmps.values()]),
-               utility_after_per_seed={s: c["patched"]["utility"] for s, c in cmps.items()},
-               fidelity={k: {"mean": sum(c["fidelity"][k]["mean"] for c in cmps.values()) / len(cmps)}
-                         for k in ("image_cosine", "prompt_cosine")},
+               utility_before=base["utility"], utility_after_per_seed={s: c["patched"]["utility"] for s, c in cmps.items()},
+               **_seed_means(cmps),
                pairs_gender_gap_before={sec: v["gender_gap"] for sec, v in base["pairs"].items()},
                pairs_gender_gap_after={sec: sum(c["patched"]["pairs"][sec]["gender_gap"] for c in cmps.values()) / len(cmps)
                                        for sec in base["pairs"]},
@@ -366,9 +371,7 @@ def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict,
         paired = _aggregate(edit_cmps, data, minus=cmps)
         res["edit_minus_control"] = {"change": {p: d["change"] for p, d in paired["max_skew_gender_seeds"].items()},
                                      "ci": paired["max_skew_gender_change_ci"]}
-        res.update(utility_after=_mean_dicts([c["patched"]["utility"] for c in cmps.values()]),
-                   fidelity={k: {"mean": sum(c["fidelity"][k]["mean"] for c in cmps.values()) / len(cmps)}
-                             for k in ("image_cosine", "prompt_cosine")})
+        res.update(_seed_means(cmps))
         if kind == RANDOM:
             res.update(neurons_per_seed={s: e.neurons for s, e in per_seed.items()},
                        value_per_seed={s: e.value for s, e in per_seed.items()})

@@ -9,7 +9,6 @@ import torch
 import yaml
 
 from debias_export import SAEEdit, apply_edits
-from debias_export.adapters.dual_encoder import DualEncoderAdapter, tiny_dual_encoder_config
 from debias_export.analysis.probe import matched_random_neurons
 from debias_export.cli.main import main
 from debias_export.core.errors import ConfigError, DebiasError, ShapeError
@@ -17,18 +16,7 @@ from debias_export.edits.sae import reconstruction_only_hook
 from debias_export.workflow.recipe import load_recipe
 from debias_export.workflow.testing import random_sae
 from test_protocol import _protocol_recipe
-
-W = 32
-
-
-@pytest.fixture(scope="module")
-def dual():
-    return DualEncoderAdapter.from_config(tiny_dual_encoder_config(width=W), seed=0)
-
-
-@pytest.fixture(scope="module")
-def pixels():
-    return {"pixel_values": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+from test_sae_value_mean import W, dual, pixels  # noqa: F401  (the tiny dual encoder and its pixels: shared fixtures)
 
 
 def _embed(dual, pixels, install=None):

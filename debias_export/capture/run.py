@@ -200,7 +200,8 @@ def capture_activations(adapter: ModelAdapter, site: str | Site, source: Labelle
                     s = todo[mine]
                     lo, hi = s * shard_size, min((s + 1) * shard_size, n)
                     entry = _capture_shard(adapter, module, site.tower, source, out, s, lo, hi, tokens, k, seed,
-                                           DTYPES[dtype], batch_size, bar, inputs_cache)
+                                           DTYPES[dtype], batch_size, bar, inputs_cache,
+                                           json.dumps(settings["source"], sort_keys=True))
                     entry["rank"] = dist.rank
                 round_entries = [e for e in dist.gather_json(entry) if e is not None]
                 computed += sum(e["inputs"] for e in round_entries)
@@ -247,8 +248,8 @@ def _progress_bar(total: int, initial: int, tower: str, enabled: bool):
 
 
 def _capture_shard(adapter, module, tower, source, out: Path, s: int, lo: int, hi: int, tokens: str, k: int,
-                   seed: int, dtype: torch.dtype, batch_size: int, bar, inputs_cache: InputCache | None = None) -> dict:
-    source_id = json.dumps(source.describe(), sort_keys=True) if inputs_cache is not None else ""
+                   seed: int, dtype: torch.dtype, batch_size: int, bar, inputs_cache: InputCache | None = None,
+                   source_id: str = "") -> dict:
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in PER_TOKEN + PER_INPUT}
     rows: list[dict] = []
     first = lo

@@ -15,7 +15,12 @@ esac
 stamp="$VENV/.setup-stamp"
 want="$(cat pyproject.toml "$LOCK" | sha256sum | cut -c1-16)-$EXTRAS"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+  # the other lock's venv has the same torch build: hard links instead of a second 5 GB copy
+  OTHER=.venv; [ "$VENV" = .venv ] && OTHER=.venv-compat
+  if [ -x "$OTHER/bin/python" ]; then "$PY" scripts/share_dists.py "$OTHER" "$VENV" "$LOCK"; fi
+fi
 "$VENV/bin/pip" install -q --disable-pip-version-check -c "$LOCK" -e ".[$EXTRAS]" 2>&1 \
   | grep -v "is ignored: it is neither a file nor a directory" || true
 "$VENV/bin/python" -c "import debias_export, torch, transformers, onnxruntime, open_clip" \

@@ -14,6 +14,7 @@ Two phases, so that no setting can depend on the evaluation data:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +28,7 @@ from ..data.datasets import LabelledImages
 from ..edits import SAEEdit
 from ..edits.install import edits_installed
 from ..edits.projection import fit_from_capture, read_fair_directions
+from ..eval.prefix_replay import PrefixTrace
 from ..eval.protocol import half_view, seed_change_ci, selection_score
 from ..eval.report import write_report
 from ..eval.retrieval import SELECT_HALF, EvalData, compare, embed, evaluate, load_prompt_sets, sweep_alpha
@@ -51,6 +53,7 @@ class Selection:
     base_emb: dict
     base: dict
     description: str
+    trace: PrefixTrace  # the unmodified model's blocks on ``data``: edited runs replay the ones an edit leaves alone
 
 
 @dataclasses.dataclass
@@ -92,9 +95,9 @@ def _selection(r: Recipe, adapter, shared: dict) -> Selection:
     if not rows or column not in rows[0]:
         raise DebiasError(f"select: the selection split has no label column {column!r}")
     data = EvalData.from_images(adapter, rows, paths, load_prompt_sets(base_dir, half=SELECT_HALF))
-    base_emb = embed(adapter, data)
+    base_emb, trace = _traced_embed(adapter, data)
     sel = Selection(rows, frozenset(x.get("file") for x in rows), csv.resolve(), data, base_emb,
-                    evaluate(adapter, k=s.k, data=data, embeddings=base_emb), what)
+                    evaluate(adapter, k=s.k, data=data, embeddings=base_emb), what, trace)
     shared[cache_key] = sel
     return sel
 
@@ -200,7 +203,7 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
                 continue
 
             def score():
-                with edits_installed(adapter, edit):
+                with edits_installed(adapter, edit), sel.trace.replaying(adapter, cap.site):
                     emb = embed(adapter, sel.data, reuse=sel.base_emb, tower=cap.site.tower)
                 after = evaluate(adapter, k=r.select.k, data=sel.data, embeddings=emb)
                 key = "fairface" if cap.site.tower == "image" else "text:captions"
@@ -245,11 +248,20 @@ def select_variant(r: Recipe, adapter, work: Path, cache: Path, progress: bool, 
     return Plan(rc, table[best]["cell"], edits, probes, cap.site, cap, table, table[best] if sel else None, steps, work)
 
 
-def _eval_data(rc: Recipe, adapter, shared: dict) -> tuple[EvalData, dict]:
+def _traced_embed(adapter, data: EvalData) -> tuple[dict, PrefixTrace]:
+    """The unmodified model's embeddings of ``data``, and its blocks' outputs for edited runs to replay."""
+    trace = PrefixTrace()
+    with contextlib.ExitStack() as stack:
+        for tower in adapter.towers():
+            stack.enter_context(trace.recording(adapter, tower))
+        return embed(adapter, data), trace
+
+
+def _eval_data(rc: Recipe, adapter, shared: dict) -> tuple[EvalData, dict, PrefixTrace]:
     k = ("eval", id(adapter), rc.data.dir, rc.eval.limit)
     if k not in shared:
         data = EvalData.load(adapter, rc.data.dir, max_images=rc.eval.limit)
-        shared[k] = (data, embed(adapter, data))
+        shared[k] = (data, *_traced_embed(adapter, data))
     return shared[k]
 
 
@@ -326,15 +338,17 @@ def finish_variant(plan: Plan, adapter, shared: dict, export_bench: Callable[...
 def _evaluate(plan: Plan, adapter, shared: dict) -> dict[str, Any]:
     rc, work, site = plan.recipe, plan.work, plan.site
     log(f"{rc.name}: evaluating the chosen setting on the evaluation data (first read of it for this variant)")
-    data, base_emb = _eval_data(rc, adapter, shared)
+    data, base_emb, trace = _eval_data(rc, adapter, shared)
     seeds = list(plan.edits)
-    cmps = {s: compare(adapter, e, k=rc.eval.k, shuffles=10 if s == seeds[0] else 0, data=data, base_emb=base_emb,
-                       tower=site.tower) for s, e in plan.edits.items()}
+    with trace.replaying(adapter, site):  # replays only blocks whose weights are the recorded ones (no fold)
+        cmps = {s: compare(adapter, e, k=rc.eval.k, shuffles=10 if s == seeds[0] else 0, data=data, base_emb=base_emb,
+                           tower=site.tower) for s, e in plan.edits.items()}
     write_report(cmps[seeds[0]], work / "eval" / "compare", overwrite=True)
     edit0 = plan.edits[seeds[0]]
     field = "strength" if rc.edit.kind == "projection" else "alpha"
-    rows = sweep_alpha(adapter, lambda a: dataclasses.replace(edit0, **{field: a}), rc.eval.alphas, k=rc.eval.k,
-                       data=data, base_emb=base_emb, tower=site.tower)
+    with trace.replaying(adapter, site):
+        rows = sweep_alpha(adapter, lambda a: dataclasses.replace(edit0, **{field: a}), rc.eval.alphas, k=rc.eval.k,
+                           data=data, base_emb=base_emb, tower=site.tower)
     write_report(rows, work / "eval" / "sweep", overwrite=True)
     base = cmps[seeds[0]]["base"]
     out = _aggregate(cmps, data)
@@ -348,12 +362,13 @@ def _evaluate(plan: Plan, adapter, shared: dict) -> dict[str, Any]:
                        "utility": r["utility"], "cosine": r["fidelity"]["image_cosine" if site.tower == "image" else "prompt_cosine"]["mean"]}
                       for r in rows])
     if rc.eval.controls:
-        out["controls"] = (_controls(plan, adapter, data, base_emb, shared, cmps) if rc.edit.kind == "sae"
+        out["controls"] = (_controls(plan, adapter, data, base_emb, trace, shared, cmps) if rc.edit.kind == "sae"
                            else {kind: {"not_applicable": NO_NEURONS} for kind in rc.eval.controls})
     return out
 
 
-def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict, edit_cmps: dict[int, dict]) -> dict[str, Any]:
+def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, trace: PrefixTrace, shared: dict,
+              edit_cmps: dict[int, dict]) -> dict[str, Any]:
     """``eval.controls`` of an SAE variant (:mod:`.controls`), each evaluated per seed and aggregated like the edit,
     with the edit's paired difference from it (``edit_minus_control``: below 0 = the neurons lower skew more)."""
     rc = plan.recipe
@@ -365,8 +380,9 @@ def _controls(plan: Plan, adapter, data: EvalData, base_emb: dict, shared: dict,
             out[kind] = {"not_applicable": NOT_APPLICABLE[kind]}
             continue
         log(f"{rc.name}: evaluating the {kind} control ({len(per_seed)} seeds)")
-        cmps = {s: compare(adapter, e, k=rc.eval.k, data=data, base_emb=base_emb, tower=plan.site.tower)
-                for s, e in per_seed.items()}
+        with trace.replaying(adapter, plan.site):
+            cmps = {s: compare(adapter, e, k=rc.eval.k, data=data, base_emb=base_emb, tower=plan.site.tower)
+                    for s, e in per_seed.items()}
         res = _aggregate(cmps, data)
         paired = _aggregate(edit_cmps, data, minus=cmps)
         res["edit_minus_control"] = {"change": {p: d["change"] for p, d in paired["max_skew_gender_seeds"].items()},

@@ -166,3 +166,28 @@ def test_the_protocol_replays_and_chooses_and_reports_exactly_as_without(tmp_pat
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     assert results("a", replay=True) == results("b", replay=False)
     assert sum(t.hits for t in set(traces)) > 0 and sum(t.misses for t in set(traces)) == 0
+
+
+def test_a_tower_that_stops_early_keeps_what_it_ran(dual):
+    """A tower that reads a middle layer never runs its last block: its batches are kept up to where they got,
+    and replay uses them for edits up to there (and computes for edits past it)."""
+    class Stop(Exception):
+        pass
+
+    def stop(module, args, output):
+        raise Stop
+
+    trace = PrefixTrace()
+    batches = [_pixels(1), _pixels(2)]
+    handle = dual.blocks("image")[1].register_forward_hook(stop)
+    with torch.no_grad(), trace.recording(dual, "image"):
+        for b in batches:
+            with pytest.raises(Stop):
+                dual.embed("image", b)
+    handle.remove()
+    early = SAEEdit(site="image.0", sae=random_sae(W, 128, seed=3), neurons=[1], value=0.0, alpha=1.0)
+    late = SAEEdit(site="image.2", sae=random_sae(W, 128, seed=3), neurons=[1], value=0.0, alpha=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(_run(dual, "image", batches, early), _run(dual, "image", batches, early, trace)))
+    assert (trace.hits, trace.misses) == (2, 0)
+    assert all(torch.equal(a, b) for a, b in zip(_run(dual, "image", batches, late), _run(dual, "image", batches, late, trace)))
+    assert (trace.hits, trace.misses) == (2, 2)

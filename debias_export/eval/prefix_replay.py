@@ -134,6 +134,8 @@ class PrefixTrace:
                 out = original(*args, **kwargs)
                 batch = current[0]
                 if j == 0:
+                    if batch is not None:  # the last batch stopped before the last block (a tower that reads
+                        self._keep(tower, batch)  # a middle layer): what it ran is kept
                     batch = current[0] = _Batch(_detached_call(_call(args, kwargs, False)))
                 elif batch is None or len(batch.outputs) != j:
                     current[0] = None  # blocks out of order: this batch is not recorded
@@ -149,6 +151,8 @@ class PrefixTrace:
 
         with _patched_forwards(blocks, range(len(blocks)), make):
             yield self
+        if current[0] is not None:
+            self._keep(tower, current[0])
 
     def _keep(self, tower: str, batch: _Batch) -> None:
         size = sum(t.numel() * t.element_size() for o in batch.outputs for t in _flat(o))
@@ -202,7 +206,7 @@ class PrefixTrace:
         if not call[0]:
             return None
         candidates = self._batches.get((tower, tuple(call[0][0].shape)), [])
-        batch = next((b for b in candidates if _same(call, b.first_call)), None)
+        batch = next((b for b in candidates if len(b.outputs) > cut and _same(call, b.first_call)), None)
         if batch is None or not self._unchanged(tower, blocks, cut):
             return None
         return batch

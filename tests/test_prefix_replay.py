@@ -51,7 +51,7 @@ def _record(dual, tower, batches) -> PrefixTrace:
     return trace
 
 
-@pytest.mark.parametrize("site", ["image.0", "image.1", "image.2", "image.1.attn_out", "image.2.mlp_out"])
+@pytest.mark.parametrize("site", ["image.0", "image.1", "image.2", "image.0.attn_out", "image.1.attn_out", "image.2.mlp_out"])
 @pytest.mark.parametrize("mode", ["residual", "reconstruct"])
 def test_image_edits_replay_to_the_full_runs_tensors(dual, site, mode):
     batches = [_pixels(1), _pixels(2, n=3)]

@@ -27,7 +27,7 @@ FAMILY_SPECS = {"hf_clip": "tiny-clip", "hf_dual_encoder": "tiny-dual-encoder", 
                 "open_clip": "tiny-open-clip"}
 COMMANDS = ("capture", "train-sae", "probe", "project", "locate", "patch", "export", "validate", "verify", "bench", "eval",
             "run")
-NOT_PER_FAMILY = {"bias-lab", "reproduce"}  # own model; re-runs a recorded recipe: tests/test_biaslab.py, tests/test_reproduce.py
+NOT_PER_FAMILY = {"bias-lab", "reproduce", "compare"}  # own model; re-runs a recorded recipe; reads two runs' summaries: tests/test_biaslab.py, tests/test_reproduce.py, tests/test_compare_runs.py
 N_FACES = 8  # 4 female + 4 male
 
 

@@ -36,6 +36,7 @@ COMMANDS = {
     "bias-lab": ("bias_lab", "bias_lab"),
     "project": ("project", "project"),
     "reproduce": ("reproduce", "reproduce"),
+    "compare": ("compare", "compare"),
 }
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -43,21 +43,22 @@ def _first(output: Any) -> Any:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _detach(output: Any) -> Any:
+def _map_tensors(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``output`` with ``fn`` applied to every tensor in it (nested tuples / lists keep their type; the rest as is)."""
     if isinstance(output, torch.Tensor):
-        return output.detach()
+        return fn(output)
     if isinstance(output, (tuple, list)):
-        return type(output)(_detach(x) for x in output)
+        return type(output)(_map_tensors(x, fn) for x in output)
     return output
+
+
+def _detach(output: Any) -> Any:
+    return _map_tensors(output, torch.Tensor.detach)
 
 
 def _clone(output: Any) -> Any:
     """A copy the edit's hook and the rest of the tower may write into without touching the record."""
-    if isinstance(output, torch.Tensor):
-        return output.clone()
-    if isinstance(output, (tuple, list)):
-        return type(output)(_clone(x) for x in output)
-    return output
+    return _map_tensors(output, torch.Tensor.clone)
 
 
 def _same(a: tuple[list[torch.Tensor], tuple], b: tuple[list[torch.Tensor], tuple]) -> bool:

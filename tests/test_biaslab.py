@@ -285,3 +285,47 @@ def test_cli_bias_lab_refuses_existing_output(shared_data, tmp_path, capsys):
     (tmp_path / "x").mkdir()
     code, io = run_cli(["bias-lab", "--out", str(tmp_path / "x"), "--data", shared_data], capsys)
     assert code == 2 and "already exists" in io.err
+
+
+def test_an_extra_loss_trains_its_parameters_with_the_model_and_a_zero_one_changes_nothing(shared_data):
+    """``run_training(extra_loss=...)``: the hook a distillation experiment uses (lab_distill_pilot.py)."""
+    from transformers import AutoTokenizer
+
+    from debias_export.workflow.biaslab.data import label_tensor, preload_images
+    from debias_export.workflow.biaslab.train import deterministic, run_training
+
+    rows = subsample(split_utkface(load_utkface(shared_data), TINY.val_mod)[0], 64, 0)
+    images, labels = preload_images([r["path"] for r in rows], TINY.image_size), label_tensor(rows)
+    tok = AutoTokenizer.from_pretrained(biaslab.minilm_path())
+
+    class Term(torch.nn.Module):
+        """``weight * mean(head(f)^2)`` of a second forward of the batch; no head: ``weight * mean(f)``."""
+
+        def __init__(self, weight: float, head: bool) -> None:
+            super().__init__()
+            self.head, self.weight, self.calls = torch.nn.Linear(TINY.width, 4) if head else None, weight, []
+
+        def forward(self, model, idx, pixels):
+            self.calls.append((idx.clone(), pixels.shape))
+            f = model.vision_model(pixel_values=pixels).pooler_output
+            return self.weight * (self.head(f).pow(2).mean() if self.head is not None else f.mean())
+
+    def train(term):
+        with deterministic(1):
+            model = build_model(TINY)
+            run_training(model, tok, images, labels, TINY, log=lambda m: None, progress=False, extra_loss=term)
+        return model
+
+    plain, zero = train(None), Term(0.0, head=False)
+    # a zero term adds exact zeros to every gradient: bit for bit the plain run (a term with parameters of its own
+    # would not be: the optimiser and the gradient-norm clip then reduce over more tensors, which rounds differently)
+    with_zero = train(zero).state_dict()
+    assert all(torch.equal(v, with_zero[k]) for k, v in plain.state_dict().items())
+    assert len(zero.calls) == 2 and zero.calls[0][1] == (TINY.batch_size, 3, TINY.image_size, TINY.image_size)
+    assert sorted(torch.cat([idx for idx, _ in zero.calls]).tolist()) == list(range(64))  # each image once per epoch
+    torch.manual_seed(0)
+    term, fresh = Term(1.0, head=True), Term(1.0, head=True)
+    fresh.load_state_dict(term.state_dict())
+    trained = train(term)
+    assert not torch.equal(fresh.head.weight, term.head.weight)  # the term's own parameters train with the model
+    assert float((trained.visual_projection.weight - plain.visual_projection.weight).abs().max()) > 1e-4

@@ -218,17 +218,20 @@ def validation_metrics(model, tokenizer, images: torch.Tensor, labels: torch.Ten
 
 def run_training(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, s: BiasLabSettings,
                  log: Callable[[str], None] = print, progress: bool = True,
-                 on_epoch: Callable[[int], None] | None = None) -> dict:
+                 on_epoch: Callable[[int], None] | None = None, extra_loss: torch.nn.Module | None = None) -> dict:
     """Train ``model``'s image tower and projections in place; returns the loss history.
 
     Call with the recipe's thread count set and deterministic algorithms on (see :func:`deterministic`).
+    ``extra_loss``: a term added to every step's loss, called as ``extra_loss(model, idx, pixels)`` with the batch's
+    image indices and its augmented pixels (``None``: nothing added); its own parameters train with the model's
+    (an experiment's auxiliary head, e.g. distillation from a teacher: ``benchmarks/experiments/lab_distill_pilot.py``).
     """
     t0 = time.time()
     table_texts, table_keys = caption_table()
     pooled = pooled_texts(model, tokenizer, table_texts)
     for p in model.text_model.parameters():
         p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + (list(extra_loss.parameters()) if extra_loss else [])
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": s.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=s.lr)
     steps_per_epoch = max(1, len(images) // s.batch_size)
@@ -244,7 +247,10 @@ def run_training(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, s
         perm = torch.randperm(len(images), generator=g)
         for i in range(steps_per_epoch):
             idx = perm[i * s.batch_size:(i + 1) * s.batch_size]
-            loss = lab_loss(model, augment(images[idx], s, g), labels[idx], pooled, table_keys, s, g)
+            pixels = augment(images[idx], s, g)
+            loss = lab_loss(model, pixels, labels[idx], pooled, table_keys, s, g)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, idx, pixels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -134,7 +134,7 @@ def main(smoke: bool) -> None:
         _, fairface = lab_mod.measure_bias(DualEncoderAdapter(model, source="D1", processor=tok), DATA, k=50,
                                            shuffles=20, seed=0)
     print(json.dumps(fairface["utility"]), flush=True)
-    result = {"name": "D1", "settings": s.to_dict(), "distill": {"lambda": LAMBDA, "teacher_faces": int((targets.norm(dim=1) > 0).sum())},
+    result = {"name": "D1", "settings": s.to_dict(), "distill": {"lambda": LAMBDA, "teacher_faces": int(distill.has.sum())},
               "cpu": cpu_info(), "metrics": metrics, "rule": rule, "fairface540": fairface, **hist,
               "train_seconds": train_seconds}
     if not smoke:

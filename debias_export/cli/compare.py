@@ -5,15 +5,13 @@ from pathlib import Path
 
 import click
 
-from ..core.errors import DebiasError
+from ..core.errors import CheckFailed
 from ..core.fileio import refuse_existing
 from .common import write_json
 
 
-class ConclusionsDiffer(DebiasError):
-    """Some bootstrapped change of one run lies outside the other's interval: exit 1 (a finding), not 2 (bad input)."""
-
-    exit_code = 1
+class ConclusionsDiffer(CheckFailed):
+    """Some bootstrapped change of one run lies outside the other's interval (exit 1)."""
 
 
 @click.command("compare")

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import click
 
-from ..core.errors import DebiasError
+from ..core.errors import CheckFailed, DebiasError
 
 
-class NotReproduced(DebiasError):
-    """The re-run's artifacts differ from the export's: exit 1 (differences), not 2 (bad input)."""
-
-    exit_code = 1
+class NotReproduced(CheckFailed):
+    """The re-run's artifacts differ from the export's (exit 1)."""
 
 
 @click.command("reproduce")

@@ -39,6 +39,13 @@ class NotBuiltError(DebiasError):
     message and goes on with the others; a run with nothing built still stops with it (exit 2)."""
 
 
+class CheckFailed(DebiasError):
+    """A check ran on good input and found a difference (``reproduce``: artifacts differ; ``compare``: conclusions
+    differ): exit 1, a finding, not 2 (bad input)."""
+
+    exit_code = 1
+
+
 def check_finite(name: str, tensor) -> None:
     """Raise when a tensor holds NaN or Inf (merged/folded weights must stay finite)."""
     import torch  # core/ stays torch-free: the CLI imports it at --help

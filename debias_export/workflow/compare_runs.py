@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import DebiasError
+from .percent import ci_suffix, pct
 
 SUMMARY = "summary.json"
 UTILITY_KEYS = ("caption_recall@10", "age_zero_shot_acc", "race_zero_shot_acc", "gender_zero_shot_acc")
@@ -124,7 +125,7 @@ def _estimate(change: Any, ci: Any) -> Estimate | None:
 
 
 def estimates(summary: dict[str, Any]) -> dict[str, Estimate]:
-    """Every bootstrapped change of one variant: ``MaxSkew <set>`` and ``<control> control: <set>``."""
+    """Every bootstrapped change of one variant: ``MaxSkew <set>`` and ``edit - <control>: <set>``."""
     ev = summary.get("eval") or {}
     out: dict[str, Estimate] = {}
     for name, s in (ev.get("max_skew_gender_seeds") or {}).items():
@@ -165,21 +166,14 @@ def compare_summaries(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> Compa
             cmp.settings[name] = differ
         ua, ub = _utility_change(sa), _utility_change(sb)
         cmp.utility[name] = {k: [ua[k], ub[k]] for k in UTILITY_KEYS}
-        for key, before in ((sa.get("eval") or {}).get("max_skew_gender_before") or {}).items():
-            x, y = _number(before), _number(((sb.get("eval") or {}).get("max_skew_gender_before") or {}).get(key))
+        base_a, base_b = (((s.get("eval") or {}).get("max_skew_gender_before") or {}) for s in (sa, sb))
+        for key, before in base_a.items():
+            x, y = _number(before), _number(base_b.get(key))
             if x is not None and y is not None and max(abs(x), abs(y)) > 0:
                 cmp.baseline_rel_diff = max(cmp.baseline_rel_diff, abs(x - y) / max(abs(x), abs(y)))
     if not cmp.rows and not any(cmp.only_in.values()):
         raise DebiasError("the two runs have no built variant with a bootstrapped change in common: nothing to compare")
     return cmp
-
-
-def _pct(e: Estimate) -> str:
-    return f"{100 * e.change:+.1f}% [{100 * e.low:+.0f}, {100 * e.high:+.0f}]"
-
-
-def _opt_pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}%"
 
 
 def comparison_markdown(cmp: Comparison, label_a: str, label_b: str) -> str:
@@ -199,7 +193,7 @@ def comparison_markdown(cmp: Comparison, label_a: str, label_b: str) -> str:
     for r in cmp.rows:
         mark = "yes" if r.agree else "**no**"
         verdicts = r.a.verdict if r.same_verdict else f"**{r.a.verdict} / {r.b.verdict}**"
-        lines.append(f"| {r.variant} | {r.quantity} | {_pct(r.a)} | {_pct(r.b)} | {mark} | {verdicts} |")
+        lines.append(f"| {r.variant} | {r.quantity} | {pct(r.a.change)}{ci_suffix((r.a.low, r.a.high))} | {pct(r.b.change)}{ci_suffix((r.b.low, r.b.high))} | {mark} | {verdicts} |")
     if cmp.settings:
         lines += ["", "Settings the selection chose differently (A / B):", ""]
         for name, differ in cmp.settings.items():
@@ -207,5 +201,5 @@ def comparison_markdown(cmp: Comparison, label_a: str, label_b: str) -> str:
     lines += ["", "Utility change on the evaluation data (A / B; no interval, not judged):", "",
               "| variant | " + " | ".join(UTILITY_KEYS) + " |", "|---|" + "---|" * len(UTILITY_KEYS)]
     for name, util in cmp.utility.items():
-        lines.append(f"| {name} | " + " | ".join(f"{_opt_pct(x)} / {_opt_pct(y)}" for x, y in util.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{pct(x)} / {pct(y)}" for x, y in util.values()) + " |")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.llava_eval import llava_run_table
+from .percent import ci_suffix, pct
 
 RECALL_KEY = "caption_recall@10"
 UTILITY_KEYS = ("caption_recall@10", "caption_recall@50", "gender_zero_shot_acc", "age_zero_shot_acc", "race_zero_shot_acc")
@@ -19,14 +20,6 @@ def _rel(before: float | None, after: float | None) -> str:
     if before in (None, 0) or after is None:
         return "-"
     return f"{100 * (after - before) / before:+.1f}%"
-
-
-def _ci(ci: list[float] | None) -> str:
-    return "" if not ci else f" [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}%"
 
 
 def _latency(s: dict[str, Any]) -> str:
@@ -73,11 +66,11 @@ def variant_rows(summaries: list[dict[str, Any]], prompt_set: str) -> list[str]:
         mode, size = _mode_size(s)
         seeds = (ev.get("max_skew_gender_seeds") or {}).get(prompt_set)
         spread = "" if not seeds or seeds["seeds"] < 2 else (
-            f" | {', '.join(_pct(x) for x in seeds['per_seed'])} (sd {100 * seeds['seed_sd']:.1f})")
+            f" | {', '.join(pct(x) for x in seeds['per_seed'])} (sd {100 * seeds['seed_sd']:.1f})")
         if not spread and any("seeds" in x for x in summaries):
             spread = " | -"
         rows.append(f"| {s['variant']} | {s.get('kind', 'sae')} | {s['site']} | {mode} | {s['alpha']} | {size} | {_f(b)} | {_f(a)} "
-                    f"| {_rel(b, a)}{_ci(ev.get('max_skew_gender_change_ci', {}).get(prompt_set))}{spread} "
+                    f"| {_rel(b, a)}{ci_suffix(ev.get('max_skew_gender_change_ci', {}).get(prompt_set))}{spread} "
                     f"| {_f(ub)} | {_f(ua)} | {_rel(ub, ua)} | {_f(_cos(s))} | {_latency(s)} |")
     return rows
 
@@ -98,8 +91,8 @@ def _selection_lines(summaries: list[dict[str, Any]]) -> list[str]:
         cell = ", ".join(f"{k}={v}" for k, v in (s.get("chosen") or {}).items()) or "(recipe settings)"
         per = (c.get("per_seed") or [{}])[0].get("skew_change_per_set", {})
         neurons = "; ".join(str(len(v)) for v in (s.get("neurons_per_seed") or {}).values()) if s.get("kind") == "sae" else "-"
-        lines.append(f"| {s['variant']} | {s['selection_cells']} | {cell} | {neurons} | {_pct(c['skew_change'])} "
-                     f"({', '.join(f'{k} {_pct(v)}' for k, v in per.items())}; seed {s['seeds'][0]}) "
+        lines.append(f"| {s['variant']} | {s['selection_cells']} | {cell} | {neurons} | {pct(c['skew_change'])} "
+                     f"({', '.join(f'{k} {pct(v)}' for k, v in per.items())}; seed {s['seeds'][0]}) "
                      f"| {100 * c['utility_loss']:.1f}% | {'yes' if c['feasible'] else '**no**'} | {_f(c['cosine'])} |")
     return lines + [""] + _not_built_lines(summaries)
 
@@ -145,12 +138,12 @@ def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
                 lines.append(f"| {s['variant']} | {name} | not applicable: {res['not_applicable']} |")
                 continue
             b, a, ci = res["max_skew_gender_before"], res["max_skew_gender_after"], res["max_skew_gender_change_ci"]
-            cells = [f"{_rel(b.get(p), a.get(p))}{_ci(ci.get(p))}" for p in sets]
+            cells = [f"{_rel(b.get(p), a.get(p))}{ci_suffix(ci.get(p))}" for p in sets]
             cells += [_rel(ub.get(k), res["utility_after"].get(k)) for k in keys]
             cos = (res.get("fidelity") or {}).get("image_cosine" if s["tower"] == "image" else "prompt_cosine", {}).get("mean")
             diff = res.get("edit_minus_control")
             paired = "-" if not diff or "occupations" not in diff["change"] else \
-                f"{_pct(diff['change']['occupations'])}{_ci(diff['ci'].get('occupations'))}"
+                f"{pct(diff['change']['occupations'])}{ci_suffix(diff['ci'].get('occupations'))}"
             lines.append(f"| {s['variant']} | {name} | " + " | ".join(cells) + f" | {_f(cos)} | {paired} |")
     return lines + [""]
 

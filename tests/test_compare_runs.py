@@ -93,6 +93,17 @@ def test_the_committed_main_job_agrees_with_itself_and_not_with_the_second_lab()
     assert labs.settings["image-reconstruct"]["site"] == ["image.3", "image.2"]
 
 
+def test_utility_columns_follow_the_metrics_the_runs_measured():
+    """A metric only the newer run measured (gender-free recall, protocol v6) gets a column with "-" for the older
+    run; two runs without it get no empty column."""
+    old, new = [variant("img", -0.09, -0.14, -0.05)], [variant("img", -0.09, -0.14, -0.05)]
+    new[0]["eval"]["utility_before"]["caption_recall_no_gender@10"] = 0.40
+    new[0]["eval"]["utility_after"]["caption_recall_no_gender@10"] = 0.30
+    md = comparison_markdown(compare_summaries(old, new), "A", "B")
+    assert "caption_recall_no_gender@10" in md and "| img | -2.0% / -2.0% | - / -25.0% |" in md
+    assert "no_gender" not in comparison_markdown(compare_summaries(old, old), "A", "A")
+
+
 def test_cli_exit_codes_and_json(tmp_path, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
     for d, change in ((a, -0.09), (b, -0.08)):

@@ -120,6 +120,42 @@ def test_prompt_sets_and_captions(shared_data):
     assert ("This is the face of a doctor", "doctor") in sets["occupations"]
     assert fairface_caption({"age": "20-29", "gender": "Female", "race": "Black"}) == "a photo of a young Black woman"
     assert fairface_caption({"age": "70+", "gender": "Male", "race": "East Asian"}) == "a photo of an elderly East Asian man"
+    # gender-free captions: the noun keeps child vs adult (as girl / boy vs woman / man do), any gender label is fine
+    assert fairface_caption({"age": "20-29", "gender": "Female", "race": "Black"}, ("gender",)) == "a photo of a young Black person"
+    assert fairface_caption({"age": "3-9", "gender": "Male", "race": "East Asian"}, ("gender",)) == "a photo of an East Asian child"
+    assert fairface_caption({"age": "70+", "gender": "", "race": "Indian"}, ("gender",)) == "a photo of an elderly Indian person"
+    assert fairface_caption({"age": "70+", "gender": "", "race": "Indian"}) is None
+    assert fairface_caption({"age": "15", "gender": "Female", "race": "Others"}, ("gender",)) == "a photo of a teenage child"
+
+
+def test_gender_free_caption_recall_keeps_what_a_gender_edit_must_keep():
+    """Images whose gender reads wrong lose gendered-caption recall but keep gender-free recall: the metric a
+    gender edit is held to measures the other attributes, the gendered one the edit's own target."""
+    from debias_export.eval.retrieval import EvalData, utility_metrics
+
+    rows = [{"age": "20-29", "gender": g, "race": r} for r in ("Black", "White") for g in ("Female", "Male")]
+    data = EvalData(rows, [], {})
+    texts = data.texts()
+    assert texts["captions_no_gender"] == ["a photo of a young Black person", "a photo of a young White person"]
+    axis = {"Black": 0, "White": 1, "Female": 2, "Male": 3}  # one embedding direction per label word
+
+    def vec(*words):
+        v = torch.zeros(4)
+        for w in words:
+            v[axis[w]] = 1.0
+        return torch.nn.functional.normalize(v, dim=0)
+
+    def text_vec(caption):
+        return vec(*[w for w, word in (("Black", "Black"), ("White", "White"), ("Female", "woman"), ("Male", " man"))
+                     if word in caption])
+
+    emb = {f"text:{g}": torch.stack([text_vec(c) for c in texts[g]]) for g in ("captions", "captions_no_gender")}
+    flip = {"Female": "Male", "Male": "Female"}
+    right = utility_metrics({**emb, "fairface": torch.stack([vec(r["race"], r["gender"]) for r in rows])}, data, ks=(1, 2))
+    wrong = utility_metrics({**emb, "fairface": torch.stack([vec(r["race"], flip[r["gender"]]) for r in rows])}, data, ks=(1, 2))
+    assert right["caption_recall@1"] == 1.0 and wrong["caption_recall@1"] == 0.0
+    assert right["caption_recall_no_gender@2"] == wrong["caption_recall_no_gender@2"] == 1.0
+    assert right["caption_queries"] == 4 and right["caption_queries_no_gender"] == 2
 
 
 def test_evaluate_compare_sweep_and_report(eval_setup, tmp_path):

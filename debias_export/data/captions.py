@@ -7,7 +7,7 @@ UTKFace vocabulary) the word tables the bias lab's training captions use.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 from ..core.errors import DebiasError
 
@@ -28,6 +28,20 @@ FAIRFACE_AGE_WORDS = {"0-2": "baby", "3-9": "child", "10-19": "teenage", "20-29"
 FAIRFACE_RACE_WORDS = {"White": "White", "Black": "Black", "Latino_Hispanic": "Latino", "East Asian": "East Asian",
                        "Southeast Asian": "Southeast Asian", "Indian": "Indian", "Middle Eastern": "Middle Eastern"}
 
+AGE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")  # FairFace's; integer ages map here
+
+
+def age_bin(age: object) -> str:
+    """FairFace's age bin of an integer age (UTKFace); a bin string is returned unchanged."""
+    text = str(age)
+    return text if not text.isdigit() else next(b for b, hi in zip(AGE_BINS, (2, 9, 19, 29, 39, 49, 59, 69, 10**9))
+                                                 if int(text) <= hi)
+
+
+def race_word(race: object) -> str | None:
+    """The caption word of a FairFace or UTKFace race label (None: no word, e.g. UTKFace 'Others')."""
+    return FAIRFACE_RACE_WORDS.get(str(race)) or RACE_WORDS.get(str(race))
+
 
 def age_group(age: int) -> int:
     """:data:`AGE_GROUPS` index of an integer age."""
@@ -37,30 +51,36 @@ def age_group(age: int) -> int:
 CAPTION_TEMPLATES = ("a photo of a {}", "a portrait of a {}", "a close-up photo of the face of a {}")
 
 
-def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0]) -> str | None:
+def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0], drop: Collection[str] = ()) -> str | None:
     """A caption naming a face's labels ("a photo of a young Black woman"), or None without a Male/Female gender.
 
     Understands FairFace rows (age bins, FairFace race names) and UTKFace rows (integer ages); unknown
-    race/age values are left out. Used to give text towers labelled inputs (probing, locate).
+    race/age values are left out. Used to give text towers labelled inputs (probing, locate). ``drop``
+    leaves attributes out: ``("gender",)`` names "a young Black person" / "a teenage child" (any gender
+    label, or none, is then fine), ``("race",)`` or ``("age",)`` drop that word.
     """
     gender = row.get("gender")
-    if gender not in ("Male", "Female"):
+    if "gender" not in drop and gender not in ("Male", "Female"):
         return None
     age = str(row.get("age", "") or "")
     if age.isdigit():
-        adj, fem, male = AGE_GROUPS[age_group(int(age))][1:]
+        group = age_group(int(age))
+        adj, fem, male = AGE_GROUPS[group][1:]
+        child = group <= 2
     else:
         child = age in ("0-2", "3-9", "10-19")
         adj, fem, male = (None if age == "3-9" else FAIRFACE_AGE_WORDS.get(age)), ("girl" if child else "woman"), ("boy" if child else "man")
     race = FAIRFACE_RACE_WORDS.get(row.get("race", "")) or RACE_WORDS.get(row.get("race", ""))
-    words = " ".join(w for w in (adj, race, fem if gender == "Female" else male) if w)
-    return re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", template.format(words))  # "a elderly" -> "an elderly"
+    # Without gender, children stay "child" (a noun that carries age, as girl/boy do) and adults "person".
+    noun = ("child" if child else "person") if "gender" in drop else (fem if gender == "Female" else male)
+    words = " ".join(w for w in (None if "age" in drop else adj, None if "race" in drop else race, noun) if w)
+    return _fix_articles(template.format(words))  # "a elderly" -> "an elderly"
 
 
-def fairface_caption(row: Mapping[str, str]) -> str | None:
+def fairface_caption(row: Mapping[str, str], drop: Collection[str] = ()) -> str | None:
     """The caption-recall ground truth of a FairFace row: :func:`label_caption` with the default template
-    (None for a row without a Male/Female gender: it matches no caption)."""
-    return label_caption(row)
+    (None for a row without a Male/Female gender unless gender is dropped: it matches no caption)."""
+    return label_caption(row, drop=drop)
 
 
 # Gendered minimal pairs: the same sentence with a female or a male word, nothing else changed. Probing on

@@ -28,7 +28,7 @@ from ..analysis.metrics import (
     zero_shot_probs,
 )
 from ..core.errors import DebiasError
-from ..data.captions import FAIRFACE_RACE_WORDS, RACE_WORDS, fairface_caption
+from ..data.captions import age_bin, fairface_caption, race_word
 from ..data.datasets import is_missing_label, load_rgb, read_csv_table, resolve_data_dir
 from ..edits.install import edits_installed
 
@@ -53,28 +53,19 @@ PAIRS_LABELS = {
 PAIRS_TEMPLATE = "a photo of a {}"
 OCCUPATION_DROP_AGES = ("0-2", "70+")  # implausible workers: dropped from the age attribute for occupation prompts
 ATTRIBUTES = ("gender", "race", "age")
-AGE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+")  # FairFace's; integer ages map here
 _AGE_ZS = {"0-2": 0, "3-9": 1, "10-19": 2, "20-29": 3, "30-39": 3, "40-49": 4, "50-59": 4, "60-69": 5, "70+": 6}
 _PIXEL_CACHE: dict[tuple, torch.Tensor] = {}
 SELECT_HALF, HELD_OUT_HALF = "select", "held-out"
+# Caption-recall text groups and the labels their captions leave out. "captions" name every label, so a
+# gender edit costs their recall by design; "captions_no_gender" ("a young Black person") measure what a
+# gender edit must keep: retrieval by the attributes it does not touch.
+CAPTION_GROUPS = {"captions": (), "captions_no_gender": ("gender",)}
 
 
 def concept_half(concept: str) -> str:
     """The fixed half a prompt concept belongs to: settings are selected on ``select`` concepts only and the
     final report also gives the ``held-out`` half (``sha256(concept)`` even / odd: machine- and order-free)."""
     return SELECT_HALF if int(hashlib.sha256(concept.encode()).hexdigest()[:8], 16) % 2 == 0 else HELD_OUT_HALF
-
-
-def age_bin(age: Any) -> str:
-    """FairFace's age bin of an integer age (UTKFace); a bin string is returned unchanged."""
-    text = str(age)
-    return text if not text.isdigit() else next(b for b, hi in zip(AGE_BINS, (2, 9, 19, 29, 39, 49, 59, 69, 10**9))
-                                                 if int(text) <= hi)
-
-
-def race_word(race: Any) -> str | None:
-    """The caption word of a FairFace or UTKFace race label (None: no word, e.g. UTKFace 'Others')."""
-    return FAIRFACE_RACE_WORDS.get(str(race)) or RACE_WORDS.get(str(race))
 
 
 def image_pixels(adapter, paths: Sequence[str]) -> torch.Tensor:
@@ -161,7 +152,8 @@ class EvalData:
         out = {f"prompts/{k}": [p for p, _ in v] for k, v in self.prompt_sets.items()}
         for section, labels in (PAIRS_LABELS.items() if self.pairs else ()):
             out[f"pairs/{section}"] = [PAIRS_TEMPLATE.format(x) for x in labels]
-        out["captions"] = sorted({c for r in self.fairface if (c := fairface_caption(r)) is not None})
+        for group, drop in CAPTION_GROUPS.items():
+            out[group] = sorted({c for r in self.fairface if (c := fairface_caption(r, drop)) is not None})
         out["gender"] = ["a photo of a woman", "a photo of a man"]
         out["age"] = [f"a photo of a {w} person" for w in ("baby", "child", "teenage", "young", "middle-aged", "older", "elderly")]
         out["race"] = [f"a photo of a {w} person" for w in self.race_words()]
@@ -264,13 +256,16 @@ def utility_metrics(emb: dict[str, torch.Tensor], data: EvalData, ks: Sequence[i
     """Caption-to-image recall@k over the pool and zero-shot gender / age / race accuracy (each where the pool's
     labels allow it; rows without a usable label are skipped for that metric)."""
     out: dict[str, Any] = {}
-    captions = data.texts().get("captions", [])
-    if captions:
-        truth = [fairface_caption(r) for r in data.fairface]
+    texts = data.texts()
+    for group, drop in CAPTION_GROUPS.items():
+        if not (captions := texts.get(group, [])) or "text:" + group not in emb:
+            continue
+        truth = [fairface_caption(r, drop) for r in data.fairface]
         relevant = torch.tensor([[t == c for t in truth] for c in captions])
-        scores = cosine_scores(emb["text:captions"], emb["fairface"])
-        out.update({f"caption_recall@{k}": recall_at_k(scores, relevant, k) for k in ks})
-        out["caption_queries"] = len(captions)
+        scores = cosine_scores(emb["text:" + group], emb["fairface"])
+        name = group.replace("captions", "caption_recall")  # caption_recall@k, caption_recall_no_gender@k
+        out.update({f"{name}@{k}": recall_at_k(scores, relevant, k) for k in ks})
+        out[group.replace("captions", "caption_queries")] = len(captions)
     rows = data.fairface
 
     def zero_shot(group: str, target) -> float | None:
@@ -306,15 +301,11 @@ def fidelity_metrics(base: dict[str, torch.Tensor], patched: dict[str, torch.Ten
     return out
 
 
-def _as_data(adapter, data_dir, data: EvalData | None, prompt_sets) -> EvalData:
-    return data if data is not None else EvalData.load(adapter, data_dir, prompt_sets)
-
-
 def evaluate(adapter, data_dir: str | Path | None = None, k: int = 50, shuffles: int = 0, seed: int = 0,
              prompt_sets: Sequence[str] | None = None, data: EvalData | None = None,
              embeddings: dict[str, torch.Tensor] | None = None) -> dict:
     """Bias (MaxSkew/NDKL, PAIRS gaps) and utility metrics of one model over the shared data."""
-    data = _as_data(adapter, data_dir, data, prompt_sets)
+    data = data if data is not None else EvalData.load(adapter, data_dir, prompt_sets)
     emb = embeddings if embeddings is not None else embed(adapter, data)
     return {"model": adapter.describe(), "k": k, "fairface_images": len(data.fairface), "pairs_images": len(data.pairs),
             "retrieval": bias_metrics(emb, data, k, shuffles, seed), "pairs": pairs_metrics(emb, data),
@@ -328,7 +319,7 @@ def compare(base_adapter, patched, data_dir: str | Path | None = None, k: int = 
     or an installer ``fn(adapter) -> handle`` (e.g. a fold) whose ``handle.remove()`` undoes it.
     ``base_emb``: the unmodified model's embeddings of ``data`` when already computed; ``tower``: the one
     tower the edit touches (the other tower's embeddings are reused, see :func:`embed`)."""
-    data = _as_data(base_adapter, data_dir, data, prompt_sets)
+    data = data if data is not None else EvalData.load(base_adapter, data_dir, prompt_sets)
     base_emb = base_emb if base_emb is not None else embed(base_adapter, data)
     if isinstance(patched, ModelAdapter):
         patched_emb = embed(patched, data)
@@ -360,7 +351,7 @@ def sweep_alpha(adapter, make_edit, alphas: Sequence[float], data_dir: str | Pat
     """Evaluate ``make_edit(alpha)`` applied at each alpha: the trade-off curve. ``make_edit`` returns an edit,
     a list of edits, or an installer ``fn(adapter) -> handle with remove()`` (see :func:`compare`);
     ``base_emb`` / ``tower`` as in :func:`compare`."""
-    data = _as_data(adapter, data_dir, data, prompt_sets)
+    data = data if data is not None else EvalData.load(adapter, data_dir, prompt_sets)
     base_emb = base_emb if base_emb is not None else embed(adapter, data)
     rows = []
     for alpha in alphas:

@@ -26,7 +26,8 @@ from ..core.errors import DebiasError
 from .percent import ci_suffix, pct
 
 SUMMARY = "summary.json"
-UTILITY_KEYS = ("caption_recall@10", "age_zero_shot_acc", "race_zero_shot_acc", "gender_zero_shot_acc")
+UTILITY_KEYS = ("caption_recall@10", "caption_recall_no_gender@10", "age_zero_shot_acc", "race_zero_shot_acc",
+                "gender_zero_shot_acc")
 BASELINE_RTOL = 1e-3  # the unmodified model's MaxSkew: equal up to float noise when both runs used the same lab
 
 
@@ -198,8 +199,9 @@ def comparison_markdown(cmp: Comparison, label_a: str, label_b: str) -> str:
         lines += ["", "Settings the selection chose differently (A / B):", ""]
         for name, differ in cmp.settings.items():
             lines.append(f"- {name}: " + ", ".join(f"{k} {va} / {vb}" for k, (va, vb) in differ.items()))
+    keys = [k for k in UTILITY_KEYS if any(u[k] != [None, None] for u in cmp.utility.values())]  # runs may predate a metric
     lines += ["", "Utility change on the evaluation data (A / B; no interval, not judged):", "",
-              "| variant | " + " | ".join(UTILITY_KEYS) + " |", "|---|" + "---|" * len(UTILITY_KEYS)]
+              "| variant | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, util in cmp.utility.items():
-        lines.append(f"| {name} | " + " | ".join(f"{pct(x)} / {pct(y)}" for x, y in util.values()) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{pct(util[k][0])} / {pct(util[k][1])}" for k in keys) + " |")
     return "\n".join(lines) + "\n"

@@ -9,7 +9,8 @@ from ..eval.llava_eval import llava_run_table
 from .percent import ci_suffix, pct
 
 RECALL_KEY = "caption_recall@10"
-UTILITY_KEYS = ("caption_recall@10", "caption_recall@50", "gender_zero_shot_acc", "age_zero_shot_acc", "race_zero_shot_acc")
+UTILITY_KEYS = ("caption_recall@10", "caption_recall@50", "caption_recall_no_gender@10", "gender_zero_shot_acc",
+                "age_zero_shot_acc", "race_zero_shot_acc")
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -121,7 +122,7 @@ def _controls_lines(summaries: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     sets = [p for p in CONTROL_SETS if p in rows[0]["eval"].get("max_skew_gender_change_ci", {})]
-    keys = [k for k in (RECALL_KEY, "age_zero_shot_acc") if k in rows[0]["eval"]["utility_before"]]
+    keys = [k for k in (RECALL_KEY, "caption_recall_no_gender@10", "age_zero_shot_acc") if k in rows[0]["eval"]["utility_before"]]
     lines = ["## Controls (evaluation data; nothing chosen from them)", "",
              "Each SAE edit beside edits that share its SAE, site, a and value rule but not its neurons, per seed: "
              "the SAE's reconstruction alone (reconstruct mode), and as many random latents firing as often as the "
@@ -215,7 +216,7 @@ def _plot_sweeps(summaries: list[dict[str, Any]], path: Path, prompt_set: str = 
         ax.set(xlabel="a (SAE) / b (projection)", title=s["variant"])
         ax.set_ylabel("MaxSkew@k gender", color="C3")
         right = ax.twinx()
-        for i, key in enumerate(("caption_recall@10", "age_zero_shot_acc", "race_zero_shot_acc")):
+        for i, key in enumerate(("caption_recall@10", "caption_recall_no_gender@10", "age_zero_shot_acc", "race_zero_shot_acc")):
             if key in sweep[0]["utility"]:
                 right.plot(alphas, [r["utility"][key] for r in sweep], "s--", color=f"C{i}", label=key)
         right.set_ylabel("utility")

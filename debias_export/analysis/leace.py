@@ -83,13 +83,27 @@ def _check(x: torch.Tensor, n_labels: int) -> torch.Tensor:
     return x.double()
 
 
+def _range_basis(m: torch.Tensor, tol: float) -> torch.Tensor:
+    """Orthonormal basis of ``m``'s column space (singular values below ``tol * max`` dropped; ``[d, 0]`` if none)."""
+    u, s, _ = torch.linalg.svd(m, full_matrices=False)
+    if s.numel() == 0 or float(s.max()) == 0.0:
+        return u[:, :0]
+    return u[:, s > tol * s.max()]
+
+
 def fit_leace(x: torch.Tensor, labels: "Sequence | torch.Tensor", eig_tol: float = 1e-9,
-              svd_tol: float = 1e-6) -> ErasureSubspace:
+              svd_tol: float = 1e-6, keep: "Sequence[Sequence | torch.Tensor]" = ()) -> ErasureSubspace:
     """Closed-form LEACE eraser for activations ``x [n, d]`` and labels (class list or ``z [n, k]``).
 
     ``eig_tol``/``svd_tol`` are relative cut-offs: eigen-directions of ``Sigma_xx`` below
     ``eig_tol * max`` are treated as null (e.g. the mean direction after a LayerNorm), singular
     values of ``W Sigma_xz`` below ``svd_tol * max`` as zero (one-hot labels always give one).
+
+    ``keep``: other labelings of the same inputs (e.g. age bins) whose linear information must survive.
+    The erased subspace is then the part of ``W Sigma_xz`` orthogonal (in whitened space) to every
+    ``W Sigma_xk``, so ``Cov(r(x), k) = Cov(x, k)`` exactly while ``Cov(r(x), z)`` keeps only the part of
+    the label's cross-covariance that lies along the kept labels' directions (why: on a model whose
+    gender direction leans on its age directions, plain LEACE of gender erases age recognition too).
     """
     z = one_hot(labels)
     xd = _check(x, z.shape[0])
@@ -100,14 +114,27 @@ def fit_leace(x: torch.Tensor, labels: "Sequence | torch.Tensor", eig_tol: float
     sigma_xx = xc.T @ xc / n
     sigma_xz = xc.T @ zc / n
     evals, evecs = torch.linalg.eigh(sigma_xx)
-    keep = evals > eig_tol * evals.max().clamp_min(torch.finfo(torch.float64).tiny)
-    ev, V = evals[keep], evecs[:, keep]
+    nonnull = evals > eig_tol * evals.max().clamp_min(torch.finfo(torch.float64).tiny)
+    ev, V = evals[nonnull], evecs[:, nonnull]
     W = (V * ev.rsqrt()) @ V.T  # (Sigma^{1/2})^+
     W_pinv = (V * ev.sqrt()) @ V.T  # Sigma^{1/2}
-    u, s, _ = torch.linalg.svd(W @ sigma_xz, full_matrices=False)
-    if s.numel() == 0 or float(s.max()) == 0.0:
+    target = W @ sigma_xz
+    if keep:
+        kept = []
+        for other in keep:
+            k = one_hot(other)
+            if k.shape[0] != n:
+                raise ShapeError(f"{k.shape[0]} kept labels for {n} activations")
+            kept.append(W @ (xc.T @ (k - k.mean(0)) / n))
+        K = _range_basis(torch.cat(kept, dim=1), svd_tol)
+        residual = target - K @ (K.T @ target)
+        if float(residual.norm()) <= svd_tol * float(target.norm()):
+            raise ConfigError("the labels' linear information lies entirely along the kept labels' directions; "
+                              "nothing is left to erase without erasing them")
+        target = residual
+    Q = _range_basis(target, svd_tol)
+    if Q.shape[1] == 0:
         raise ConfigError("labels carry no linear information about the activations (zero cross-covariance); nothing to erase")
-    Q = u[:, s > svd_tol * s.max()]
     return ErasureSubspace(in_dirs=W @ Q, out_dirs=W_pinv @ Q, mu=mu, method="leace")
 
 
@@ -138,11 +165,14 @@ def fit_mean_diff(x: torch.Tensor, labels: "Sequence | torch.Tensor") -> Erasure
     return ErasureSubspace(in_dirs=D, out_dirs=D.clone(), mu=x.double().mean(0), method="mean_diff")
 
 
-def fit_eraser(x: torch.Tensor, labels: "Sequence | torch.Tensor", method: str = "leace") -> ErasureSubspace:
-    """Fit the bias subspace with ``method`` ("leace" or "mean_diff")."""
+def fit_eraser(x: torch.Tensor, labels: "Sequence | torch.Tensor", method: str = "leace",
+               keep: "Sequence[Sequence | torch.Tensor]" = ()) -> ErasureSubspace:
+    """Fit the bias subspace with ``method`` ("leace" or "mean_diff"); ``keep``: see :func:`fit_leace`."""
     if method == "leace":
-        return fit_leace(x, labels)
+        return fit_leace(x, labels, keep=keep)
     if method == "mean_diff":
+        if keep:
+            raise ConfigError("keeping other labels' information needs method leace (mean_diff erases orthogonally)")
         return fit_mean_diff(x, labels)
     raise ConfigError(f"unknown erasure method {method!r}; expected one of {', '.join(METHODS)}")
 

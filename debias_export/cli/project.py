@@ -24,6 +24,9 @@ METHODS = PROJECTION_METHODS
 @click.option("--amplify", default=0.0, show_default=True, type=FiniteFloat(), help="g: amplification of the --fair-from directions.")
 @click.option("--fair-from", "fair_from", default=None, type=click.Path(path_type=Path, dir_okay=False),
               help="safetensors with raw fair directions [d, m]; orthonormalised against the bias subspace.")
+@click.option("--keep", "keep", multiple=True,
+              help="Label column whose linear information the erasure leaves intact (repeatable; LEACE only), e.g. "
+                   "--keep age: erase gender without erasing age. Integer ages are binned as FairFace's age bins.")
 @click.option("--no-center", is_flag=True,
               help="Drop the mean term (a linear map; needed to fold into bias-free output projections).")
 @click.option("--fold", type=click.Choice(EXPORT_FOLDS), default="none", show_default=True,
@@ -36,7 +39,8 @@ METHODS = PROJECTION_METHODS
 @click.option("--overwrite", is_flag=True, help="Replace an existing edit folder.")
 @allow_mismatch_option
 def project(capture_dir: Path, column: str, method: str, strength: float, amplify: float, fair_from: Path | None,
-            no_center: bool, fold: str, model_spec: str | None, out_dir: Path, overwrite: bool, allow_mismatch: bool) -> None:
+            keep: tuple[str, ...], no_center: bool, fold: str, model_spec: str | None, out_dir: Path, overwrite: bool,
+            allow_mismatch: bool) -> None:
     """Fit a projection edit o' = o - b*A(o - mu) + g*F F^T o on CAPTURE labelled by COLUMN; write OUT."""
     import torch
 
@@ -60,7 +64,7 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
         if adapter is not None:  # before fitting
             check_made_for(f"the capture {capture_dir}", record_of(store.model_record), adapter, adapter.resolve_site(store.site))
         edit = fit_from_capture(store, column, method=METHODS[method], fold=fold, adapter=adapter, fair=fair,
-                                strength=strength, amplify=amplify, center=not no_center, model=model_spec)
+                                strength=strength, amplify=amplify, center=not no_center, model=model_spec, keep=keep)
         if adapter is not None:
             # dry run on the model: a fold that cannot apply (bias-free projection with a mean term, a block
             # output for fold=site, a width mismatch) fails here, before anything is written
@@ -75,7 +79,8 @@ def project(capture_dir: Path, column: str, method: str, strength: float, amplif
     skipped = edit.provenance.get("unlabelled_skipped", 0)
     summary(f"fitted {edit.method} projection at {edit.site} on {edit.provenance['inputs']} inputs "
             + (f"({skipped} row(s) with a blank {column!r} label skipped) " if skipped else "") +
-            f"({edit.provenance['activations']} activations, column {column}): rank {rank}, fair rank {fair_rank}, "
+            f"({edit.provenance['activations']} activations, column {column}"
+            + (f", keeping {', '.join(keep)}" if keep else "") + f"): rank {rank}, fair rank {fair_rank}, "
             f"b={edit.strength:g} g={edit.amplify:g} center={edit.center} fold={edit.fold}, |M - I|_F={moved:.3g} "
             f"-> {out_dir}",
             next_step=f"debias-export export --model {model_spec or 'MODEL'} --edit {out_dir} --out EXPORT_DIR "

@@ -80,7 +80,7 @@ def selection_score(base: dict, after: dict, column: str, utility: Sequence[str]
     missing = [m for m in utility if m not in base["utility"]]
     if missing:
         raise DebiasError(f"select.utility: {', '.join(missing)} cannot be measured on the selection split "
-                          f"(its labels give: {', '.join(sorted(k for k in base['utility'] if k != 'caption_queries'))})")
+                          f"(its labels give: {', '.join(sorted(k for k in base['utility'] if not k.startswith('caption_queries')))})")
     util = {m: relative(base["utility"][m], after["utility"][m]) for m in utility}
     return {"skew_change": sum(sets.values()) / len(sets), "skew_change_per_set": sets, "utility_change": util,
             "utility_loss": max([0.0] + [-(u or 0.0) for u in util.values()])}

@@ -71,6 +71,10 @@ def _describe_edit(edit: dict[str, Any], fold: dict[str, Any] | None = None) -> 
         parts.append(", ".join(f"{k} {edit[k]}" for k in keys if k in edit))
         if edit.get("rank") is not None or edit.get("P") is not None:
             parts.append(f"rank {edit.get('rank')}")
+        kept = (edit.get("provenance") or {}).get("kept_labels")
+        if kept:
+            parts.append(f"erases {(edit.get('provenance') or {}).get('column', 'its label')} keeping the linear "
+                         f"information of {', '.join(kept)}")
     if fold:
         parts.append(f"folded into the weights ({fold.get('mode')})")
     return "; ".join(p for p in parts if p)

@@ -182,7 +182,8 @@ def _run_projection(recipe: Recipe, adapter, site, store, work: Path, steps: Ste
                   "site": site.name, "probe_column": recipe.probe.column}
     edit = steps("fit-projection", lambda: fit_from_capture(
         store, recipe.probe.column, method=e.method, fold=e.fold, adapter=adapter, fair=fair, strength=e.strength,
-        amplify=e.amplify, center=e.center, model=recipe.model.spec, activations=e.fit_on, provenance=dict(provenance)))
+        amplify=e.amplify, center=e.center, model=recipe.model.spec, activations=e.fit_on, keep=e.keep,
+        provenance=dict(provenance)))
     if edit.provenance.get("unlabelled_skipped"):
         log(f"{recipe.name}: skipped {edit.provenance['unlabelled_skipped']} input(s) with a blank {recipe.probe.column!r} label")
     edit.save(work / "edit")

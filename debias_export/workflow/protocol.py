@@ -115,12 +115,12 @@ def _build_edit(rc: Recipe, adapter, cap, cache: Path, progress: bool, seed: int
                   "probe_column": rc.probe.column}
     e = rc.edit
     if e.kind == "projection":
-        k = ("fit", cap.cache_key, dataclasses.astuple(e), rc.probe.column)
+        k = ("fit", cap.cache_key, repr(dataclasses.astuple(e)), rc.probe.column)  # repr: edit.keep is a list
         if k not in memo:
             fair = read_fair_directions(Path(e.fair_from)) if e.fair_from else None
             memo[k] = fit_from_capture(cap.store, rc.probe.column, method=e.method, fold=e.fold, adapter=adapter, fair=fair,
                                        strength=e.strength, amplify=e.amplify, center=e.center, model=rc.model.spec,
-                                       activations=e.fit_on, provenance=provenance)
+                                       activations=e.fit_on, keep=e.keep, provenance=provenance)
         return memo[k], None
     k = ("sae", cap.cache_key, dataclasses.astuple(rc.sae), seed)
     if k not in memo:

@@ -95,9 +95,12 @@ class EditSection:
     # per-input activations the projection is fitted on: auto (the pooled output token where the family has one,
     # else the token mean), mean (mean over the captured tokens: an edit of every token) or output
     fit_on: str = "auto"
+    # label columns whose linear information the erasure leaves intact (LEACE only), e.g. [age]: erase gender
+    # without erasing age (integer ages are binned as FairFace's age bins)
+    keep: list[str] = field(default_factory=list)
 
 
-PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold", "fit_on")
+PROJECTION_FIELDS = ("method", "strength", "amplify", "fair_from", "center", "fold", "fit_on", "keep")
 
 
 @dataclass
@@ -265,6 +268,8 @@ def _check_edit_kind(e: EditSection, bad: Any) -> None:
         raise bad("edit.fit_on", f"must be auto, mean or output, got {_show(e.fit_on)}")
     if e.amplify != 0.0 and not e.fair_from:
         raise bad("edit.amplify", "needs edit.fair_from (there are no fair directions to amplify)")
+    if e.keep and e.method != "leace":
+        raise bad("edit.keep", "needs edit.method: leace (mean_diff erases orthogonally and cannot keep other labels)")
     if e.neurons is not None:
         raise bad("edit.neurons", "only applies to edit.kind: sae")
     if e.value != 0.0:

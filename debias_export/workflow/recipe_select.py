@@ -17,7 +17,8 @@ from .recipe_coerce import show
 SELECT_LAB_SPLIT = "biaslab:validation"  # the UTKFace faces the shipped bias lab never trained on
 # recipe keys a selection grid may sweep (each value list is validated as if written in the recipe)
 GRID_KEYS = ("site", "capture.tokens", "sae.k", "sae.expansion", "probe.tau", "probe.top_n", "probe.activations",
-             "edit.alpha", "edit.value", "edit.mode", "edit.method", "edit.strength", "edit.fold", "edit.center")
+             "edit.alpha", "edit.value", "edit.mode", "edit.method", "edit.strength", "edit.fold", "edit.center",
+             "edit.keep")
 UTILITY_METRICS = ("caption_recall@5", "caption_recall@10", "caption_recall@50", "caption_recall_no_gender@5",
                    "caption_recall_no_gender@10", "caption_recall_no_gender@50", "gender_zero_shot_acc",
                    "age_zero_shot_acc", "race_zero_shot_acc")

@@ -34,7 +34,7 @@ Fold modes (``mode=``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -117,9 +117,10 @@ class ProjectionEdit(EditConfig):
 
     @classmethod
     def fit(cls, site: str, activations: torch.Tensor, labels, method: str = "leace",
-            fair: torch.Tensor | None = None, **kwargs: Any) -> "ProjectionEdit":
-        """Fit the bias subspace on labelled activations ``[n, d]`` read at ``site``."""
-        return cls.from_subspace(site, fit_eraser(activations, labels, method=method), fair=fair, **kwargs)
+            fair: torch.Tensor | None = None, keep: Sequence[Sequence] = (), **kwargs: Any) -> "ProjectionEdit":
+        """Fit the bias subspace on labelled activations ``[n, d]`` read at ``site``; ``keep``: other labelings of the
+        same inputs whose linear information the erasure must leave intact (LEACE only, see ``fit_leace``)."""
+        return cls.from_subspace(site, fit_eraser(activations, labels, method=method, keep=keep), fair=fair, **kwargs)
 
     # ----- the map -------------------------------------------------------------------------------
     @property

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -12,6 +12,7 @@ from ...core.choices import EXPORT_FOLDS
 from ...core.errors import ConfigError
 from ...core.model_match import FINGERPRINT_KEY
 from ...core.sites import Site
+from ...data.captions import age_bin
 from ...data.datasets import labelled_indices
 from ...sae.model import read_safetensors
 from .config import ProjectionEdit
@@ -28,25 +29,42 @@ def capture_fit_activations(store, which: str = "auto") -> tuple[torch.Tensor, s
     return (store.output_activations(), "output") if has_output else (store.mean_activations(), "mean")
 
 
+def kept_labels(store, columns: Sequence[str]) -> list[list[str]]:
+    """The capture's labels of each column whose information an erasure keeps; integer ages become FairFace's 9
+    age bins (one class per year would give the kept subspace ~100 dimensions and leave little to erase)."""
+    out = []
+    for col in columns:
+        values = store.labels(col)
+        out.append([age_bin(v) if col == "age" and str(v).isdigit() else v for v in values])
+    return out
+
+
 def fit_from_capture(store, column: str, method: str = "leace", fold: str = "none",
                      adapter: ModelAdapter | None = None, fair: torch.Tensor | None = None,
-                     activations: str = "auto", **kwargs: Any) -> ProjectionEdit:
+                     activations: str = "auto", keep: Sequence[str] = (), **kwargs: Any) -> ProjectionEdit:
     """Fit a :class:`ProjectionEdit` on an :class:`~debias_export.capture.store.ActivationStore` labelled by ``column``.
 
     ``fold="output"`` fits in the embedding space instead: the capture must be the output token at the
     tower's consumed block, mapped through the tower's final norm and projection (needs ``adapter``).
+    ``keep``: label columns whose linear information the erasure leaves intact (e.g. ``["age"]``; LEACE only).
     """
     if fold not in EXPORT_FOLDS:
         raise ConfigError(f"unknown fold mode {fold!r}; expected one of {', '.join(EXPORT_FOLDS)}")
+    if column in keep:
+        raise ConfigError(f"cannot erase {column!r} and keep it: drop it from the kept labels")
     site = Site.parse(store.site)
     if fold == "site" and site.kind == "resid_post":
         raise ConfigError(f"fold=site needs an attn_out/mlp_out capture (a Linear's output); {store.path} is at {store.site}")
     labels = store.labels(column)
+    kept = kept_labels(store, keep)
     acts, which = capture_fit_activations(store, activations)
-    # rows without a label are skipped, as probing does (a blank is not a third group) and counted
-    keep, n_rows = labelled_indices(labels), len(labels)
-    if len(keep) < n_rows:
-        acts, labels = acts[keep], [labels[i] for i in keep]
+    # rows without a label (erased or kept) are skipped, as probing does (a blank is not a third group) and counted
+    rows, n_rows = labelled_indices(labels), len(labels)
+    for other in kept:
+        present = set(labelled_indices(other))
+        rows = [i for i in rows if i in present]
+    if len(rows) < n_rows:
+        acts, labels, kept = acts[rows], [labels[i] for i in rows], [[k[i] for i in rows] for k in kept]
     if fold == "output":
         if adapter is None:
             raise ConfigError("fold=output fits in the embedding space and needs the model (--model)")
@@ -67,9 +85,10 @@ def fit_from_capture(store, column: str, method: str = "leace", fold: str = "non
         with torch.no_grad():  # the tower's own tail: final norm, then the projection the fold targets
             acts = m.get_submodule(proj)(m.get_submodule(parts.final_norm)(acts.to(ref.device, ref.dtype))).float().cpu()
         which = "embedding"
-    edit = ProjectionEdit.fit(site.name, acts, labels, method=method, fair=fair, fold=fold, **kwargs)
+    edit = ProjectionEdit.fit(site.name, acts, labels, method=method, fair=fair, fold=fold, keep=kept, **kwargs)
     edit.provenance = {"capture": str(store.path), "column": column, "activations": which,
-                       "inputs": int(acts.shape[0]), "unlabelled_skipped": n_rows - len(keep),
+                       "inputs": int(acts.shape[0]), "unlabelled_skipped": n_rows - len(rows),
+                       **({"kept_labels": list(keep)} if keep else {}),
                        FINGERPRINT_KEY: store.model_record.get(FINGERPRINT_KEY), **edit.provenance}
     return edit
 

@@ -320,6 +320,13 @@ CLI_CASES = [
     CliCase("recipe-fold-on-sae", lambda t, w: recipe(t, w, edit="{fold: site}"), ("edit.fold", "kind: projection")),
     CliCase("recipe-projection-amplify", lambda t, w: recipe(t, w, edit="{kind: projection, amplify: 0.5}"),
             ("edit.amplify", "fair_from")),
+    CliCase("recipe-projection-keep-erased", lambda t, w: recipe(t, w, edit="{kind: projection, keep: [gender]}"),
+            ("edit.keep", "probe.column")),
+    CliCase("recipe-projection-keep-mean-diff", lambda t, w: recipe(t, w, edit="{kind: projection, method: mean_diff, keep: [age]}"),
+            ("edit.keep", "leace")),
+    CliCase("recipe-projection-keep-missing", lambda t, w: recipe(t, w, edit="{kind: projection, keep: [mood]}"),
+            ("no label column 'mood'", "edit.keep")),
+    CliCase("recipe-sae-keep", lambda t, w: recipe(t, w, edit="{keep: [age]}"), ("edit.keep", "kind: projection")),
     CliCase("recipe-fold-output-centered", lambda t, w: recipe(t, w, edit="{kind: projection, fold: output}"),
             ("visual_projection", "no bias", "center")),
     # project: fitting a projection edit from a capture

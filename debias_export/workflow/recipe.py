@@ -169,6 +169,8 @@ def _check_values(r: Recipe, where: str) -> None:
     if not 0.0 <= r.edit.alpha <= 1.0:
         raise bad("edit.alpha", f"must be in [0, 1], got {r.edit.alpha}")
     _check_edit_kind(r.edit, bad)
+    if r.probe.column in r.edit.keep:
+        raise bad("edit.keep", f"cannot keep {r.probe.column!r}: it is probe.column, the label the edit erases")
     if r.edit.mode not in SAE_MODES:
         raise bad("edit.mode", f"must be reconstruct or residual, got {r.edit.mode!r}")
     if isinstance(r.edit.value, str) and r.edit.value != "mean":

@@ -141,6 +141,9 @@ def capture(recipe: Recipe, adapter, cache: Path, steps: Steps, progress: bool, 
     columns = getattr(source, "columns", None) or (list(source.rows[0]) if source.rows else [])
     if recipe.probe.column not in columns:
         raise DebiasError(f"no label column {recipe.probe.column!r} (probe.column) in the data; columns: {', '.join(columns)}")
+    missing = [c for c in recipe.edit.keep if c not in columns]
+    if missing:  # before capturing: the fit would need them
+        raise DebiasError(f"no label column {missing[0]!r} (edit.keep) in the data; columns: {', '.join(columns)}")
     parts = [recipe.model.spec, site.name, dataclasses.asdict(recipe.data), dataclasses.asdict(recipe.capture), seed]
     if exclude:
         parts.append(sorted(exclude))

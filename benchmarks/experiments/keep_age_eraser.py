@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from debias_export.analysis.leace import ErasureSubspace, fit_leace, one_hot  # noqa: E402
+from debias_export.analysis.leace import ErasureSubspace, fit_leace  # noqa: E402
 from debias_export.data.captions import age_bin  # noqa: E402
 from debias_export.eval.protocol import selection_score  # noqa: E402
 from debias_export.eval.retrieval import SELECT_HALF, EvalData, embed, evaluate, image_pixels, load_prompt_sets  # noqa: E402
@@ -39,25 +39,14 @@ STRENGTHS = (0.25, 0.5, 1.0)
 
 
 def keep_age_leace(x: torch.Tensor, gender: list[str], age: list[str]) -> ErasureSubspace:
-    """LEACE of gender restricted to the whitened directions orthogonal to age's cross-covariance."""
-    plain = fit_leace(x, gender)  # its mu, and the whitening it implies, are the ones to reuse
-    xd = x.double()
-    xc = xd - xd.mean(0)
-    n = xd.shape[0]
-    evals, evecs = torch.linalg.eigh(xc.T @ xc / n)
-    keep = evals > 1e-9 * evals.max()
-    ev, V = evals[keep], evecs[:, keep]
-    W, W_pinv = (V * ev.rsqrt()) @ V.T, (V * ev.sqrt()) @ V.T
-    u = W @ (xc.T @ (one_hot(gender) - one_hot(gender).mean(0)) / n)
-    a = W @ (xc.T @ (one_hot(age) - one_hot(age).mean(0)) / n)
-    qa, sa, _ = torch.linalg.svd(a, full_matrices=False)
-    qa = qa[:, sa > 1e-6 * sa.max()]
-    u_perp = u - qa @ (qa.T @ u)
-    q, s, _ = torch.linalg.svd(u_perp, full_matrices=False)
-    q = q[:, s > 1e-6 * s.max()]
-    share = float((u_perp.norm() / u.norm()) ** 2)
-    print(f"gender direction outside age's span: {share:.3f} of its squared norm; rank {q.shape[1]}")
-    return ErasureSubspace(in_dirs=W @ q, out_dirs=W_pinv @ q, mu=plain.mu, method="leace-keep-age")
+    """LEACE of gender restricted to the whitened directions orthogonal to age's cross-covariance
+    (``fit_leace(keep=...)``), with how much of gender's direction lies outside age's span."""
+    plain, kept = fit_leace(x, gender), fit_leace(x, gender, keep=[age])
+    # both rank 1: in_dirs = W q, out_dirs = W^+ q, so plain.in_dirs^T kept.out_dirs = cos(q_plain, q_kept), and
+    # cos^2 is the share of gender's whitened cross-covariance outside age's span
+    share = float((plain.in_dirs.T @ kept.out_dirs).squeeze()) ** 2
+    print(f"gender direction outside age's span: {share:.3f} of its squared norm; rank {kept.rank}")
+    return kept
 
 
 @torch.no_grad()

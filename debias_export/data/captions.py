@@ -70,7 +70,7 @@ def label_caption(row: Mapping[str, str], template: str = CAPTION_TEMPLATES[0], 
     else:
         child = age in ("0-2", "3-9", "10-19")
         adj, fem, male = (None if age == "3-9" else FAIRFACE_AGE_WORDS.get(age)), ("girl" if child else "woman"), ("boy" if child else "man")
-    race = FAIRFACE_RACE_WORDS.get(row.get("race", "")) or RACE_WORDS.get(row.get("race", ""))
+    race = race_word(row.get("race", ""))
     # Without gender, children stay "child" (a noun that carries age, as girl/boy do) and adults "person".
     noun = ("child" if child else "person") if "gender" in drop else (fem if gender == "Female" else male)
     words = " ".join(w for w in (None if "age" in drop else adj, None if "race" in drop else race, noun) if w)
